@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make run` and `make test`. Each sets itself up first.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bootstrap-stamp
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: setup run test test-gpu lint bench serve-guidance clean
+
+setup: $(STAMP) gen/.stamp
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	scripts/bootstrap.sh
+	touch $@
+
+gen/.stamp: $(PROTOS) $(STAMP)
+	PYBIN=$(PY) scripts/gen_protos.sh
+	touch $@
+
+# The main job on the embedded default: the analytic prior served standalone, a client steering an image to "a red torus".
+run: setup
+	$(PY) -m services.guidance.demo --out out/demo
+
+test: setup lint
+	$(PY) -m pytest -q
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu
+
+lint: setup
+	cd protos && ../$(VENV)/bin/buf lint
+
+bench: setup
+	$(PY) -m bench.guidance_sds --out BENCHMARKS.md
+
+serve-guidance: setup
+	$(PY) -m services.guidance.standalone --config deploy/config/guidance.yaml
+
+clean:
+	rm -rf gen out .pytest_cache

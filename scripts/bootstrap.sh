@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Creates .venv with every dependency and generates the gRPC code from protos/. Idempotent.
+# CPU hosts get torch 2.13.0 (CPU build); a host whose system Python already has a CUDA torch keeps it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+    echo "bootstrap: host torch has CUDA; the venv sees the system site-packages"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  pip install -q torch==2.13.0
+fi
+pip install -q -e ".[dev]"
+scripts/gen_protos.sh
+echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

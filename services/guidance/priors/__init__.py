@@ -1,0 +1,1 @@
+"""Diffusion priors behind one interface (`base.DiffusionPrior`)."""
