@@ -58,11 +58,12 @@ def timesteps_from_fractions(t: torch.Tensor, num_train_timesteps: int) -> torch
 
 def draw_times(request: SdsRequest, default_range: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """t per image, from explicit values or uniform in the request's (or prior's) range."""
-    batch = request.images.shape[0]
+    # The uniform draw happens even for explicit t, so a seed gives the same noise either way.
+    uniform = torch.rand(request.images.shape[0], generator=generator)
     if request.explicit_t is not None:
         return torch.tensor(request.explicit_t, dtype=torch.float32)
     t_min, t_max = request.time_range or default_range
-    return t_min + (t_max - t_min) * torch.rand(batch, generator=generator)
+    return t_min + (t_max - t_min) * uniform
 
 
 def conditions_for(request: SdsRequest) -> list[ViewCondition]:
@@ -100,6 +101,8 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
         raise InvalidArgument(f"images must be floating point, got {images.dtype}", "images.dtype")
     if not torch.isfinite(images).all():
         raise InvalidArgument("images contain NaN or Inf", "images.data")
+    if prior.info.requires_cameras and not request.cameras:
+        raise InvalidArgument(f"prior {prior.info.name!r} needs one camera per image", "cameras")
     if request.cameras and len(request.cameras) != batch:
         raise InvalidArgument(f"{len(request.cameras)} cameras for {batch} images", "cameras")
     if request.explicit_t is not None:

@@ -54,6 +54,8 @@ class PriorInfo:
     default_weighting: Weighting = Weighting.SDS
     checkpoint_ids: tuple[str, ...] = ("default",)
     max_batch_size: int = 8
+    # True where the prior cannot work without one camera per image (the analytic prior re-renders them).
+    requires_cameras: bool = False
 
 
 @dataclass(frozen=True)

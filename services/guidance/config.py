@@ -1,0 +1,109 @@
+"""Typed configuration of a guidance server: which priors it hosts and how it serves them.
+
+Validated once at start-up (pydantic); the same file feeds the standalone server and the Ray Serve app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.guidance.priors.base import PriorKind, Weighting
+
+
+class AnalyticOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    class MeshObject(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        name: str
+        path: Path
+        color: tuple[float, float, float] = (0.8, 0.8, 0.8)
+        aliases: tuple[str, ...] = ()
+
+    # Built-in procedural objects are always present; these user meshes are added to the set.
+    meshes: list[MeshObject] = []
+
+
+class PriorSpec(BaseModel):
+    """One logical prior. `source` is a local diffusers directory or a hub id (ignored by the analytic prior)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    kind: PriorKind
+    source: str | None = None
+    # Extra checkpoints of the same family (e.g. DreamBooth-tuned), multiplexed by id; "default" is `source`.
+    checkpoints: dict[str, str] = {}
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    resolution: int | None = Field(default=None, ge=16, le=1024)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    time_range: tuple[float, float] | None = None
+    weighting: Weighting | None = None
+    max_batch_size: int = Field(default=8, ge=1, le=64)
+    embedding_cache_size: int = Field(default=256, ge=1)
+    analytic: AnalyticOptions = AnalyticOptions()
+
+    @model_validator(mode="after")
+    def _check(self) -> "PriorSpec":
+        if self.kind in (PriorKind.LATENT, PriorKind.PIXEL) and not self.source:
+            raise ValueError(f"prior {self.name!r}: kind {self.kind.value} needs a source")
+        if self.kind == PriorKind.VIEW_CONDITIONED:
+            raise ValueError(f"prior {self.name!r}: view-conditioned priors are not implemented yet")
+        if self.time_range is not None and not 0 < self.time_range[0] <= self.time_range[1] < 1:
+            raise ValueError(f"prior {self.name!r}: time_range must satisfy 0 < min <= max < 1")
+        if "default" in self.checkpoints:
+            raise ValueError(f"prior {self.name!r}: checkpoint id 'default' is reserved for `source`")
+        return self
+
+    @property
+    def checkpoint_ids(self) -> tuple[str, ...]:
+        return ("default", *self.checkpoints)
+
+    def checkpoint_source(self, checkpoint_id: str) -> str | None:
+        return self.source if checkpoint_id in ("", "default") else self.checkpoints[checkpoint_id]
+
+
+class BatchingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Most images in one denoiser call, summed over the requests batched together.
+    max_batch_images: int = Field(default=16, ge=1)
+    # How long the first request of a batch waits for company.
+    wait_s: float = Field(default=0.005, ge=0, le=1)
+    # Requests queued per prior beyond which new ones are refused with RESOURCE_EXHAUSTED.
+    max_queue: int = Field(default=64, ge=1)
+    # Checkpoints of one prior kept loaded at once (least recently used evicted).
+    max_loaded_checkpoints: int = Field(default=2, ge=1)
+
+
+class GuidanceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priors: list[PriorSpec] = Field(min_length=1)
+    batching: BatchingConfig = BatchingConfig()
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_rpcs: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "GuidanceConfig":
+        names = [p.name for p in self.priors]
+        if len(set(names)) != len(names):
+            raise ValueError(f"prior names must be unique, got {names}")
+        return self
+
+    def prior(self, name: str) -> PriorSpec | None:
+        return next((p for p in self.priors if p.name == name), None)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GuidanceConfig":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+DEFAULT_CONFIG = GuidanceConfig(priors=[PriorSpec(name="analytic", kind=PriorKind.ANALYTIC)])

@@ -1,0 +1,143 @@
+"""The guidance engine: validates SDS requests and runs them in dynamic batches, one worker per prior.
+
+Concurrent requests for the same prior and checkpoint are gathered (up to `max_batch_images` images, waiting at
+most `wait_s` for company) and answered by one denoiser call; different priors or checkpoints never share a call.
+A full queue is refused at once with RESOURCE_EXHAUSTED, never left to hang. Used in-process, by the standalone
+gRPC server, and (with Ray Serve's own batching instead of this one) by the Serve deployment.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from services.guidance import sds
+from services.guidance.config import GuidanceConfig
+from services.guidance.pool import PriorPool
+from services.guidance.priors.base import DiffusionPrior, PriorInfo, SdsRequest, SdsResult
+from shared.errors import ResourceExhausted, ServiceError, Unavailable
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class _Pending:
+    request: SdsRequest
+    future: Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class EngineStats:
+    denoiser_calls: int = 0
+    requests: int = 0
+    images: int = 0
+
+
+class GuidanceEngine:
+    def __init__(self, config: GuidanceConfig, pool: PriorPool | None = None) -> None:
+        self.config = config
+        self.pool = pool or PriorPool(config)
+        self.stats = EngineStats()
+        self._batching = config.batching
+        self._queues: dict[str, queue.Queue[_Pending | None]] = {}
+        self._workers: dict[str, threading.Thread] = {}
+        self._closed = threading.Event()
+        self._stats_lock = threading.Lock()
+        for spec in config.priors:
+            self._queues[spec.name] = queue.Queue(maxsize=self._batching.max_queue)
+            worker = threading.Thread(target=self._run_worker, args=(spec.name,), name=f"sds-{spec.name}", daemon=True)
+            self._workers[spec.name] = worker
+            worker.start()
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    def list_priors(self) -> list[PriorInfo]:
+        return [self.pool.get(spec.name).info for spec in self.config.priors]
+
+    def prior(self, name: str, checkpoint_id: str = "") -> DiffusionPrior:
+        return self.pool.get(name, checkpoint_id)
+
+    def submit(self, request: SdsRequest) -> Future:
+        """Validates now (errors raise here), then queues; the future resolves to an SdsResult."""
+        if self._closed.is_set():
+            raise Unavailable("guidance engine is shutting down", retry_after_s=1.0)
+        prior = self.pool.get(request.prior, request.checkpoint_id)
+        sds.validate_request(request, prior, self._batching.max_batch_images)
+        pending = _Pending(request, Future())
+        try:
+            self._queues[request.prior].put_nowait(pending)
+        except queue.Full:
+            raise ResourceExhausted(
+                f"prior {request.prior!r} has {self._batching.max_queue} requests queued; retry later",
+                retry_after_s=0.5,
+            ) from None
+        return pending.future
+
+    def compute(self, request: SdsRequest, timeout: float | None = None) -> SdsResult:
+        return self.submit(request).result(timeout=timeout)
+
+    def close(self) -> None:
+        self._closed.set()
+        for q in self._queues.values():
+            q.put(None)
+        for worker in self._workers.values():
+            worker.join(timeout=5)
+
+    # -- batching ---------------------------------------------------------------------------------------------
+
+    def _run_worker(self, prior_name: str) -> None:
+        inbox = self._queues[prior_name]
+        held: list[_Pending] = []  # requests for another checkpoint than the batch being formed
+        while not self._closed.is_set():
+            first = held.pop(0) if held else inbox.get()
+            if first is None:
+                return
+            batch = [first]
+            images = first.request.images.shape[0]
+            deadline = time.perf_counter() + self._batching.wait_s
+            while images < self._batching.max_batch_images:
+                remaining = deadline - time.perf_counter()
+                try:
+                    item = inbox.get(timeout=max(remaining, 0)) if remaining > 0 else inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    inbox.put(None)  # keep the stop signal for the outer loop
+                    break
+                same = item.request.checkpoint_id == first.request.checkpoint_id
+                fits = images + item.request.images.shape[0] <= self._batching.max_batch_images
+                if same and fits:
+                    batch.append(item)
+                    images += item.request.images.shape[0]
+                else:
+                    held.append(item)
+                    break
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        first = batch[0].request
+        try:
+            prior = self.pool.get(first.prior, first.checkpoint_id)
+            results = sds.compute_sds(prior, [p.request for p in batch])
+        except Exception as error:  # noqa: BLE001 - one bad request must not fail its batch-mates
+            if len(batch) > 1:
+                for pending in batch:
+                    self._run_batch([pending])
+                return
+            if not isinstance(error, ServiceError):
+                log.exception("sds_failed", job_id=first.job_id, prior=first.prior)
+            batch[0].future.set_exception(error)
+            return
+        now = time.perf_counter()
+        with self._stats_lock:
+            self.stats.denoiser_calls += 1
+            self.stats.requests += len(batch)
+            self.stats.images += sum(p.request.images.shape[0] for p in batch)
+        for pending, result in zip(batch, results):
+            result.server_time_s = now - pending.enqueued
+            pending.future.set_result(result)

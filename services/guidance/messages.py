@@ -1,0 +1,132 @@
+"""magic3d.v1 guidance messages <-> the engine's plain dataclasses. Translation and field checks only."""
+
+from __future__ import annotations
+
+import torch
+from magic3d.v1 import common_pb2, guidance_pb2
+
+from services.guidance.priors.base import Conditioning, PriorInfo, PriorKind, SdsRequest, SdsResult, Weighting
+from shared import cameras, tensors
+from shared.errors import InvalidArgument, Unimplemented
+
+_KIND_TO_PROTO = {
+    PriorKind.PIXEL: guidance_pb2.PRIOR_KIND_PIXEL,
+    PriorKind.LATENT: guidance_pb2.PRIOR_KIND_LATENT,
+    PriorKind.ANALYTIC: guidance_pb2.PRIOR_KIND_ANALYTIC,
+    PriorKind.VIEW_CONDITIONED: guidance_pb2.PRIOR_KIND_VIEW_CONDITIONED,
+}
+_CONDITIONING_TO_PROTO = {
+    Conditioning.TEXT: guidance_pb2.CONDITIONING_TEXT,
+    Conditioning.NEGATIVE_TEXT: guidance_pb2.CONDITIONING_NEGATIVE_TEXT,
+    Conditioning.IMAGE: guidance_pb2.CONDITIONING_IMAGE,
+    Conditioning.RELATIVE_POSE: guidance_pb2.CONDITIONING_RELATIVE_POSE,
+    Conditioning.CAMERA: guidance_pb2.CONDITIONING_CAMERA,
+}
+_WEIGHTING_TO_PROTO = {
+    Weighting.SDS: guidance_pb2.WEIGHTING_SDS,
+    Weighting.UNIFORM: guidance_pb2.WEIGHTING_UNIFORM,
+    Weighting.FANTASIA3D: guidance_pb2.WEIGHTING_FANTASIA3D,
+}
+_WEIGHTING_FROM_PROTO = {v: k for k, v in _WEIGHTING_TO_PROTO.items()}
+_GRAD_DTYPES = {
+    common_pb2.SCALAR_TYPE_UNSPECIFIED: torch.float32,
+    common_pb2.SCALAR_TYPE_FLOAT32: torch.float32,
+    common_pb2.SCALAR_TYPE_FLOAT16: torch.float16,
+    common_pb2.SCALAR_TYPE_BFLOAT16: torch.bfloat16,
+}
+
+
+def prior_info_to_proto(info: PriorInfo) -> guidance_pb2.PriorInfo:
+    return guidance_pb2.PriorInfo(
+        name=info.name,
+        kind=_KIND_TO_PROTO[info.kind],
+        native_resolution=info.native_resolution,
+        max_prompt_tokens=info.max_prompt_tokens,
+        accepted_conditioning=[_CONDITIONING_TO_PROTO[c] for c in info.accepted_conditioning],
+        default_guidance_scale=info.default_guidance_scale,
+        default_time_range=guidance_pb2.TimeRange(min=info.default_time_range[0], max=info.default_time_range[1]),
+        default_weighting=_WEIGHTING_TO_PROTO[info.default_weighting],
+        checkpoint_ids=list(info.checkpoint_ids),
+        max_batch_size=info.max_batch_size,
+    )
+
+
+def sds_request_from_proto(message: guidance_pb2.ComputeSdsRequest) -> SdsRequest:
+    """Decodes a request. Checks that need the prior (shape limits, prompt) happen in sds.validate_request."""
+    if not message.prior:
+        raise InvalidArgument("name the prior to use", "prior")
+    if message.HasField("image_condition"):
+        raise Unimplemented("image conditioning needs a view-conditioned prior; none is served yet", "image_condition")
+    if not message.HasField("images"):
+        raise InvalidArgument("images are required", "images")
+    images = tensors.from_proto(message.images, field="images")
+    if message.weighting not in _WEIGHTING_FROM_PROTO and message.weighting != guidance_pb2.WEIGHTING_UNSPECIFIED:
+        raise InvalidArgument(f"unknown weighting {message.weighting}", "weighting")
+    if message.grad_dtype not in _GRAD_DTYPES:
+        raise InvalidArgument("gradients are returned as float32, float16 or bfloat16", "grad_dtype")
+    timestep = message.WhichOneof("timestep")
+    return SdsRequest(
+        job_id=message.job_id,
+        prior=message.prior,
+        checkpoint_id=message.checkpoint_id,
+        images=images,
+        cameras=[cameras.from_proto(c, field=f"cameras[{i}]") for i, c in enumerate(message.cameras)],
+        prompt=message.prompt,
+        negative_prompt=message.negative_prompt,
+        view_dependent_prompt=message.view_dependent_prompt,
+        time_range=(message.time_range.min, message.time_range.max) if timestep == "time_range" else None,
+        explicit_t=list(message.explicit_times.t) if timestep == "explicit_times" else None,
+        guidance_scale=message.guidance_scale if message.HasField("guidance_scale") else None,
+        weighting=_WEIGHTING_FROM_PROTO.get(message.weighting),
+        seed=message.seed,
+        grad_dtype=_GRAD_DTYPES[message.grad_dtype],
+    )
+
+
+def sds_request_to_proto(request: SdsRequest) -> guidance_pb2.ComputeSdsRequest:
+    """The client side of the same translation (used by the scene service and the benchmarks)."""
+    message = guidance_pb2.ComputeSdsRequest(
+        job_id=request.job_id,
+        prior=request.prior,
+        checkpoint_id=request.checkpoint_id,
+        images=tensors.to_proto(request.images),
+        cameras=[cameras.to_proto(c) for c in request.cameras],
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        view_dependent_prompt=request.view_dependent_prompt,
+        seed=request.seed,
+        grad_dtype=tensors.proto_scalar_type(request.grad_dtype),
+    )
+    if request.time_range is not None:
+        message.time_range.CopyFrom(guidance_pb2.TimeRange(min=request.time_range[0], max=request.time_range[1]))
+    if request.explicit_t is not None:
+        message.explicit_times.CopyFrom(guidance_pb2.ExplicitTimes(t=request.explicit_t))
+    if request.guidance_scale is not None:
+        message.guidance_scale = request.guidance_scale
+    if request.weighting is not None:
+        message.weighting = _WEIGHTING_TO_PROTO[request.weighting]
+    return message
+
+
+def sds_response_to_proto(result: SdsResult, prior: str, checkpoint_id: str) -> guidance_pb2.ComputeSdsResponse:
+    return guidance_pb2.ComputeSdsResponse(
+        grad=tensors.to_proto(result.grad),
+        t=result.t,
+        loss=result.loss,
+        finite=result.finite,
+        prompts=result.prompts,
+        server_time_s=result.server_time_s,
+        prior=prior,
+        checkpoint_id=checkpoint_id or "default",
+    )
+
+
+def sds_result_from_proto(message: guidance_pb2.ComputeSdsResponse) -> SdsResult:
+    return SdsResult(
+        grad=tensors.from_proto(message.grad, field="grad"),
+        t=list(message.t),
+        loss=list(message.loss),
+        finite=list(message.finite),
+        prompts=list(message.prompts),
+        server_time_s=message.server_time_s,
+    )

@@ -1,0 +1,109 @@
+"""Loaded priors by logical name and checkpoint id, built from configuration, least recently used evicted."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable
+
+from services.guidance.config import GuidanceConfig, PriorSpec
+from services.guidance.priors.base import DiffusionPrior, PriorKind
+from shared.errors import NotFound
+
+PriorBuilder = Callable[[PriorSpec, str], DiffusionPrior]
+
+
+def _tuning(spec: PriorSpec) -> dict:
+    """Per-spec overrides shared by every kind; unset values keep each prior's own defaults."""
+    kwargs = {"max_batch_size": spec.max_batch_size}
+    for key in ("resolution", "guidance_scale", "time_range", "weighting"):
+        value = getattr(spec, key)
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
+    from services.guidance.priors.analytic import AnalyticPrior, load_mesh_object
+
+    prior = AnalyticPrior(name=spec.name, **_tuning(spec))
+    for mesh in spec.analytic.meshes:
+        prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases))
+    return prior
+
+
+def build_latent(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
+    from services.guidance.priors.latent import LatentPrior
+
+    return LatentPrior.from_pretrained(
+        spec.checkpoint_source(checkpoint_id),
+        name=spec.name,
+        device=spec.device,
+        dtype=spec.dtype,
+        embedding_cache_size=spec.embedding_cache_size,
+        checkpoint_ids=spec.checkpoint_ids,
+        **_tuning(spec),
+    )
+
+
+def build_pixel(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
+    from services.guidance.priors.pixel import PixelPrior
+
+    return PixelPrior.from_pretrained(
+        spec.checkpoint_source(checkpoint_id),
+        name=spec.name,
+        device=spec.device,
+        dtype=spec.dtype,
+        embedding_cache_size=spec.embedding_cache_size,
+        checkpoint_ids=spec.checkpoint_ids,
+        **_tuning(spec),
+    )
+
+
+BUILDERS: dict[PriorKind, PriorBuilder] = {
+    PriorKind.ANALYTIC: build_analytic,
+    PriorKind.LATENT: build_latent,
+    PriorKind.PIXEL: build_pixel,
+}
+
+
+class PriorPool:
+    """Thread-safe: loads on first use, keeps at most `max_loaded` checkpoints per prior."""
+
+    def __init__(self, config: GuidanceConfig, builders: dict[PriorKind, PriorBuilder] | None = None) -> None:
+        self.config = config
+        self._builders = builders or BUILDERS
+        self._max_loaded = config.batching.max_loaded_checkpoints
+        self._loaded: dict[str, OrderedDict[str, DiffusionPrior]] = {p.name: OrderedDict() for p in config.priors}
+        self._lock = threading.Lock()
+
+    def spec(self, name: str) -> PriorSpec:
+        spec = self.config.prior(name)
+        if spec is None:
+            known = ", ".join(p.name for p in self.config.priors)
+            raise NotFound(f"unknown prior {name!r}; served here: {known}", "prior")
+        return spec
+
+    def get(self, name: str, checkpoint_id: str = "") -> DiffusionPrior:
+        spec = self.spec(name)
+        checkpoint_id = checkpoint_id or "default"
+        if checkpoint_id not in spec.checkpoint_ids:
+            raise NotFound(
+                f"unknown checkpoint {checkpoint_id!r} of prior {name!r}; known: {', '.join(spec.checkpoint_ids)}",
+                "checkpoint_id",
+            )
+        with self._lock:
+            loaded = self._loaded[name]
+            if checkpoint_id in loaded:
+                loaded.move_to_end(checkpoint_id)
+                return loaded[checkpoint_id]
+            prior = self._builders[spec.kind](spec, checkpoint_id)
+            loaded[checkpoint_id] = prior
+            while len(loaded) > self._max_loaded:
+                loaded.popitem(last=False)
+            return prior
+
+    def warm(self) -> None:
+        """Loads every prior's default checkpoint, so the first request does not pay for it."""
+        for spec in self.config.priors:
+            self.get(spec.name)

@@ -1,0 +1,135 @@
+"""The latent prior: Stable Diffusion (1.x / 2.x family) through diffusers.
+
+Working space: the VAE latent  z0 = scaling_factor * (mean of E(2x - 1) - shift_factor),  x resized to
+`resolution` first. The latent distribution's *mean* is used, not a sample: it is deterministic, so an SDS
+result depends only on the request's seed (threestudio samples; the difference is the VAE's small posterior
+noise, std about 1e-2 of the latent scale for SD).
+
+Precision: the UNet and text encoder run in the resolved dtype (fp16 on CUDA by default). The VAE encoder runs
+in `vae_dtype`, by default the same dtype: the SD 1.x/2.x encoder is stable in fp16 (threestudio runs it so,
+forward and backward) and fp32 roughly doubles the fine stage's VAE cost. VAEs known to overflow in fp16 (SDXL's)
+should be loaded with vae_dtype="float32" -- the NaN/Inf guard in the SDS engine zeroes any non-finite image
+gradient meanwhile rather than letting it reach the optimiser.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from services.guidance.priors.base import PriorKind, ViewCondition, Weighting
+from services.guidance.priors.text_conditioned import (
+    _as_device,
+    _as_dtype,
+    _freeze,
+    _TextConditionedPrior,
+    load_component,
+)
+
+
+class LatentPrior(_TextConditionedPrior):
+    """Stable Diffusion as an SDS prior: CLIP text encoder, latent UNet, KL VAE, DDPM schedule."""
+
+    kind = PriorKind.LATENT
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        text_encoder: torch.nn.Module,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module,
+        scheduler: Any,
+        name: str = "sd",
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        vae_dtype: str | torch.dtype = "auto",
+        resolution: int = 512,
+        guidance_scale: float = 100.0,
+        time_range: tuple[float, float] = (0.02, 0.98),
+        weighting: Weighting = Weighting.SDS,
+        max_batch_size: int = 8,
+        embedding_cache_size: int = 256,
+        checkpoint_ids: Sequence[str] = ("default",),
+    ) -> None:
+        super().__init__(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            unet=unet,
+            scheduler=scheduler,
+            name=name,
+            device=device,
+            dtype=dtype,
+            resolution=resolution,
+            guidance_scale=guidance_scale,
+            time_range=time_range,
+            weighting=weighting,
+            max_batch_size=max_batch_size,
+            embedding_cache_size=embedding_cache_size,
+            checkpoint_ids=checkpoint_ids,
+        )
+        self.vae_dtype = self.dtype if vae_dtype == "auto" else _as_dtype(vae_dtype, self.device)
+        self.vae = _freeze(vae, self.device, self.vae_dtype)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.resolution % factor:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE's factor {factor}")
+        self.latent_resolution = self.resolution // factor
+
+    @classmethod
+    def from_components(cls, **kwargs: Any) -> "LatentPrior":
+        """Built from modules already in memory (benchmarks, random weights): the constructor, by name."""
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike,
+        *,
+        name: str = "sd",
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        vae_dtype: str | torch.dtype = "auto",
+        resolution: int = 512,
+        guidance_scale: float = 100.0,
+        time_range: tuple[float, float] = (0.02, 0.98),
+        weighting: Weighting = Weighting.SDS,
+        max_batch_size: int = 8,
+        embedding_cache_size: int = 256,
+        checkpoint_ids: Sequence[str] = ("default",),
+    ) -> "LatentPrior":
+        """Loads tokenizer/, text_encoder/, unet/, vae/, scheduler/ of a diffusers SD checkpoint (dir or hub id)."""
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        torch_device = _as_device(device)
+        torch_dtype = _as_dtype(dtype, torch_device)
+        vae_torch_dtype = torch_dtype if vae_dtype == "auto" else _as_dtype(vae_dtype, torch_device)
+        return cls(
+            tokenizer=load_component(CLIPTokenizer, source, "tokenizer"),
+            text_encoder=load_component(CLIPTextModel, source, "text_encoder", dtype=torch_dtype),
+            unet=load_component(UNet2DConditionModel, source, "unet", torch_dtype=torch_dtype),
+            vae=load_component(AutoencoderKL, source, "vae", torch_dtype=vae_torch_dtype),
+            # Any diffusers scheduler config (PNDM, DDIM, Euler...) carries the same beta schedule; DDPM reads it.
+            scheduler=load_component(DDPMScheduler, source, "scheduler"),
+            name=name,
+            device=torch_device,
+            dtype=torch_dtype,
+            vae_dtype=vae_torch_dtype,
+            resolution=resolution,
+            guidance_scale=guidance_scale,
+            time_range=time_range,
+            weighting=weighting,
+            max_batch_size=max_batch_size,
+            embedding_cache_size=embedding_cache_size,
+            checkpoint_ids=checkpoint_ids,
+        )
+
+    def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:
+        x = self.resize(images.to(self.device, torch.float32)) * 2.0 - 1.0
+        latents = self.vae.encode(x.to(self.vae_dtype)).latent_dist.mean
+        shift = getattr(self.vae.config, "shift_factor", None)
+        if shift is not None:
+            latents = latents - shift
+        return latents * self.vae.config.scaling_factor

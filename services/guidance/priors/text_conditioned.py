@@ -1,0 +1,235 @@
+"""What the two learned, text-conditioned priors (Stable Diffusion, DeepFloyd IF) share.
+
+Both are a diffusers `UNet2DConditionModel` conditioned on a frozen text encoder's token states, with a
+DDPM noise schedule. This module holds everything that is the same for both:
+
+- loading the components with `X.from_pretrained(source, subfolder=...)` (a local directory in the standard
+  diffusers layout, or a hub id), in eval mode, frozen, on the resolved device and dtype;
+- prompt validation by token count (special tokens included) and the per-replica prompt-embedding LRU cache;
+- `predict_noise`: one UNet call on [cond; uncond] (2B rows), learned-variance outputs cut to their first
+  channels, and the conversion of "v_prediction" / "sample" outputs into epsilon;
+- the differentiable resize into the prior's resolution.
+
+Subclasses say how images enter the working space (`encode`) and how the text encoder is fed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from services.guidance.priors.base import (
+    Conditioning,
+    DiffusionPrior,
+    LruCache,
+    PriorInfo,
+    PriorKind,
+    ViewCondition,
+    Weighting,
+)
+from shared.devices import resolve_device, resolve_dtype
+from shared.errors import InvalidArgument
+
+# Tokenizers without a configured limit report a huge sentinel (transformers' VERY_LARGE_INTEGER).
+_UNSET_TOKEN_LIMIT = 1_000_000
+
+
+def is_local_source(source: str | os.PathLike) -> bool:
+    """A local directory is loaded with `local_files_only`; anything else is a hub id (HF settings decide)."""
+    return os.path.isdir(os.fspath(source))
+
+
+def load_component(cls: Any, source: str | os.PathLike, subfolder: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(source, subfolder=...)`, offline when `source` is a local directory."""
+    if is_local_source(source):
+        kwargs.setdefault("local_files_only", True)
+    return cls.from_pretrained(os.fspath(source), subfolder=subfolder, **kwargs)
+
+
+def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    if dtype is None:
+        return module.to(device)
+    return module.to(device=device, dtype=dtype)
+
+
+def _as_device(device: str | torch.device) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+def _as_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+
+
+class _TextConditionedPrior(DiffusionPrior):
+    """A text-conditioned epsilon (or v) UNet with a DDPM schedule. Not used directly: see LatentPrior, PixelPrior."""
+
+    kind: PriorKind
+    #: Hard cap on the text length the family was trained with (IF: 77 T5 tokens, hard-coded in IFPipeline).
+    text_length_cap: int | None = None
+
+    def __init__(
+        self,
+        *,
+        tokenizer: Any,
+        text_encoder: torch.nn.Module,
+        unet: torch.nn.Module,
+        scheduler: Any,
+        name: str,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        resolution: int,
+        guidance_scale: float,
+        time_range: tuple[float, float],
+        weighting: Weighting = Weighting.SDS,
+        max_batch_size: int = 8,
+        embedding_cache_size: int = 256,
+        checkpoint_ids: Sequence[str] = ("default",),
+    ) -> None:
+        self._device = _as_device(device)
+        self.dtype = _as_dtype(dtype, self._device)
+        self.tokenizer = tokenizer
+        # The text encoder keeps modules that its class asks to keep in fp32 (T5's `wo`) when loaded with
+        # from_pretrained; a plain .to(dtype) would undo that, so it is only moved when its dtype differs.
+        if getattr(text_encoder, "dtype", None) == self.dtype:
+            self.text_encoder = _freeze(text_encoder, self._device, None)
+        else:
+            self.text_encoder = _freeze(text_encoder, self._device, self.dtype)
+        self.unet = _freeze(unet, self._device, self.dtype)
+        self.scheduler = scheduler
+        self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+        self._alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float32).clone()
+        self.resolution = int(resolution)
+        self.max_prompt_tokens = self._token_limit()
+        self.embedding_cache: LruCache[str, torch.Tensor] = LruCache(embedding_cache_size)
+        self._cache_lock = threading.Lock()
+        self.info = PriorInfo(
+            name=name,
+            kind=self.kind,
+            native_resolution=self.resolution,
+            max_prompt_tokens=self.max_prompt_tokens,
+            accepted_conditioning=(Conditioning.TEXT, Conditioning.NEGATIVE_TEXT),
+            default_guidance_scale=float(guidance_scale),
+            default_time_range=(float(time_range[0]), float(time_range[1])),
+            default_weighting=Weighting(weighting),
+            checkpoint_ids=tuple(checkpoint_ids),
+            max_batch_size=int(max_batch_size),
+        )
+
+    # ----------------------------------------------------------------------------------------------- schedule
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self._alphas_cumprod
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # ------------------------------------------------------------------------------------------------- prompts
+    def _token_limit(self) -> int:
+        limit = int(getattr(self.tokenizer, "model_max_length", _UNSET_TOKEN_LIMIT) or _UNSET_TOKEN_LIMIT)
+        if limit >= _UNSET_TOKEN_LIMIT:
+            positions = getattr(self.text_encoder.config, "max_position_embeddings", None)
+            limit = int(positions) if positions else 77
+        if self.text_length_cap is not None:
+            limit = min(limit, self.text_length_cap)
+        return limit
+
+    def preprocess_text(self, text: str) -> str:
+        """What the family's pipeline does to a prompt before tokenizing it (identity by default)."""
+        return text
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of the prompt as the text encoder sees it, special tokens (BOS/EOS) included."""
+        return len(self.tokenizer(self.preprocess_text(prompt), add_special_tokens=True).input_ids)
+
+    def validate_prompt(self, prompt: str, field: str) -> None:
+        if not prompt or not prompt.strip():
+            raise InvalidArgument("prompt must not be empty or blank", field)
+        count = self.count_tokens(prompt)
+        if count > self.max_prompt_tokens:
+            raise InvalidArgument(
+                f"prompt is {count} tokens long (special tokens included), over the limit of "
+                f"{self.max_prompt_tokens} of prior {self.info.name!r}",
+                field,
+            )
+
+    def _text_encoder_uses_attention_mask(self) -> bool:
+        return bool(getattr(self.text_encoder.config, "use_attention_mask", False))
+
+    @torch.no_grad()
+    def _encode_text(self, prompt: str) -> torch.Tensor:
+        """Token states (L, D) of one prompt, padded to the token limit, in the UNet's dtype on its device."""
+        tokens = self.tokenizer(
+            self.preprocess_text(prompt),
+            padding="max_length",
+            max_length=self.max_prompt_tokens,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(self._device) if self._text_encoder_uses_attention_mask() else None
+        states = self.text_encoder(tokens.input_ids.to(self._device), attention_mask=mask)[0]
+        return states[0].to(self.dtype)
+
+    def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(N, L, D) token states for the prompts; each distinct prompt is encoded once, through the cache."""
+        unique: dict[str, torch.Tensor] = {}
+        with self._cache_lock:
+            for prompt in prompts:
+                if prompt not in unique:
+                    unique[prompt] = self.embedding_cache.get_or_compute(prompt, lambda p=prompt: self._encode_text(p))
+        return torch.stack([unique[p] for p in prompts])
+
+    # --------------------------------------------------------------------------------------------------- noise
+    def _unet_kwargs(self, hidden_states: torch.Tensor) -> dict[str, Any]:
+        return {"encoder_hidden_states": hidden_states}
+
+    def _to_epsilon(self, output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The network's output as epsilon, in float32. v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+        if self.prediction_type == "epsilon":
+            return output
+        abar = self._alphas_cumprod.to(output.device)[timesteps.to(output.device)]
+        abar = abar.reshape((-1,) + (1,) * (output.ndim - 1))
+        if self.prediction_type == "v_prediction":
+            return abar.sqrt() * output + (1.0 - abar).sqrt() * noisy
+        # "sample": the network predicts x0.
+        return (noisy - abar.sqrt() * output) / (1.0 - abar).sqrt()
+
+    def predict_noise(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, conditions: list[ViewCondition]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, channels = noisy.shape[0], noisy.shape[1]
+        if len(conditions) != batch:
+            raise ValueError(f"{len(conditions)} conditions for {batch} noisy inputs")
+        hidden = self.prompt_embeddings([c.prompt for c in conditions] + [c.negative_prompt for c in conditions])
+        noisy = noisy.to(self._device)
+        steps = timesteps.to(self._device).long()
+        with torch.no_grad():
+            output = self.unet(
+                torch.cat([noisy, noisy]).to(self.dtype),
+                torch.cat([steps, steps]),
+                return_dict=False,
+                **self._unet_kwargs(hidden),
+            )[0]
+        # Learned-variance models (IF) output [eps, variance] along channels: the first `channels` are eps.
+        output = output[:, :channels].float()
+        eps = self._to_epsilon(output, torch.cat([noisy, noisy]).float(), torch.cat([steps, steps]))
+        return eps[:batch], eps[batch:]
+
+    # -------------------------------------------------------------------------------------------------- images
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Bilinear (differentiable) resize of (B, 3, H, W) to the prior's resolution; identity at that size.
+
+        No antialiasing, as in threestudio: renders are usually made at (or near) the prior's resolution.
+        """
+        if images.shape[-2:] == (self.resolution, self.resolution):
+            return images
+        return F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)

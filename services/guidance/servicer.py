@@ -1,0 +1,47 @@
+"""GuidanceService over plain grpcio: translate messages, call the engine, map errors to google.rpc.Status."""
+
+from __future__ import annotations
+
+import grpc
+import structlog
+from grpc_status import rpc_status
+from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
+
+from services.guidance import messages
+from services.guidance.engine import GuidanceEngine
+from shared.errors import ServiceError
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def abort_with(context: grpc.ServicerContext, error: ServiceError) -> None:
+    context.abort_with_status(rpc_status.to_status(error.to_rpc_status()))
+
+
+class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
+    def __init__(self, engine: GuidanceEngine) -> None:
+        self.engine = engine
+
+    def ListPriors(self, request, context):
+        return guidance_pb2.ListPriorsResponse(
+            priors=[messages.prior_info_to_proto(info) for info in self.engine.list_priors()]
+        )
+
+    def ComputeSds(self, request, context):
+        with structlog.contextvars.bound_contextvars(job_id=request.job_id, prior=request.prior):
+            try:
+                sds_request = messages.sds_request_from_proto(request)
+                result = self.engine.compute(sds_request, timeout=context.time_remaining())
+            except ServiceError as error:
+                log.info("sds_rejected", code=error.code.name, field=error.field, reason=error.message)
+                abort_with(context, error)
+            except TimeoutError:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued or computing")
+            log.info(
+                "sds_done",
+                batch=int(sds_request.images.shape[0]),
+                server_time_s=round(result.server_time_s, 4),
+                finite=all(result.finite),
+            )
+            return messages.sds_response_to_proto(result, request.prior, request.checkpoint_id)

@@ -1,0 +1,35 @@
+"""structlog as JSON lines on stderr; bind `job_id` (and anything else) per request with `bind`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_configured = False
+
+
+def configure(level: str = "INFO") -> None:
+    """Idempotent: every service entry point calls it once at start-up."""
+    global _configured
+    if _configured:
+        return
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    _configured = True
+
+
+def get_logger(name: str, **context) -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name).bind(**context)
