@@ -1,0 +1,210 @@
+"""The standalone gRPC server: contract, health, reflection, every bad input, overload. Loopback only."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from magic3d.v1 import common_pb2, guidance_pb2, guidance_pb2_grpc
+
+from conftest import CountingPrior, counting_config
+from services.guidance import messages, standalone
+from services.guidance.pool import PriorPool
+from services.guidance.priors.base import PriorKind, SdsRequest
+from shared import tensors
+from shared.errors import field_violations
+from shared.grpcio import insecure_channel
+
+GATE = threading.Event()
+
+
+class GatedPrior(CountingPrior):
+    """Blocks inside the denoiser while GATE is clear, to fill the queue on purpose."""
+
+    def predict_noise(self, noisy, timesteps, conditions):
+        GATE.wait(timeout=20)
+        return super().predict_noise(noisy, timesteps, conditions)
+
+
+@pytest.fixture(scope="module")
+def server():
+    GATE.set()
+    config = counting_config(max_queue=2, wait_s=0.0, max_batch_images=8).model_copy(update={"port": 0})
+    pool = PriorPool(config, builders={PriorKind.PIXEL: lambda spec, ckpt: GatedPrior()})
+    running = standalone.start(config, pool=pool)
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = insecure_channel(server.address)
+    yield guidance_pb2_grpc.GuidanceServiceStub(channel)
+    channel.close()
+
+
+def good_request(**overrides) -> guidance_pb2.ComputeSdsRequest:
+    request = SdsRequest(job_id="job-7", prior="counting", images=torch.rand(2, 3, 32, 32), prompt="a red torus", seed=1)
+    message = messages.sds_request_to_proto(request)
+    for key, value in overrides.items():
+        setattr(message, key, value)
+    return message
+
+
+def test_list_priors(stub):
+    (info,) = stub.ListPriors(guidance_pb2.ListPriorsRequest(), timeout=10).priors
+    assert info.name == "counting" and info.kind == guidance_pb2.PRIOR_KIND_PIXEL
+    assert info.native_resolution == 32 and info.max_prompt_tokens == 8
+    assert list(info.checkpoint_ids) == ["default"]
+
+
+def test_compute_sds_round_trip(stub):
+    response = stub.ComputeSds(good_request(), timeout=30)
+    grad = tensors.from_proto(response.grad)
+    assert grad.shape == (2, 3, 32, 32) and grad.dtype == torch.float32
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert len(response.t) == len(response.loss) == len(response.finite) == 2
+    assert response.server_time_s > 0 and response.checkpoint_id == "default"
+
+
+def test_half_precision_gradient_on_request(stub):
+    response = stub.ComputeSds(good_request(grad_dtype=common_pb2.SCALAR_TYPE_FLOAT16), timeout=30)
+    assert tensors.from_proto(response.grad).dtype == torch.float16
+
+
+def test_large_message_is_accepted(stub):
+    """A batch of 4 at 512x512 in float32 is 12 MiB, over gRPC's 4 MiB default."""
+    message = good_request()
+    message.images.CopyFrom(tensors.to_proto(torch.rand(4, 3, 512, 512)))
+    response = stub.ComputeSds(message, timeout=60)
+    assert list(response.grad.shape) == [4, 3, 512, 512]
+
+
+def test_health_and_reflection(server):
+    channel = insecure_channel(server.address)
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", standalone.SERVICE_NAME):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = {s.name for reply in replies for s in reply.list_services_response.service}
+        assert "magic3d.v1.GuidanceService" in names
+    finally:
+        channel.close()
+
+
+def _tensor(dtype=common_pb2.SCALAR_TYPE_FLOAT32, shape=(1, 3, 32, 32), data=None, fill=0.5):
+    if data is None:
+        data = tensors.to_proto(torch.full(shape, fill)).data
+    return common_pb2.Tensor(dtype=dtype, shape=list(shape), data=data)
+
+
+def _mutate(name):
+    """Named mutations of a good request, each breaking one field."""
+
+    def apply(message):
+        if name == "byte_length":
+            message.images.CopyFrom(_tensor(data=b"\x00" * 100))
+        elif name == "dtype":
+            message.images.CopyFrom(_tensor(dtype=common_pb2.SCALAR_TYPE_INT32, data=b"\x00" * (3 * 32 * 32 * 4)))
+        elif name == "dtype_unspecified":
+            message.images.CopyFrom(_tensor(dtype=common_pb2.SCALAR_TYPE_UNSPECIFIED))
+        elif name == "rank":
+            message.images.CopyFrom(_tensor(shape=(3, 32, 32)))
+        elif name == "channels":
+            message.images.CopyFrom(_tensor(shape=(1, 4, 32, 32)))
+        elif name == "small_side":
+            message.images.CopyFrom(_tensor(shape=(1, 3, 8, 32)))
+        elif name == "large_side":
+            message.images.CopyFrom(_tensor(shape=(1, 3, 16, 1032)))
+        elif name == "batch":
+            message.images.CopyFrom(_tensor(shape=(9, 3, 16, 16)))
+        elif name == "nan":
+            message.images.CopyFrom(_tensor(fill=float("nan")))
+        elif name == "t_outside":
+            message.explicit_times.t[:] = [1.5, 0.5]
+        elif name == "t_range_outside":
+            message.time_range.CopyFrom(guidance_pb2.TimeRange(min=-0.1, max=0.5))
+        elif name == "t_min_over_max":
+            message.time_range.CopyFrom(guidance_pb2.TimeRange(min=0.7, max=0.3))
+        elif name == "negative_scale":
+            message.guidance_scale = -2.0
+        elif name == "empty_prompt":
+            message.prompt = "  "
+        elif name == "long_prompt":
+            message.prompt = "a very very very very very very long prompt"
+        elif name == "unknown_prior":
+            message.prior = "sd-99"
+        elif name == "unknown_checkpoint":
+            message.checkpoint_id = "dreambooth-1"
+        elif name == "image_condition":
+            message.image_condition.image.CopyFrom(_tensor())
+        return message
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    ("mutation", "code", "field"),
+    [
+        ("byte_length", grpc.StatusCode.INVALID_ARGUMENT, "images.data"),
+        ("dtype", grpc.StatusCode.INVALID_ARGUMENT, "images.dtype"),
+        ("dtype_unspecified", grpc.StatusCode.INVALID_ARGUMENT, "images.dtype"),
+        ("rank", grpc.StatusCode.INVALID_ARGUMENT, "images.shape"),
+        ("channels", grpc.StatusCode.INVALID_ARGUMENT, "images.shape"),
+        ("small_side", grpc.StatusCode.INVALID_ARGUMENT, "images.shape"),
+        ("large_side", grpc.StatusCode.INVALID_ARGUMENT, "images.shape"),
+        ("batch", grpc.StatusCode.INVALID_ARGUMENT, "images.shape"),
+        ("nan", grpc.StatusCode.INVALID_ARGUMENT, "images.data"),
+        ("t_outside", grpc.StatusCode.INVALID_ARGUMENT, "explicit_times.t"),
+        ("t_range_outside", grpc.StatusCode.INVALID_ARGUMENT, "time_range"),
+        ("t_min_over_max", grpc.StatusCode.INVALID_ARGUMENT, "time_range.min"),
+        ("negative_scale", grpc.StatusCode.INVALID_ARGUMENT, "guidance_scale"),
+        ("empty_prompt", grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ("long_prompt", grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ("unknown_prior", grpc.StatusCode.NOT_FOUND, "prior"),
+        ("unknown_checkpoint", grpc.StatusCode.NOT_FOUND, "checkpoint_id"),
+        ("image_condition", grpc.StatusCode.UNIMPLEMENTED, "image_condition"),
+    ],
+)
+def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(stub, mutation, code, field):
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ComputeSds(_mutate(mutation)(good_request()), timeout=30)
+    assert caught.value.code() == code
+    violations = field_violations(caught.value)
+    assert list(violations) == [field] and violations[field]
+    assert stub.ComputeSds(good_request(), timeout=30).grad.data  # the next request is served
+
+
+def test_overload_answers_resource_exhausted_and_loses_nothing_accepted(server, stub):
+    GATE.clear()
+    accepted, refused = [], []
+    try:
+        for seed in range(8):
+            future = stub.ComputeSds.future(good_request(seed=seed), timeout=30)
+            accepted.append(future)
+        GATE.wait(timeout=0.5)
+        for future in accepted:
+            try:
+                future.result(timeout=0.3)
+            except grpc.FutureTimeoutError:
+                pass
+            except grpc.RpcError as error:
+                refused.append(error.code())
+    finally:
+        GATE.set()
+    outcomes = []
+    for future in accepted:
+        try:
+            outcomes.append(future.result(timeout=30).grad.data != b"")
+        except grpc.RpcError as error:
+            outcomes.append(error.code())
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes
+    assert outcomes.count(True) >= 2  # what was queued completes once the denoiser frees up
+    assert set(outcomes) <= {True, grpc.StatusCode.RESOURCE_EXHAUSTED}
