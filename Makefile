@@ -30,7 +30,7 @@ lint: setup
 	cd protos && ../$(VENV)/bin/buf lint
 
 bench: setup
-	$(PY) -m bench.guidance_sds --out BENCHMARKS.md
+	$(PY) -m bench.guidance_sds --json out/bench/guidance_sds.json
 
 serve-guidance: setup
 	$(PY) -m services.guidance.standalone --config deploy/config/guidance.yaml
