@@ -25,6 +25,9 @@ MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 1024
 
 
+_VIEW_SUFFIXES = (", front view", ", side view", ", back view", ", overhead view")
+
+
 def view_suffix(azimuth_deg: float, elevation_deg: float, overhead_above_deg: float = 60.0) -> str:
     """DreamFusion's view-dependent prompt suffix for a camera direction."""
     if elevation_deg > overhead_above_deg:
@@ -126,7 +129,11 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
             f"known: {', '.join(prior.info.checkpoint_ids)}",
             "checkpoint_id",
         )
+    # With view-dependent prompting the longest suffix must fit too, or the tokenizer would silently cut it off.
+    longest = max(_VIEW_SUFFIXES, key=len) if request.view_dependent_prompt and request.cameras else ""
     prior.validate_prompt(request.prompt, "prompt")
+    if longest:
+        prior.validate_prompt(request.prompt + longest, "prompt")
     if request.negative_prompt:
         prior.validate_prompt(request.negative_prompt, "negative_prompt")
 

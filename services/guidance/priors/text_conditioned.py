@@ -51,11 +51,12 @@ def load_component(cls: Any, source: str | os.PathLike, subfolder: str, **kwargs
 
 
 def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    """Eval mode, no parameter gradients, on `device` and (unless None or already so) in `dtype`."""
     module.requires_grad_(False)
     module.eval()
-    if dtype is None:
-        return module.to(device)
-    return module.to(device=device, dtype=dtype)
+    if dtype is not None and getattr(module, "dtype", None) != dtype:
+        module = module.to(dtype=dtype)
+    return module.to(device)
 
 
 def _as_device(device: str | torch.device) -> torch.device:
@@ -94,12 +95,8 @@ class _TextConditionedPrior(DiffusionPrior):
         self._device = _as_device(device)
         self.dtype = _as_dtype(dtype, self._device)
         self.tokenizer = tokenizer
-        # The text encoder keeps modules that its class asks to keep in fp32 (T5's `wo`) when loaded with
-        # from_pretrained; a plain .to(dtype) would undo that, so it is only moved when its dtype differs.
-        if getattr(text_encoder, "dtype", None) == self.dtype:
-            self.text_encoder = _freeze(text_encoder, self._device, None)
-        else:
-            self.text_encoder = _freeze(text_encoder, self._device, self.dtype)
+        # Cast only when the dtype differs: from_pretrained keeps some modules in fp32 on purpose (T5's `wo`).
+        self.text_encoder = _freeze(text_encoder, self._device, self.dtype)
         self.unet = _freeze(unet, self._device, self.dtype)
         self.scheduler = scheduler
         self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
