@@ -185,3 +185,91 @@ def to_proto(camera: Camera) -> common_pb2.Camera:
     if camera.background_image is not None:
         message.background.image.CopyFrom(tensors.to_proto(camera.background_image.float()))
     return message
+
+
+@dataclass(frozen=True)
+class CameraRanges:
+    """Where training cameras are drawn from (threestudio's Magic3D defaults for the IF prior)."""
+
+    distance: tuple[float, float] = (1.5, 2.0)
+    fovy_deg: tuple[float, float] = (40.0, 70.0)
+    elevation_deg: tuple[float, float] = (-10.0, 90.0)
+    azimuth_deg: tuple[float, float] = (-180.0, 180.0)
+    # Light: at distance_scale * camera distance, direction = camera direction + N(0, perturb), as in DreamFusion.
+    light_distance_scale: tuple[float, float] = (0.8, 1.5)
+    light_direction_perturb: float = 1.0
+    # Shading per view (Magic3D / DreamFusion): albedo, textureless, else lambertian.
+    albedo_probability: float = 0.2
+    textureless_probability: float = 0.2
+    ambient: float = 0.1
+    diffuse: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("distance", "fovy_deg", "elevation_deg", "azimuth_deg", "light_distance_scale"):
+            low, high = getattr(self, name)
+            if not low <= high:
+                raise ValueError(f"{name}: min {low} > max {high}")
+        if self.distance[0] <= 0 or not 0 < self.fovy_deg[0] <= self.fovy_deg[1] < 180:
+            raise ValueError("distance must be > 0 and fovy_deg within (0, 180)")
+        if self.albedo_probability + self.textureless_probability > 1:
+            raise ValueError("albedo_probability + textureless_probability must be <= 1")
+
+
+def sample_cameras(
+    ranges: CameraRanges,
+    batch: int,
+    size: int,
+    generator: torch.Generator,
+    background_color: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    shading: Shading | None = None,
+) -> list[Camera]:
+    """Draws `batch` orbit cameras with lights and shading modes; deterministic for a given generator state.
+
+    Azimuths are stratified over the batch (one random offset, evenly spaced) so each batch sees the object all
+    round, as threestudio's batch_uniform_azimuth does.
+    """
+
+    def uniform(low_high: tuple[float, float], n: int) -> torch.Tensor:
+        low, high = low_high
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    az_low, az_high = ranges.azimuth_deg
+    offsets = (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch
+    azimuths = az_low + (az_high - az_low) * offsets
+    elevations = uniform(ranges.elevation_deg, batch)
+    distances = uniform(ranges.distance, batch)
+    fovys = uniform(ranges.fovy_deg, batch)
+    light_scales = uniform(ranges.light_distance_scale, batch)
+    perturb = torch.randn(batch, 3, generator=generator) * ranges.light_direction_perturb
+    shade_draw = torch.rand(batch, generator=generator)
+    cameras = []
+    for i in range(batch):
+        camera = orbit_camera(
+            float(azimuths[i]), float(elevations[i]), float(distances[i]), fovy_deg=float(fovys[i]), size=size
+        )
+        position = camera.camera_to_world[:3, 3]
+        direction = torch.nn.functional.normalize(position + perturb[i], dim=0)
+        light_position = direction * light_scales[i] * distances[i]
+        if shading is not None:
+            mode = shading
+        elif shade_draw[i] < ranges.albedo_probability:
+            mode = Shading.ALBEDO
+        elif shade_draw[i] < ranges.albedo_probability + ranges.textureless_probability:
+            mode = Shading.TEXTURELESS
+        else:
+            mode = Shading.LAMBERTIAN
+        cameras.append(
+            Camera(
+                camera_to_world=camera.camera_to_world,
+                fovy_deg=camera.fovy_deg,
+                width=size,
+                height=size,
+                azimuth_deg=camera.azimuth_deg,
+                elevation_deg=camera.elevation_deg,
+                distance=camera.distance,
+                shading=mode,
+                light=Light(tuple(light_position.tolist()), ranges.ambient, ranges.diffuse),
+                background_color=background_color,
+            )
+        )
+    return cameras
