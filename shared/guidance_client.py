@@ -1,0 +1,212 @@
+"""The guidance tier's client, used by scene services: logical prior name in, SDS gradients out.
+
+    client = GuidanceClient(Registry.load("deploy/config/registry.yaml"))
+    result = client.compute_sds(SdsRequest(job_id="j1", prior="analytic", images=..., prompt="a red torus", ...))
+    client.close()
+
+The same calls work against a standalone grpcio server and a Ray Serve application (the registry says which):
+one channel per address, a deadline per call, bounded retries with exponential backoff (honouring the server's
+google.rpc.RetryInfo) on UNAVAILABLE and RESOURCE_EXHAUSTED, and failures raised as `shared.errors` exceptions
+carrying the field the server named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from typing import ClassVar
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
+
+from services.guidance import messages
+from services.guidance.priors.base import Conditioning, PriorInfo, PriorKind, SdsRequest, SdsResult, Weighting
+from shared.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    Unimplemented,
+)
+from shared.grpcio import insecure_channel
+from shared.registry import Endpoint, Registry
+
+SERVICE = guidance_pb2.DESCRIPTOR.services_by_name["GuidanceService"].full_name
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class DeadlineExceeded(ServiceError):
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServiceError):
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.CANCELLED
+
+
+_ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+
+def error_from_rpc(error: grpc.RpcError) -> ServiceError:
+    """An RpcError as the matching shared.errors exception, with the field and retry delay the server sent.
+
+    Codes with no class of their own (INTERNAL, UNKNOWN, ...) become a plain ServiceError (code INTERNAL) whose
+    message starts with the original code's name.
+    """
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    message = (error.details() if callable(getattr(error, "details", None)) else None) or str(code)
+    field: str | None = None
+    retry_after_s: float | None = None
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # details that do not match the call's code/message: ignore them
+        status = None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                if bad.field_violations and field is None:
+                    field = bad.field_violations[0].field
+                    message = bad.field_violations[0].description or message
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                retry_after_s = info.retry_delay.ToNanoseconds() / 1e9
+    cls = _ERRORS.get(code)
+    if cls is None:
+        return ServiceError(f"{code.name}: {message}", field, retry_after_s)
+    # The server formats its message as "<field>: <description>"; keep the description only.
+    if field is not None and message.startswith(f"{field}: "):
+        message = message[len(field) + 2 :]
+    return cls(message, field, retry_after_s)
+
+
+_KINDS = {getattr(guidance_pb2, f"PRIOR_KIND_{k.name}"): k for k in PriorKind}
+_CONDITIONINGS = {getattr(guidance_pb2, f"CONDITIONING_{c.name}"): c for c in Conditioning}
+_WEIGHTINGS = {getattr(guidance_pb2, f"WEIGHTING_{w.name}"): w for w in Weighting}
+
+
+def prior_info_from_proto(message: guidance_pb2.PriorInfo) -> PriorInfo:
+    """The inverse of messages.prior_info_to_proto. `requires_cameras` is not on the wire: CAMERA conditioning."""
+    conditioning = tuple(_CONDITIONINGS[c] for c in message.accepted_conditioning if c in _CONDITIONINGS)
+    return PriorInfo(
+        name=message.name,
+        kind=_KINDS.get(message.kind, PriorKind.PIXEL),
+        native_resolution=message.native_resolution,
+        max_prompt_tokens=message.max_prompt_tokens,
+        accepted_conditioning=conditioning,
+        default_guidance_scale=message.default_guidance_scale,
+        default_time_range=(message.default_time_range.min, message.default_time_range.max),
+        default_weighting=_WEIGHTINGS.get(message.default_weighting, Weighting.SDS),
+        checkpoint_ids=tuple(message.checkpoint_ids) or ("default",),
+        max_batch_size=message.max_batch_size,
+        requires_cameras=Conditioning.CAMERA in conditioning,
+    )
+
+
+class GuidanceClient:
+    """Thread-safe; one channel per server address, shared by every logical prior routed to it."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.settings = registry.client
+        self._stubs: dict[str, tuple[grpc.Channel, guidance_pb2_grpc.GuidanceServiceStub]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    def endpoint(self, name: str) -> Endpoint:
+        return self.registry.resolve(name)
+
+    def list_priors(self, name: str, timeout_s: float | None = None) -> list[PriorInfo]:
+        """Every prior served where the logical prior `name` is served."""
+        endpoint = self.endpoint(name)
+        response = self._call(endpoint, "ListPriors", guidance_pb2.ListPriorsRequest(), timeout_s)
+        return [prior_info_from_proto(p) for p in response.priors]
+
+    def prior_info(self, name: str, timeout_s: float | None = None) -> PriorInfo:
+        """The description of the prior behind logical name `name`."""
+        endpoint = self.endpoint(name)
+        for info in self.list_priors(name, timeout_s):
+            if info.name == endpoint.prior:
+                return info
+        raise NotFound(f"{endpoint.address} does not serve prior {endpoint.prior!r}", "prior")
+
+    def compute_sds(self, request: SdsRequest, timeout_s: float | None = None) -> SdsResult:
+        """SDS gradients for `request`, whose `prior` is a logical name (resolved through the registry).
+
+        A checkpoint id in the request wins over the registry's; the result's gradient has the images' shape.
+        """
+        endpoint = self.endpoint(request.prior)
+        checkpoint = request.checkpoint_id or endpoint.checkpoint_id
+        if checkpoint != endpoint.checkpoint_id:
+            endpoint = dataclasses.replace(endpoint, checkpoint_id=checkpoint)
+        message = messages.sds_request_to_proto(request)
+        message.prior = endpoint.prior
+        message.checkpoint_id = checkpoint
+        response = self._call(endpoint, "ComputeSds", message, timeout_s)
+        return messages.sds_result_from_proto(response)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            stubs, self._stubs = self._stubs, {}
+        for channel, _ in stubs.values():
+            channel.close()
+
+    def __enter__(self) -> "GuidanceClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transport --------------------------------------------------------------------------------------------
+
+    def _stub(self, address: str) -> guidance_pb2_grpc.GuidanceServiceStub:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("guidance client is closed")
+            if address not in self._stubs:
+                channel = insecure_channel(address, service=SERVICE, max_bytes=self.settings.max_message_bytes)
+                self._stubs[address] = (channel, guidance_pb2_grpc.GuidanceServiceStub(channel))
+            return self._stubs[address][1]
+
+    def _call(self, endpoint: Endpoint, method: str, message, timeout_s: float | None):
+        """One RPC under one overall deadline; UNAVAILABLE / RESOURCE_EXHAUSTED retried with jittered backoff."""
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.timeout_s)
+        backoff = self.settings.initial_backoff_s
+        rpc = getattr(self._stub(endpoint.address), method)
+        for attempt in range(1, self.settings.max_attempts + 1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{method} on {endpoint.address}: deadline passed before attempt {attempt}")
+            try:
+                return rpc(message, timeout=remaining, metadata=endpoint.metadata or None, wait_for_ready=attempt > 1)
+            except grpc.RpcError as rpc_error:
+                error = error_from_rpc(rpc_error)
+                if rpc_error.code() not in RETRYABLE or attempt == self.settings.max_attempts:
+                    raise error from None
+                delay = min(max(backoff, error.retry_after_s or 0.0), self.settings.max_backoff_s)
+                delay *= 0.5 + random.random() / 2
+                if time.monotonic() + delay >= deadline:
+                    raise error from None
+                time.sleep(delay)
+                backoff = min(backoff * 2, self.settings.max_backoff_s)
+        raise AssertionError("unreachable")

@@ -1,0 +1,151 @@
+"""Where each logical prior is served: the client-side registry of the guidance tier (YAML, validated by pydantic).
+
+    client: {timeout_s: 60, max_attempts: 3}
+    priors:
+      analytic:                      # a plain grpcio guidance server
+        kind: standalone
+        address: 127.0.0.1:50051
+      sd:                            # a Ray Serve application behind Serve's gRPC proxy
+        kind: serve
+        address: guidance-serve.magic3d.svc:9000
+        application: latent          # sent as gRPC metadata `application`
+        prior: sd-2.1-base           # the prior's name on that server (default: the logical name)
+        checkpoint_id: default       # sent in the request and as `multiplexed_model_id` ("<prior>:<checkpoint>")
+      text-prior:                    # an alias: swap priors or checkpoints here, never in optimisers
+        kind: alias
+        target: sd
+        checkpoint_id: dreambooth-dog
+
+Optimisers ask for a logical name; `Registry.resolve` turns it into a concrete `Endpoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.errors import NotFound
+
+_ADDRESS = r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"
+
+
+class _Route(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # The prior's name on the server; None: the logical name itself.
+    prior: str | None = Field(default=None, min_length=1)
+    # Checkpoint (multiplexed model id) of that prior; "" or None: the server's default.
+    checkpoint_id: str | None = None
+
+
+class StandaloneRoute(_Route):
+    kind: Literal["standalone"]
+    address: str = Field(pattern=_ADDRESS)
+
+
+class ServeRoute(_Route):
+    kind: Literal["serve"]
+    address: str = Field(pattern=_ADDRESS)
+    application: str = Field(min_length=1)
+
+
+class AliasRoute(_Route):
+    """Another logical name's server, optionally with another prior name or checkpoint on it."""
+
+    kind: Literal["alias"]
+    target: str = Field(min_length=1)
+
+
+Route = Annotated[Union[StandaloneRoute, ServeRoute, AliasRoute], Field(discriminator="kind")]
+
+
+class ClientSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Deadline of one ComputeSds/ListPriors call, retries included.
+    timeout_s: float = Field(default=60.0, gt=0)
+    # Attempts per call on UNAVAILABLE / RESOURCE_EXHAUSTED (besides gRPC's own transparent retries).
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    initial_backoff_s: float = Field(default=0.2, gt=0)
+    max_backoff_s: float = Field(default=5.0, gt=0)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to call one logical prior."""
+
+    logical_name: str
+    kind: Literal["standalone", "serve"]
+    address: str
+    prior: str
+    checkpoint_id: str = ""
+    application: str | None = None
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata for this endpoint: Serve's application and multiplexed model id; none for standalone."""
+        if self.kind != "serve":
+            return ()
+        return (
+            ("application", self.application or ""),
+            ("multiplexed_model_id", f"{self.prior}:{self.checkpoint_id or 'default'}"),
+        )
+
+
+class Registry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priors: dict[str, Route] = Field(min_length=1)
+    client: ClientSettings = ClientSettings()
+
+    @model_validator(mode="after")
+    def _aliases_resolve(self) -> "Registry":
+        for name in self.priors:
+            self.resolve(name)  # raises on unknown targets and cycles
+        return self
+
+    def resolve(self, name: str) -> Endpoint:
+        """Follows aliases (the nearest alias's prior/checkpoint wins) to a concrete endpoint."""
+        seen: list[str] = []
+        prior: str | None = None
+        checkpoint: str | None = None
+        current = name
+        while True:
+            if current in seen:
+                raise ValueError(f"alias cycle: {' -> '.join([*seen, current])}")
+            seen.append(current)
+            route = self.priors.get(current)
+            if route is None:
+                known = ", ".join(sorted(self.priors))
+                if len(seen) == 1:
+                    raise NotFound(f"no route for prior {name!r}; known: {known}", "prior")
+                raise ValueError(f"alias {seen[-2]!r} points at unknown prior {current!r}; known: {known}")
+            prior = prior if prior is not None else route.prior
+            checkpoint = checkpoint if checkpoint is not None else route.checkpoint_id
+            if isinstance(route, AliasRoute):
+                current = route.target
+                continue
+            return Endpoint(
+                logical_name=name,
+                kind=route.kind,
+                address=route.address,
+                prior=prior or current,
+                checkpoint_id=checkpoint or "",
+                application=route.application if isinstance(route, ServeRoute) else None,
+            )
+
+    def names(self) -> list[str]:
+        return sorted(self.priors)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Registry":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Registry":
+        return cls.model_validate(yaml.safe_load(text))
