@@ -3,7 +3,6 @@ and the GuidanceClient against both Serve and a standalone server. Ray + Serve s
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 
@@ -14,7 +13,6 @@ from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
 from services.guidance import messages, standalone
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig, PriorSpec
-from services.guidance.pool import PriorPool
 from services.guidance.priors.base import Conditioning, DiffusionPrior, PriorInfo, PriorKind, SdsRequest
 from services.guidance.serve_app import ServeAppSettings, start_local
 from shared import tensors
@@ -26,13 +24,11 @@ from shared.registry import Registry
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(240)]
 
-# The analytic prior is the real one where it exists; before that, a stand-in of the same kind.
-HAVE_ANALYTIC = importlib.util.find_spec("services.guidance.priors.analytic") is not None
 HERE = "tests.test_serve_app"  # replicas import the helpers below by this path (repository root on PYTHONPATH)
 
 
-class StandInAnalyticPrior(DiffusionPrior):
-    """Closed-form denoiser (eps_c = 0.5 z_t, eps_u = 0.25 z_t) shaped like the analytic prior; `delay_s` per call."""
+class SlowPrior(DiffusionPrior):
+    """Closed-form denoiser (eps_c = 0.5 z_t, eps_u = 0.25 z_t) that takes `delay_s` per call: fills Serve's queue."""
 
     def __init__(self, name: str = "analytic", delay_s: float = 0.0) -> None:
         self.info = PriorInfo(
@@ -60,23 +56,18 @@ class StandInAnalyticPrior(DiffusionPrior):
         return 0.5 * noisy, 0.25 * noisy
 
 
-def build_stand_in(spec, checkpoint_id):
-    return StandInAnalyticPrior(spec.name)
-
-
 def build_slow(spec, checkpoint_id):
-    return StandInAnalyticPrior(spec.name, delay_s=0.5)
+    return SlowPrior(spec.name, delay_s=0.5)
 
 
 APP = "analytic"
 SLOW_APP = "slow"
-ANALYTIC_BUILDERS = {} if HAVE_ANALYTIC else {PriorKind.ANALYTIC: f"{HERE}:build_stand_in"}
 
 
 @pytest.fixture(scope="module")
 def local():
     analytic = ServeAppSettings(
-        name=APP, route_prefix="/analytic", max_batch_size=16, batch_wait_timeout_s=0.1, prior_builders=ANALYTIC_BUILDERS
+        name=APP, route_prefix="/analytic", max_batch_size=16, batch_wait_timeout_s=0.1
     )
     # One request at a time, one waiting: the third concurrent caller must be refused, not queued.
     slow = ServeAppSettings(
@@ -276,8 +267,7 @@ def test_twelve_mib_each_way_through_the_proxy(stub):
 @pytest.fixture(scope="module")
 def standalone_server():
     config = DEFAULT_CONFIG.model_copy(update={"port": 0})
-    builders = None if HAVE_ANALYTIC else {PriorKind.ANALYTIC: build_stand_in}
-    running = standalone.start(config, pool=PriorPool(config, builders=builders))
+    running = standalone.start(config)
     yield running
     running.stop(grace=None)
 
