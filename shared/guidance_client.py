@@ -97,29 +97,6 @@ def error_from_rpc(error: grpc.RpcError) -> ServiceError:
     return cls(message, field, retry_after_s)
 
 
-_KINDS = {getattr(guidance_pb2, f"PRIOR_KIND_{k.name}"): k for k in PriorKind}
-_CONDITIONINGS = {getattr(guidance_pb2, f"CONDITIONING_{c.name}"): c for c in Conditioning}
-_WEIGHTINGS = {getattr(guidance_pb2, f"WEIGHTING_{w.name}"): w for w in Weighting}
-
-
-def prior_info_from_proto(message: guidance_pb2.PriorInfo) -> PriorInfo:
-    """The inverse of messages.prior_info_to_proto. `requires_cameras` is not on the wire: CAMERA conditioning."""
-    conditioning = tuple(_CONDITIONINGS[c] for c in message.accepted_conditioning if c in _CONDITIONINGS)
-    return PriorInfo(
-        name=message.name,
-        kind=_KINDS.get(message.kind, PriorKind.PIXEL),
-        native_resolution=message.native_resolution,
-        max_prompt_tokens=message.max_prompt_tokens,
-        accepted_conditioning=conditioning,
-        default_guidance_scale=message.default_guidance_scale,
-        default_time_range=(message.default_time_range.min, message.default_time_range.max),
-        default_weighting=_WEIGHTINGS.get(message.default_weighting, Weighting.SDS),
-        checkpoint_ids=tuple(message.checkpoint_ids) or ("default",),
-        max_batch_size=message.max_batch_size,
-        requires_cameras=Conditioning.CAMERA in conditioning,
-    )
-
-
 class GuidanceClient:
     """Thread-safe; one channel per server address, shared by every logical prior routed to it."""
 
@@ -139,7 +116,7 @@ class GuidanceClient:
         """Every prior served where the logical prior `name` is served."""
         endpoint = self.endpoint(name)
         response = self._call(endpoint, "ListPriors", guidance_pb2.ListPriorsRequest(), timeout_s)
-        return [prior_info_from_proto(p) for p in response.priors]
+        return [messages.prior_info_from_proto(p) for p in response.priors]
 
     def prior_info(self, name: str, timeout_s: float | None = None) -> PriorInfo:
         """The description of the prior behind logical name `name`."""

@@ -22,7 +22,6 @@ COPY shared/ shared/
 COPY services/ services/
 COPY deploy/config/ deploy/config/
 RUN scripts/bootstrap.sh \
- && sed 's/^host: 127\.0\.0\.1$/host: 0.0.0.0/' deploy/config/guidance.yaml > deploy/config/guidance.container.yaml \
  && useradd --uid 1000 --create-home --shell /bin/bash magic3d \
  && mkdir -p /models && chown -R magic3d /app /models
 
@@ -36,4 +35,4 @@ ENV PATH=/app/.venv/bin:$PATH \
 USER 1000
 EXPOSE 50051 8000 9000
 # The default config listens on 127.0.0.1; in a container it must listen on every interface of the container.
-CMD ["python", "-m", "services.guidance.standalone", "--config", "deploy/config/guidance.container.yaml"]
+CMD ["python", "-m", "services.guidance.standalone", "--config", "deploy/config/guidance.yaml", "--host", "0.0.0.0"]

@@ -51,6 +51,30 @@ def prior_info_to_proto(info: PriorInfo) -> guidance_pb2.PriorInfo:
     )
 
 
+_KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
+_CONDITIONING_FROM_PROTO = {v: k for k, v in _CONDITIONING_TO_PROTO.items()}
+
+
+def prior_info_from_proto(message: guidance_pb2.PriorInfo) -> PriorInfo:
+    """The inverse of prior_info_to_proto. `requires_cameras` is not on the wire: it follows CAMERA conditioning."""
+    conditioning = tuple(
+        _CONDITIONING_FROM_PROTO[c] for c in message.accepted_conditioning if c in _CONDITIONING_FROM_PROTO
+    )
+    return PriorInfo(
+        name=message.name,
+        kind=_KIND_FROM_PROTO.get(message.kind, PriorKind.PIXEL),
+        native_resolution=message.native_resolution,
+        max_prompt_tokens=message.max_prompt_tokens,
+        accepted_conditioning=conditioning,
+        default_guidance_scale=message.default_guidance_scale,
+        default_time_range=(message.default_time_range.min, message.default_time_range.max),
+        default_weighting=_WEIGHTING_FROM_PROTO.get(message.default_weighting, Weighting.SDS),
+        checkpoint_ids=tuple(message.checkpoint_ids) or ("default",),
+        max_batch_size=message.max_batch_size,
+        requires_cameras=Conditioning.CAMERA in conditioning,
+    )
+
+
 def sds_request_from_proto(message: guidance_pb2.ComputeSdsRequest) -> SdsRequest:
     """Decodes a request. Checks that need the prior (shape limits, prompt) happen in sds.validate_request."""
     if not message.prior:

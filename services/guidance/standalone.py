@@ -72,10 +72,13 @@ def start(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="guidance YAML; default: the analytic prior only")
+    parser.add_argument("--host", default=None, help="listen address (default: the config's, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None)
     args = parser.parse_args()
     project_logging.configure()
     config = GuidanceConfig.load(args.config) if args.config else DEFAULT_CONFIG
+    if args.host:
+        config = config.model_copy(update={"host": args.host})
     running = start(config, args.port)
     log = project_logging.get_logger(__name__)
     log.info("guidance_serving", address=f"{config.host}:{running.port}", priors=[p.name for p in config.priors])
