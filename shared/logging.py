@@ -32,4 +32,5 @@ def configure(level: str = "INFO") -> None:
 
 
 def get_logger(name: str, **context) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name).bind(**context)
+    """A lazy logger: safe at import time, it takes the configuration in force when it first logs."""
+    return structlog.get_logger(logger_name=name, **context)
