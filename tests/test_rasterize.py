@@ -34,11 +34,11 @@ def test_single_triangle_coverage_and_barycentrics(rasterizer):
     for row in range(SIDE):
         for col in range(SIDE):
             x, y = pixel_centre(row, col)
-            # Barycentrics of (x, y): solve x = -0.5 + u + 0.5 v ... with vertices a, b, c.
-            v = (y + 0.5) / 1.0
-            u = (x + 0.5 - 0.5 * v) / 1.0
-            w0 = 1 - u - v
-            inside = min(w0, u, v) > 1e-6
+            # Weights (w0, w1, w2) of vertices a, b, c: (x, y) = a + w1 (b - a) + w2 (c - a).
+            w2 = y + 0.5
+            w1 = x + 0.5 - 0.5 * w2
+            w0 = 1 - w1 - w2
+            inside = min(w0, w1, w2) > 1e-6
             assert bool(rast[0, row, col, 3] > 0) == inside, (row, col)
             if inside:  # nvdiffrast's convention: u weights vertex 0, v vertex 1
                 assert rast[0, row, col, 0].item() == pytest.approx(w0, abs=1e-5)
