@@ -1,0 +1,254 @@
+"""The coarse stage as a plain object: `step()`, `state_dict()` / `load_state_dict()`, `extract_mesh()`.
+
+One step: draw cameras -> volume-render B images (keeping the autograd graph) -> ask each prior for SDS gradients
+of those images -> back-propagate the weighted gradients plus the regularisers -> optimiser step -> refresh the
+occupancy grid when due. A guidance failure raises before anything is updated, and a step whose losses or
+gradients are not finite is skipped and counted, so a step either happens whole or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from services.guidance.priors.base import SdsRequest
+from services.scene.checkpoint import Checkpoint
+from services.scene.config import CoarseConfig
+from services.scene.field import (
+    BackgroundMLP,
+    NeuralField,
+    OccupancyGrid,
+    VolumeRenderer,
+    opacity_entropy,
+    orientation_loss,
+    param_groups,
+    sparsity_loss,
+)
+from services.scene.guidance import Guidance
+from shared.cameras import Camera, sample_cameras
+from shared.errors import FailedPrecondition
+
+
+class NonFiniteStepsExceeded(FailedPrecondition):
+    """Too many steps in a row produced NaN/Inf; the scene stops and keeps its last checkpoint."""
+
+
+@dataclass
+class StepReport:
+    step: int  # steps completed after this one
+    losses: dict[str, float]
+    phase_seconds: dict[str, float]
+    skipped: bool = False
+    skipped_total: int = 0
+
+
+@dataclass
+class _Counters:
+    step: int = 0
+    skipped_total: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+def step_seed(seed: int, step: int, term: int) -> int:
+    """A distinct, reproducible guidance seed per (stage seed, step, prior term), within uint64."""
+    return (seed * 1_000_003 + step * 7919 + term) % (2**63)
+
+
+class CoarseStage:
+    def __init__(self, config: CoarseConfig, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"):
+        self.config = config
+        self.guidance = guidance
+        self.job_id = job_id
+        self.device = torch.device(device)
+        torch.manual_seed(config.seed)  # network initialisation only; every later draw uses self.generator
+        self.field = NeuralField(config.field).to(self.device)
+        self.background = BackgroundMLP().to(self.device)
+        self.occupancy = OccupancyGrid(config.occupancy).to(self.device)
+        self.renderer = VolumeRenderer(config.renderer)
+        self.optimizer = torch.optim.Adam(
+            param_groups(self.field, self.background, config.learning_rate, config.background_learning_rate),
+            betas=(0.9, 0.99),
+            eps=1e-15,
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.counters = _Counters()
+
+    @property
+    def step_count(self) -> int:
+        return self.counters.step
+
+    # -- one optimisation step --------------------------------------------------------------------------------
+
+    def step(self) -> StepReport:
+        config, step = self.config, self.counters.step
+        phases: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + now - clock
+            clock = now
+
+        rng_before = self.generator.get_state()
+        cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
+        self.field.train()
+        out = self.renderer.render(
+            self.field, self.background, cameras, config.resolution, generator=self.generator, occupancy=self.occupancy
+        )
+        images = out["rgb"]
+        lap("render")
+        try:
+            grad, sds_losses = self._guidance_gradient(images, cameras, out["background"], step)
+        except BaseException:
+            self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras
+            raise
+        lap("guidance")
+
+        batch = images.shape[0]
+        terms = {"sds": (images * grad).sum() / batch}  # d/d(images) = grad / B: the SDS surrogate
+        if config.weight("orientation", step) > 0 and "normals" in out:
+            terms["orientation"] = orientation_loss(out["weights"], out["normals"], out["view_dirs"], out["opacity"])
+        terms["sparsity"] = sparsity_loss(out["opacity"])
+        terms["opacity_entropy"] = opacity_entropy(out["opacity"])
+        total = sum(config.weight(name, step) * value for name, value in terms.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = {"sds": float(np.mean(sds_losses))} | {k: float(v.detach()) for k, v in terms.items() if k != "sds"}
+        if not torch.isfinite(total) or not all(math.isfinite(v) for v in losses.values()):
+            return self._skip(step, losses, phases)
+        total.backward()
+        lap("backward")
+        if not all(torch.isfinite(p.grad).all() for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip(step, losses, phases)
+        self.optimizer.step()
+        self.counters.step += 1
+        self.counters.nonfinite_in_a_row = 0
+        self.occupancy.update(self.field, self.counters.step, generator=self.generator)
+        lap("optimizer")
+        losses["total"] = float(total)
+        return StepReport(self.counters.step, losses, phases, skipped_total=self.counters.skipped_total)
+
+    def _guidance_gradient(
+        self, images: torch.Tensor, cameras: list[Camera], backgrounds: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Weighted sum of every prior's SDS gradient for these images (no autograd: a plain tensor)."""
+        config = self.config
+        detached = images.detach().to("cpu", torch.float32)
+        # The priors re-render the same views: send each camera with the background it was composited over.
+        views = [
+            dataclasses.replace(camera, background_image=backgrounds[i].detach().permute(1, 2, 0).cpu().float())
+            for i, camera in enumerate(cameras)
+        ]
+        t_range = (config.t_min(step), config.t_max(step))
+        total = torch.zeros_like(detached)
+        losses: list[float] = []
+        for index, term in enumerate(config.priors):
+            request = SdsRequest(
+                job_id=self.job_id,
+                prior=term.prior,
+                checkpoint_id=term.checkpoint_id,
+                images=detached,
+                cameras=views,
+                prompt=config.prompt,
+                negative_prompt=config.negative_prompt,
+                view_dependent_prompt=config.view_dependent_prompt,
+                time_range=t_range,
+                guidance_scale=term.guidance_scale,
+                weighting=term.weighting,
+                seed=step_seed(config.seed, step, index),
+            )
+            result = self.guidance.compute_sds(request, timeout_s=config.guidance_timeout_s)
+            if not all(result.finite):
+                losses.append(float("nan"))
+            else:
+                losses.append(float(np.mean(result.loss)))
+            total += term.weight * result.grad.float()
+        return total.to(images.device), losses
+
+    def _skip(self, step: int, losses: dict[str, float], phases: dict[str, float]) -> StepReport:
+        self.counters.skipped_total += 1
+        self.counters.nonfinite_in_a_row += 1
+        if self.counters.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise NonFiniteStepsExceeded(
+                f"{self.counters.nonfinite_in_a_row} steps in a row had NaN/Inf losses or gradients (at step {step})"
+            )
+        return StepReport(step, losses, phases, skipped=True, skipped_total=self.counters.skipped_total)
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def render_views(self, cameras: list[Camera], resolution: int | None = None) -> torch.Tensor:
+        """Deterministic renders (no jitter), (N, 3, H, W) in [0, 1]."""
+        self.field.eval()
+        out = self.renderer.render(
+            self.field, self.background, cameras, resolution or self.config.resolution,
+            occupancy=self.occupancy, stratified=False,
+        )
+        return out["rgb"]
+
+    @torch.no_grad()
+    def density_grid(self, resolution: int = 96, chunk: int = 1 << 16) -> torch.Tensor:
+        """Density at the centres of a resolution^3 grid over the field's box, (R, R, R) indexed [x, y, z]."""
+        radius = self.config.field.bound_radius
+        axis = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 * radius - radius
+        points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+        densities = [self.field.density(p.to(self.device)).cpu() for p in points.split(chunk)]
+        return torch.cat(densities).reshape(resolution, resolution, resolution)
+
+    def extract_mesh(self, level: float | None = None, resolution: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+        """Marching cubes of the density at `level`: (vertices (V, 3) world, faces (F, 3)), outward-wound."""
+        from skimage.measure import marching_cubes
+
+        level = self.config.isosurface_level if level is None else level
+        grid = self.density_grid(resolution).numpy()
+        if not grid.min() < level < grid.max():
+            raise FailedPrecondition(
+                f"no surface at density level {level}: densities span [{grid.min():.3g}, {grid.max():.3g}]",
+                "isosurface_level",
+            )
+        radius = self.config.field.bound_radius
+        spacing = 2 * radius / resolution
+        vertices, faces, _, _ = marching_cubes(grid, level=level, spacing=(spacing,) * 3)
+        vertices = torch.from_numpy(vertices.copy()).float() - radius + spacing / 2
+        faces = torch.from_numpy(faces.astype(np.int64))
+        # Density grows inwards, so skimage's triangles face inwards: flip them to wind outwards.
+        return vertices, faces[:, [0, 2, 1]]
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "field": self.field.state_dict(),
+            "background": self.background.state_dict(),
+            "occupancy": self.occupancy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "counters": dataclasses.asdict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.field.load_state_dict(state["field"])
+        self.background.load_state_dict(state["background"])
+        self.occupancy.load_state_dict(state["occupancy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.counters = _Counters(**state["counters"])
+
+    def to_checkpoint(self) -> Checkpoint:
+        return Checkpoint(stage="coarse", config_json=self.config.model_dump_json(), state=self.state_dict())
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Checkpoint, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"
+    ) -> "CoarseStage":
+        if checkpoint.stage != "coarse":
+            raise FailedPrecondition(f"checkpoint is of stage {checkpoint.stage!r}, not 'coarse'", "checkpoint")
+        stage = cls(CoarseConfig.model_validate_json(checkpoint.config_json), guidance, job_id, device)
+        stage.load_state_dict(checkpoint.state)
+        return stage

@@ -1,0 +1,181 @@
+"""The coarse stage in-process: checkpoints continue bit for bit, failed guidance leaves no partial update,
+NaN steps are skipped and counted, and the analytic prior's torus is reconstructed (the quality test)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.guidance.config import GuidanceConfig, PriorSpec
+from services.guidance.engine import GuidanceEngine
+from services.guidance.priors.analytic import builtin_objects
+from services.guidance.priors.base import PriorKind, SdsResult
+from services.scene import checkpoint
+from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
+from services.scene.config import CoarseConfig
+from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
+from services.scene.guidance import InProcessGuidance
+from shared.cameras import CameraRanges
+from shared.errors import Unavailable
+from shared.mesh_metrics import bounding_box_diagonal, mean_symmetric_surface_distance, volumetric_iou
+from shared.schedules import Schedule
+
+SMALL_GRID = HashGridConfig(n_levels=4, log2_hashmap_size=12, base_resolution=8, per_level_scale=1.5)
+
+
+def analytic_guidance(resolution: int) -> InProcessGuidance:
+    config = GuidanceConfig(
+        priors=[PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, resolution=resolution)], batching={"wait_s": 0}
+    )
+    return InProcessGuidance(GuidanceEngine(config))
+
+
+def tiny_config(**overrides) -> CoarseConfig:
+    fields = dict(
+        prompt="a red torus",
+        resolution=16,
+        batch_size=2,
+        field=FieldConfig(encoding=SMALL_GRID, backend="torch", hidden_width=16),
+        renderer=RendererConfig(num_samples_per_ray=16),
+        occupancy=OccupancyConfig(resolution=8, step_size=2.0 / 16, update_every=2, warmup_steps=2),
+        seed=3,
+    )
+    fields.update(overrides)
+    return CoarseConfig(**fields)
+
+
+@pytest.fixture(scope="module")
+def tiny_guidance():
+    guidance = analytic_guidance(16)
+    yield guidance
+    guidance.close()
+
+
+def params(stage: CoarseStage) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in list(stage.field.parameters()) + list(stage.background.parameters())]
+
+
+def test_checkpoint_restores_and_continues_bit_for_bit(tiny_guidance):
+    straight = CoarseStage(tiny_config(), tiny_guidance, "job")
+    for _ in range(6):
+        straight.step()
+
+    first = CoarseStage(tiny_config(), tiny_guidance, "job")
+    for _ in range(3):
+        first.step()
+    saved = checkpoint.dumps(first.to_checkpoint())
+    resumed = CoarseStage.from_checkpoint(checkpoint.loads(saved), tiny_guidance, "job")
+    assert resumed.step_count == 3
+    for _ in range(3):
+        resumed.step()
+    assert all(torch.equal(a, b) for a, b in zip(params(straight), params(resumed)))
+    assert torch.equal(straight.occupancy.occupancy, resumed.occupancy.occupancy)
+
+
+class FlakyGuidance:
+    """Fails the n-th call with UNAVAILABLE, otherwise delegates."""
+
+    def __init__(self, inner, fail_on: set[int]):
+        self.inner, self.fail_on, self.calls = inner, fail_on, 0
+
+    def compute_sds(self, request, timeout_s=None):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise Unavailable("guidance replica went away", retry_after_s=0.1)
+        return self.inner.compute_sds(request, timeout_s)
+
+
+def test_failed_guidance_leaves_no_partial_update(tiny_guidance):
+    reference = CoarseStage(tiny_config(), tiny_guidance, "job")
+    for _ in range(3):
+        reference.step()
+    flaky = CoarseStage(tiny_config(), FlakyGuidance(tiny_guidance, fail_on={2}), "job")
+    flaky.step()
+    before = params(flaky)
+    with pytest.raises(Unavailable):
+        flaky.step()
+    assert flaky.step_count == 1 and all(torch.equal(a, b) for a, b in zip(before, params(flaky)))
+    flaky.step()  # the retry redraws the same cameras and noise
+    flaky.step()
+    assert all(torch.equal(a, b) for a, b in zip(params(reference), params(flaky)))
+
+
+class NonFiniteGuidance:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def compute_sds(self, request, timeout_s=None):
+        result = self.inner.compute_sds(request, timeout_s)
+        return SdsResult(torch.zeros_like(result.grad), result.t, [math.nan] * len(result.t), [False] * len(result.t), result.prompts)
+
+
+def test_nonfinite_steps_are_skipped_then_fail_cleanly(tiny_guidance):
+    stage = CoarseStage(tiny_config(max_nonfinite_steps=3), NonFiniteGuidance(tiny_guidance), "job")
+    before = params(stage)
+    for expected in (1, 2):
+        report = stage.step()
+        assert report.skipped and report.skipped_total == expected
+    with pytest.raises(NonFiniteStepsExceeded):
+        stage.step()
+    assert stage.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, params(stage)))
+
+
+def test_config_validation_names_fields():
+    with pytest.raises(ValueError, match="resolution"):
+        tiny_config(resolution=8)
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        tiny_config(loss_weights={"smoothness": Schedule.constant(1.0)})
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny_config(batch_size=0)
+
+
+# -- quality: the torus from "a red torus" -------------------------------------------------------------------
+
+QUALITY_STEPS = 400
+# Settings chosen to fit about 3 minutes on 2 CPU cores (a budget, not an asserted time).
+QUALITY_CONFIG = dict(
+    prompt="a red torus",
+    resolution=32,
+    batch_size=4,
+    field=FieldConfig(
+        encoding=HashGridConfig(n_levels=8, log2_hashmap_size=15, base_resolution=16), backend="torch"
+    ),
+    renderer=RendererConfig(num_samples_per_ray=48),
+    occupancy=OccupancyConfig(resolution=32, step_size=2.0 / 48, warmup_steps=32),
+    cameras=CameraRanges(elevation_deg=(-10.0, 60.0)),
+    loss_weights={"orientation": Schedule.linear(0, 1.0, 1000, 100.0), "sparsity": Schedule.constant(0.1)},
+    t_max=Schedule.linear(0, 0.98, QUALITY_STEPS, 0.5),
+    seed=0,
+)
+
+
+def geometry_scores(stage: CoarseStage, level: float) -> tuple[float, float]:
+    torus = next(o for o in builtin_objects() if o.name == "red torus").mesh
+    vertices, faces = stage.extract_mesh(level, resolution=64)
+    diagonal = bounding_box_diagonal(torus.vertices)
+    distance = mean_symmetric_surface_distance(vertices, faces, torus.vertices, torus.faces, samples=5000)
+    return distance / diagonal, volumetric_iou(vertices, faces, torus.vertices, torus.faces, resolution=48)
+
+
+@pytest.fixture(scope="session")
+def coarse_torus():
+    """One coarse run shared by every test that needs a fitted scene."""
+    guidance = analytic_guidance(32)
+    stage = CoarseStage(CoarseConfig(**QUALITY_CONFIG), guidance, "quality")
+    # At step 0 the blob has no surface at the working level; score its level-5 sphere instead.
+    initial = geometry_scores(stage, level=5.0)
+    for _ in range(QUALITY_STEPS):
+        stage.step()
+    yield stage, initial
+    guidance.close()
+
+
+def test_coarse_stage_reconstructs_the_named_torus(coarse_torus):
+    stage, (initial_distance, initial_iou) = coarse_torus
+    distance, iou = geometry_scores(stage, level=stage.config.isosurface_level)
+    print(f"coarse torus: distance {distance:.4f} of the diagonal (step 0: {initial_distance:.4f}), "
+          f"IoU {iou:.3f} (step 0: {initial_iou:.3f})")
+    assert distance <= 0.015 and iou >= 0.85
+    assert distance < 0.5 * initial_distance and iou > initial_iou + 0.3
