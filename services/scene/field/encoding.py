@@ -1,0 +1,396 @@
+"""Position encodings for the coarse stage's neural field: the multiresolution hash grid (Instant-NGP).
+
+Backends share one interface, `Encoding`: `forward(x)` takes points (N, 3) in the unit cube [0, 1]^3 and returns
+features (N, output_dim). `make_encoding(cfg, backend)` picks one:
+
+* "torch": `TorchHashGrid`, pure PyTorch, runs anywhere (CPU included), vectorised over levels and corners.
+* "tcnn":  `TcnnHashGrid`, tiny-cuda-nn's fused CUDA encoding (only when `tinycudann` imports and CUDA is up).
+* "auto":  tcnn when available, else torch.
+* "triton": reserved: a later change registers a Triton kernel with `register_backend("triton", ...)`.
+
+Grid convention (the Instant-NGP paper's): level l has N_l = floor(base_resolution * per_level_scale^l) cells per
+axis and (N_l + 1)^3 vertices at k / N_l. A level whose (N_l + 1)^3 vertices fit in the table (2^log2_hashmap_size
+rows) is indexed densely (x + y (N_l+1) + z (N_l+1)^2) and stores only those rows, as tcnn does; finer levels use
+the spatial hash (x * 1) xor (y * 2654435761) xor (z * 805459861) mod 2^log2_hashmap_size. tcnn's own vertex
+placement differs by a half-cell offset and a -1 in the scale; capacity and behaviour are the same, the tables are
+not interchangeable between backends.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+HASH_PRIMES = (1, 2654435761, 805459861)
+
+
+@dataclass(frozen=True)
+class HashGridConfig:
+    """Hash-grid hyperparameters; the defaults are threestudio's Magic3D ones (finest level 16 * 256 = 4096)."""
+
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    per_level_scale: float = 1.447269237440378
+
+    def __post_init__(self) -> None:
+        def _int(name: str, low: int, high: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"HashGridConfig.{name} must be an int, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"HashGridConfig.{name} must be in [{low}, {high}], got {value}")
+
+        _int("n_levels", 1, 32)
+        _int("n_features_per_level", 1, 8)
+        _int("log2_hashmap_size", 4, 30)
+        _int("base_resolution", 1, 1 << 16)
+        scale = self.per_level_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"HashGridConfig.per_level_scale must be a finite number, got {scale!r}")
+        if not 1.0 <= scale <= 4.0:
+            raise ValueError(f"HashGridConfig.per_level_scale must be in [1, 4], got {scale}")
+        finest = self.resolutions()[-1]
+        if finest > (1 << 20):
+            raise ValueError(
+                f"HashGridConfig: finest level has {finest} cells per axis (over 2^20); "
+                "lower n_levels, base_resolution or per_level_scale"
+            )
+
+    @property
+    def table_size(self) -> int:
+        """Rows of one hashed level's table (2^log2_hashmap_size)."""
+        return 1 << self.log2_hashmap_size
+
+    @property
+    def output_dim(self) -> int:
+        return self.n_levels * self.n_features_per_level
+
+    def resolutions(self) -> list[int]:
+        """Cells per axis of each level: floor(base * scale^l) (a tiny epsilon absorbs rounding of exact powers)."""
+        return [
+            max(1, int(math.floor(self.base_resolution * self.per_level_scale**level + 1e-6)))
+            for level in range(self.n_levels)
+        ]
+
+    def level_is_dense(self) -> list[bool]:
+        """True for levels whose (N_l + 1)^3 vertices fit in the table (indexed densely, no hashing)."""
+        return [(res + 1) ** 3 <= self.table_size for res in self.resolutions()]
+
+    def level_sizes(self) -> list[int]:
+        """Table rows of each level: (N_l + 1)^3 for dense levels, 2^log2_hashmap_size for hashed ones."""
+        return [min((res + 1) ** 3, self.table_size) for res in self.resolutions()]
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.level_sizes()) * self.n_features_per_level
+
+    def memory_bytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the parameter table alone (no gradients or optimiser state: Adam adds about 3x more)."""
+        return self.n_params * torch.empty((), dtype=dtype).element_size()
+
+
+class Encoding(nn.Module, metaclass=abc.ABCMeta):
+    """Maps points in [0, 1]^3 to features. Inputs outside the cube are clamped onto it."""
+
+    @property
+    @abc.abstractmethod
+    def output_dim(self) -> int:
+        """Features per point."""
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, 3) in [0, 1] -> (N, output_dim), differentiable w.r.t. the parameters and x."""
+
+    def forward_with_input_vjp(
+        self, x: torch.Tensor, create_graph: bool = True
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """-> (features, vjp) where vjp(v (N, output_dim)) = v^T d features / d x, (N, 3).
+
+        What analytic normals need: the vjp is differentiable w.r.t. the parameters and v (with create_graph), but
+        treats x as a constant, so no second derivatives in x are ever formed. This generic version goes through
+        autograd; backends override it with a cheaper closed form.
+        """
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            features = self(x)
+
+        def vjp(v: torch.Tensor) -> torch.Tensor:
+            (grad,) = torch.autograd.grad(features, x, grad_outputs=v, create_graph=create_graph, retain_graph=True)
+            return grad
+
+        return features, vjp
+
+
+class _LevelGroup:
+    """Index constants for a set of levels that share an indexing rule (dense or hashed)."""
+
+    def __init__(self, levels: list[int], cfg: HashGridConfig, dense: bool) -> None:
+        resolutions, offsets = cfg.resolutions(), _offsets(cfg)
+        self.levels = levels
+        self.dense = dense
+        self.resolution = torch.tensor([float(resolutions[l]) for l in levels], dtype=torch.float64)
+        if dense:
+            side = [resolutions[l] + 1 for l in levels]
+            self.multipliers = torch.tensor([[1, s, s * s] for s in side], dtype=torch.int64)
+        else:
+            self.multipliers = torch.tensor([HASH_PRIMES] * len(levels), dtype=torch.int64)
+        self.offsets = torch.tensor([offsets[l] for l in levels], dtype=torch.int64)
+        self.mask = cfg.table_size - 1
+
+
+def _offsets(cfg: HashGridConfig) -> list[int]:
+    sizes, out, total = cfg.level_sizes(), [], 0
+    for size in sizes:
+        out.append(total)
+        total += size
+    return out
+
+
+class TorchHashGrid(Encoding):
+    """Multiresolution hash encoding in plain PyTorch (trilinear interpolation, vectorised over levels).
+
+    Parameters live in one flat table (sum of level sizes, F) with per-level row offsets, like tcnn. Levels are
+    processed in two vectorised groups (dense, hashed) in a corner-major layout; the gather itself is one
+    embedding_bag per group (`_WeightedGather`). Autograd keeps about N * n_levels * 8 * 8 bytes per call (int32
+    rows and float32 weights); the renderer keeps N down by evaluating only occupied samples.
+    """
+
+    def __init__(self, cfg: HashGridConfig, init_scale: float = 1e-4) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dense_flags = cfg.level_is_dense()
+        self._groups = [
+            _LevelGroup([l for l, d in enumerate(dense_flags) if d], cfg, dense=True),
+            _LevelGroup([l for l, d in enumerate(dense_flags) if not d], cfg, dense=False),
+        ]
+        self._groups = [g for g in self._groups if g.levels]
+        # Dense levels come first (coarse), so concatenating group outputs keeps level order.
+        n_rows = sum(cfg.level_sizes())
+        self.table = nn.Parameter(torch.empty(n_rows, cfg.n_features_per_level).uniform_(-init_scale, init_scale))
+        # int32 row indices (half the memory and bandwidth of int64) whenever the table allows.
+        self._index_dtype = torch.int32 if n_rows < 2**31 else torch.int64
+
+    @property
+    def output_dim(self) -> int:
+        return self.cfg.output_dim
+
+    def _group_corners(
+        self, x: torch.Tensor, group: _LevelGroup
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One level group, corner-major (long contiguous inner dimensions vectorise well on CPU):
+        -> rows (2, 2, 2, N, Lg), trilinear weights (2, 2, 2, N, Lg) and per-axis weights (3, 2, N, Lg)
+        (index [axis, 0] = 1 - frac, [axis, 1] = frac)."""
+        device = x.device
+        res = group.resolution.to(device=device, dtype=x.dtype)  # (Lg,)
+        pos = x.T[:, :, None] * res  # (3, N, Lg)
+        with torch.no_grad():
+            # The cell's low corner; x == 1 falls in the last cell (frac 1), never past the grid.
+            low = torch.minimum(pos.floor(), res - 1)
+            low_i = low.long()
+            mult = group.multipliers.to(device).T[:, None, :]  # (3, 1, Lg)
+            terms = torch.stack([low_i * mult, (low_i + 1) * mult], dim=1)  # (3, 2, N, Lg)
+            if not group.dense:
+                # (a ^ b ^ c) mod 2^k == (a mod 2^k) ^ (b mod 2^k) ^ (c mod 2^k): same as tcnn's uint32 wraparound.
+                terms &= group.mask
+            terms = terms.to(self._index_dtype)  # every term is below the level's size from here on
+            tx, ty, tz = terms[0][:, None, None], terms[1][None, :, None], terms[2][None, None, :]
+            if group.dense:
+                rows = tx + ty + tz
+            else:
+                rows = torch.bitwise_xor(torch.bitwise_xor(tx, ty), tz)
+            rows = rows + group.offsets.to(device=device, dtype=self._index_dtype)  # (2, 2, 2, N, Lg)
+        frac = pos - low  # (3, N, Lg): the only part that carries the gradient w.r.t. x
+        axis_weights = torch.stack([1.0 - frac, frac], dim=1)  # (3, 2, N, Lg)
+        wx, wy, wz = axis_weights[0][:, None, None], axis_weights[1][None, :, None], axis_weights[2][None, None, :]
+        return rows, wx * wy * wz, axis_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._encode(x)[0]
+
+    def forward_with_input_vjp(
+        self, x: torch.Tensor, create_graph: bool = True
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Closed-form input vjp: d out_l / d x_a = N_l sum_c (d w_c / d frac_a) T[row_c], so
+        v^T d out / d x = sum_l N_l sum_c (d w_c / d frac_a) s_lc with s_lc = <T[row_lc], v_l>: one extra gather,
+        linear in the table and v, and nothing differentiated twice in x (that graph costs 2-3x the rest on CPU)."""
+        outputs, saved = self._encode(x.detach(), keep=True)
+        n, features = x.shape[0], self.cfg.n_features_per_level
+        inside = ((x >= 0.0) & (x <= 1.0)).to(outputs.dtype)  # clamped coordinates have zero derivative
+
+        def vjp(v: torch.Tensor) -> torch.Tensor:
+            grad = torch.zeros(3, n, dtype=outputs.dtype, device=outputs.device)
+            start = 0
+            for group, (rows, w) in zip(self._groups, saved):
+                n_levels = len(group.levels)
+                v_group = v[:, start : start + n_levels * features].reshape(n * n_levels, features, 1)
+                start += n_levels * features
+                corners = self.table.index_select(0, rows.reshape(-1).long()).reshape(n * n_levels, 8, features)
+                s = torch.bmm(corners, v_group).reshape(n, n_levels, 8).permute(2, 0, 1).reshape(2, 2, 2, n, n_levels)
+                # d w_(a,b,c) / d frac_x = (+1 if a else -1) wy[b] wz[c], and likewise for y and z.
+                ds_x = ((s[1] - s[0]) * (w[1][:, None] * w[2][None, :])).sum(dim=(0, 1))
+                ds_y = ((s[:, 1] - s[:, 0]) * (w[0][:, None] * w[2][None, :])).sum(dim=(0, 1))
+                ds_z = ((s[:, :, 1] - s[:, :, 0]) * (w[0][:, None] * w[1][None, :])).sum(dim=(0, 1))
+                res = group.resolution.to(device=outputs.device, dtype=outputs.dtype)
+                grad = grad + torch.stack([ds_x, ds_y, ds_z]) @ res  # (3, N): sum over levels of N_l * ds
+            return grad.T * inside
+
+        return outputs, vjp
+
+    def _encode(self, x: torch.Tensor, keep: bool = False) -> tuple[torch.Tensor, list]:
+        if x.ndim != 2 or x.shape[-1] != 3:
+            raise ValueError(f"TorchHashGrid expects points (N, 3), got {tuple(x.shape)}")
+        n, features = x.shape[0], self.cfg.n_features_per_level
+        x = x.to(self.table.dtype).clamp(0.0, 1.0)
+        outs, saved = [], []
+        for group in self._groups:  # two groups (dense, hashed), each vectorised over its levels
+            rows, weights, axis_weights = self._group_corners(x, group)
+            n_levels = len(group.levels)
+            rows = rows.reshape(8, n * n_levels).T.contiguous()  # (N Lg, 8): embedding_bag's layout
+            weights = weights.reshape(8, n * n_levels).T.contiguous()
+            out = _WeightedGather.apply(self.table, weights, rows)
+            outs.append(out.reshape(n, n_levels * features))
+            if keep:
+                saved.append((rows, axis_weights.detach()))
+        return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]), saved
+
+
+class _WeightedGather(torch.autograd.Function):
+    """out[i] = sum_c weights[i, c] * table[rows[i, c]]: the trilinear gather, (M, 8) -> (M, F).
+
+    Faster and leaner than autograd over index_select: the forward is one fused embedding_bag and nothing of size
+    (M, 8, F) is kept; indices are kept as they come (int32 for tables under 2^31 rows) and widened only in the
+    backward (CPU index_add_ is several times slower with int32 indices). The backward is written in
+    differentiable ops, so second derivatives (e.g. autograd normals w.r.t. x, then w.r.t. the table) work.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table, weights, rows)
+        return torch.nn.functional.embedding_bag(rows, table, per_sample_weights=weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        table, weights, rows = ctx.saved_tensors
+        rows = rows.reshape(-1).long()
+        grad_table = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            contrib = (weights[..., None] * grad_out[:, None, :]).reshape(-1, table.shape[1])
+            grad_table = torch.zeros_like(table).index_add(0, rows, contrib)
+        if ctx.needs_input_grad[1]:
+            gathered = table.index_select(0, rows).reshape(*weights.shape, table.shape[1])  # (M, 8, F)
+            grad_weights = torch.bmm(gathered, grad_out[:, :, None])[..., 0]
+        return grad_table, grad_weights, None
+
+
+def tcnn_encoding_config(cfg: HashGridConfig) -> dict:
+    """Our config as tiny-cuda-nn's encoding config dict."""
+    return {
+        "otype": "HashGrid",
+        "n_levels": cfg.n_levels,
+        "n_features_per_level": cfg.n_features_per_level,
+        "log2_hashmap_size": cfg.log2_hashmap_size,
+        "base_resolution": cfg.base_resolution,
+        "per_level_scale": float(cfg.per_level_scale),
+    }
+
+
+def tcnn_available() -> bool:
+    """True when tinycudann imports and a CUDA device is present."""
+    try:
+        importlib.import_module("tinycudann")
+    except Exception:  # ImportError, or a broken CUDA build raising at import
+        return False
+    return torch.cuda.is_available()
+
+
+class TcnnHashGrid(Encoding):
+    """tiny-cuda-nn's fused hash grid (CUDA only). Its half-precision output is cast to float32."""
+
+    def __init__(self, cfg: HashGridConfig) -> None:
+        super().__init__()
+        try:
+            tcnn = importlib.import_module("tinycudann")
+        except Exception as exc:
+            raise RuntimeError(
+                "hash-grid backend 'tcnn' needs the tinycudann package (not on this project's registries); "
+                "use backend='torch' or 'auto'"
+            ) from exc
+        if not torch.cuda.is_available():
+            raise RuntimeError("hash-grid backend 'tcnn' needs a CUDA device; use backend='torch' or 'auto'")
+        self.cfg = cfg
+        self.encoding = tcnn.Encoding(n_input_dims=3, encoding_config=tcnn_encoding_config(cfg))
+
+    @property
+    def output_dim(self) -> int:
+        return self.cfg.output_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoding(x.clamp(0.0, 1.0)).float()
+
+
+# Backend registry: name -> (builder, is_available). A Triton kernel registers itself here as "triton"
+# (register_backend("triton", TritonHashGrid, triton_available)) and "auto" then prefers it after tcnn.
+_BACKENDS: dict[str, tuple[Callable[[HashGridConfig], Encoding], Callable[[], bool]]] = {
+    "torch": (TorchHashGrid, lambda: True),
+    "tcnn": (TcnnHashGrid, tcnn_available),
+}
+_AUTO_ORDER = ["tcnn", "triton", "torch"]
+
+
+def register_backend(
+    name: str, builder: Callable[[HashGridConfig], Encoding], available: Callable[[], bool]
+) -> None:
+    """Adds (or replaces) a hash-grid backend for `make_encoding`."""
+    _BACKENDS[name] = (builder, available)
+
+
+def available_backends() -> list[str]:
+    return [name for name, (_, available) in _BACKENDS.items() if available()]
+
+
+def make_encoding(cfg: HashGridConfig, backend: str = "auto") -> Encoding:
+    """Builds the hash grid on `backend`: "torch", "tcnn", a registered one, or "auto" (fastest available)."""
+    if backend == "auto":
+        for name in _AUTO_ORDER:
+            if name in _BACKENDS and _BACKENDS[name][1]():
+                return _BACKENDS[name][0](cfg)
+        raise RuntimeError("no hash-grid backend is available")  # unreachable: torch always is
+    if backend == "triton" and backend not in _BACKENDS:
+        raise ValueError("hash-grid backend 'triton' is not implemented yet; use 'torch' or 'auto'")
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown hash-grid backend {backend!r}; choose from {sorted(_BACKENDS) + ['auto']}")
+    builder, available = _BACKENDS[backend]
+    if not available():
+        raise RuntimeError(
+            f"hash-grid backend {backend!r} is not available here (available: {available_backends()})"
+        )
+    return builder(cfg)
+
+
+class FrequencyEncoding(nn.Module):
+    """NeRF positional encoding: [x, sin(2^k pi x), cos(2^k pi x)] for k < n_frequencies."""
+
+    def __init__(self, in_dim: int = 3, n_frequencies: int = 4, include_input: bool = True) -> None:
+        super().__init__()
+        if n_frequencies < 0:
+            raise ValueError(f"n_frequencies must be >= 0, got {n_frequencies}")
+        self.in_dim, self.include_input = in_dim, include_input
+        bands = math.pi * 2.0 ** torch.arange(n_frequencies, dtype=torch.float32)
+        self.register_buffer("bands", bands, persistent=False)
+
+    @property
+    def output_dim(self) -> int:
+        return self.in_dim * (int(self.include_input) + 2 * self.bands.numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = (x[..., None, :] * self.bands[:, None].to(x)).flatten(-2)  # (..., K * D)
+        parts = ([x] if self.include_input else []) + [torch.sin(scaled), torch.cos(scaled)]
+        return torch.cat(parts, dim=-1)
