@@ -175,7 +175,9 @@ class GuidanceClient:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{method} on {endpoint.address}: deadline passed before attempt {attempt}")
             try:
-                return rpc(message, timeout=remaining, metadata=endpoint.metadata or None, wait_for_ready=attempt > 1)
+                # Fail fast when the server is down (no wait_for_ready): our own bounded, backed-off attempts decide
+                # how long to keep trying, so an unreachable tier surfaces as UNAVAILABLE, not as a spent deadline.
+                return rpc(message, timeout=remaining, metadata=endpoint.metadata or None)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
                 if rpc_error.code() not in RETRYABLE or attempt == self.settings.max_attempts:

@@ -131,7 +131,7 @@ class CoarseStage:
         self.counters.nonfinite_in_a_row = 0
         self.occupancy.update(self.field, self.counters.step, generator=self.generator)
         lap("optimizer")
-        losses["total"] = float(total)
+        losses["total"] = float(total.detach())
         return StepReport(self.counters.step, losses, phases, skipped_total=self.counters.skipped_total)
 
     def _guidance_gradient(

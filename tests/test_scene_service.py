@@ -1,0 +1,174 @@
+"""SceneService over real gRPC on 127.0.0.1, against a standalone analytic guidance server."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from magic3d.v1 import common_pb2, guidance_pb2, scene_pb2, scene_pb2_grpc
+
+from services.guidance import standalone
+from services.guidance.config import GuidanceConfig, PriorSpec
+from services.guidance.priors.base import PriorKind
+from services.scene import server as scene_server
+from services.scene.server import SceneServiceConfig
+from shared import cameras, tensors
+from shared.errors import field_violations
+from shared.grpcio import insecure_channel
+from shared.guidance_client import GuidanceClient
+from shared.registry import Registry
+
+TINY_DEFAULTS = {
+    "prompt": "unset",
+    "resolution": 16,
+    "batch_size": 2,
+    "field": {"encoding": {"n_levels": 4, "log2_hashmap_size": 12, "base_resolution": 8, "per_level_scale": 1.5},
+              "backend": "torch", "hidden_width": 16},
+    "renderer": {"num_samples_per_ray": 16},
+    "occupancy": {"resolution": 8, "step_size": 0.125, "update_every": 2, "warmup_steps": 2},
+}
+
+
+def registry_for(address: str, max_attempts: int = 3) -> Registry:
+    return Registry.model_validate(
+        {
+            "client": {"timeout_s": 10, "max_attempts": max_attempts, "initial_backoff_s": 0.05, "max_backoff_s": 0.2},
+            "priors": {"analytic": {"kind": "standalone", "address": address}},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def guidance_server():
+    config = GuidanceConfig(
+        priors=[PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, resolution=16)], port=0, batching={"wait_s": 0}
+    )
+    running = standalone.start(config)
+    yield running
+    running.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def scene(guidance_server, tmp_path_factory):
+    config = SceneServiceConfig(
+        port=0, capacity=2, device="cpu", store_uri=str(tmp_path_factory.mktemp("store")),
+        coarse_defaults=TINY_DEFAULTS, scene_memory_budget_bytes=8 * 2**20,
+    )
+    client = GuidanceClient(registry_for(guidance_server.address))
+    running = scene_server.start(config, guidance=client)
+    channel = insecure_channel(running.address)
+    yield running, scene_pb2_grpc.SceneServiceStub(channel), channel
+    channel.close()
+    running.stop(grace=None)
+    client.close()
+
+
+def create(stub, **config) -> scene_pb2.CreateSceneResponse:
+    stage = scene_pb2.StageConfig(prompt="a red torus", **config)
+    return stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="job-1", config=stage), timeout=30)
+
+
+def test_create_run_preview_checkpoint_resume_delete(scene):
+    running, stub, _ = scene
+    created = create(stub, seed=4)
+    assert created.step == 0
+    updates = list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=3, progress_every=1), timeout=60))
+    assert [u.step for u in updates] == [1, 2, 3]
+    assert {"sds", "orientation", "sparsity", "total"} <= set(updates[-1].losses)
+    assert {"render", "guidance", "backward", "optimizer"} <= set(updates[-1].phase_seconds)
+
+    view = cameras.to_proto(cameras.orbit_camera(30.0, 20.0, 2.0, size=24))
+    preview = stub.RenderPreview(scene_pb2.RenderPreviewRequest(scene_id=created.scene_id, cameras=[view, view]), timeout=30)
+    images = tensors.from_proto(preview.images)
+    assert images.shape == (2, 24, 24, 3) and images.dtype == torch.uint8
+
+    saved = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=created.scene_id), timeout=30)
+    assert saved.step == 3 and saved.checkpoint_uri.startswith("file://")
+    resumed = stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="job-1", init_checkpoint_uri=saved.checkpoint_uri), timeout=30)
+    assert resumed.step == 3 and resumed.scene_id != created.scene_id
+    for scene_id in (created.scene_id, resumed.scene_id):
+        stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=scene_id), timeout=10)
+    assert len(running.servicer.scenes) == 0
+
+
+def test_health(scene):
+    running, _, channel = scene
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=scene_server.SERVICE_NAME), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def expect_error(call, code, field):
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code, caught.value.details()
+    assert field in field_violations(caught.value), field_violations(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (dict(resolution=8), "config.resolution"),
+        (dict(resolution=2048), "config.resolution"),
+        (dict(batch_size=-1), "config.batch_size"),
+        (dict(hash_grid=scene_pb2.HashGridSettings(log2_hashmap_size=24, n_levels=16)), "config.hash_grid"),
+        (dict(t_min=scene_pb2.Schedule(steps=[5, 1], values=[0.1, 0.2])), "config.t_min"),
+        (dict(loss_weights={"smoothness": scene_pb2.Schedule(steps=[0], values=[1.0])}), "config.loss_weights"),
+    ],
+)
+def test_bad_configs_are_invalid_argument_naming_the_field(scene, config, field):
+    _, stub, _ = scene
+    expect_error(lambda: create(stub, **config), grpc.StatusCode.INVALID_ARGUMENT, field)
+
+
+def test_bad_requests_and_unknown_scenes(scene):
+    _, stub, _ = scene
+    expect_error(
+        lambda: list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id="scene-nope", num_steps=1), timeout=10)),
+        grpc.StatusCode.NOT_FOUND, "scene_id",
+    )
+    created = create(stub)
+    try:
+        expect_error(
+            lambda: list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=0), timeout=10)),
+            grpc.StatusCode.INVALID_ARGUMENT, "num_steps",
+        )
+        expect_error(
+            lambda: stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j", init_checkpoint_uri="file:///nowhere.ckpt"), timeout=10),
+            grpc.StatusCode.NOT_FOUND, "init_checkpoint_uri",
+        )
+        expect_error(
+            lambda: stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j", config=scene_pb2.StageConfig(stage=scene_pb2.STAGE_FINE, prompt="x")), timeout=10),
+            grpc.StatusCode.UNIMPLEMENTED, "config.stage",
+        )
+        expect_error(lambda: stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id="scene-nope"), timeout=10), grpc.StatusCode.NOT_FOUND, "scene_id")
+        # Capacity 2: one more fits, the next is refused.
+        second = create(stub)
+        with pytest.raises(grpc.RpcError) as caught:
+            create(stub)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=second.scene_id), timeout=10)
+        # The service keeps serving after all that.
+        assert list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=1), timeout=30))[-1].step == 1
+    finally:
+        stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=created.scene_id), timeout=10)
+
+
+def test_unreachable_guidance_is_unavailable_and_completed_steps_stay(tmp_path):
+    # A port nothing listens on: the client retries with backoff a bounded number of times, then gives up.
+    client = GuidanceClient(registry_for("127.0.0.1:9", max_attempts=2))
+    config = SceneServiceConfig(port=0, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS)
+    running = scene_server.start(config, guidance=client)
+    channel = insecure_channel(running.address)
+    try:
+        stub = scene_pb2_grpc.SceneServiceStub(channel)
+        created = create(stub)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=2), timeout=60))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        saved = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=created.scene_id), timeout=10)
+        assert saved.step == 0  # no partial step was applied
+    finally:
+        channel.close()
+        running.stop(grace=None)
+        client.close()
