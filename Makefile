@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup run test test-gpu lint bench serve-guidance clean
+.PHONY: setup run test test-gpu lint bench serve-guidance serve-scene clean
 
 setup: $(STAMP) gen/.stamp
 
@@ -31,9 +31,13 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench.guidance_sds --json out/bench/guidance_sds.json
+	$(PY) -m bench.coarse_step --json out/bench/coarse_step.json
 
 serve-guidance: setup
 	$(PY) -m services.guidance.standalone --config deploy/config/guidance.yaml
+
+serve-scene: setup
+	$(PY) -m services.scene.server --config deploy/config/scene.yaml
 
 clean:
 	rm -rf gen out .pytest_cache

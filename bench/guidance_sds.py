@@ -28,6 +28,7 @@ import torch
 from services.guidance import messages, sds
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest
+from shared import logging as project_logging
 from shared.cameras import orbit_camera
 
 FULL_SIZES = {"pixel": "if-i-xl", "latent": "sd21-base"}
@@ -129,7 +130,7 @@ def run_serve(prior, spec, batches, repeats):
     from shared.grpcio import insecure_channel
 
     app = serve_app.ServeAppSettings(name=f"bench-{spec.name}", max_batch_size=8, batch_wait_timeout_s=0.0)
-    handle = serve_app.start_local([(app, GuidanceConfig(priors=[spec]))], grpc_port=0)
+    handle = serve_app.start_local([(GuidanceConfig(priors=[spec]), app)], grpc_port=0)
     channel = insecure_channel(handle.grpc_address)
     try:
         stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    project_logging.configure("WARNING")  # per-request server logs would drown the table
 
     modes = args.modes.split(",")
     rows: list[Row] = []

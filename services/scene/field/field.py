@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field as dc_field
 
 import torch
+from torch.profiler import record_function
 from torch import nn
 from torch.nn import functional as F
 
@@ -154,20 +155,23 @@ class NeuralField(nn.Module):
         with torch.set_grad_enabled(outer_grad or analytic):
             unit = self.to_unit(x)
             vjp = None
-            if analytic:
-                enc, vjp = self.encoding.forward_with_input_vjp(unit, create_graph=outer_grad)
-            else:
-                enc = self.encoding(unit)
+            with record_function("field.encoding"):  # profiler labels: bench/coarse_step.py splits time by them
+                if analytic:
+                    enc, vjp = self.encoding.forward_with_input_vjp(unit, create_graph=outer_grad)
+                else:
+                    enc = self.encoding(unit)
             if analytic and not enc.requires_grad:  # frozen table: still differentiate the MLP
                 enc = enc.detach().requires_grad_(True)
-            net = self.network(enc)
-            raw = net[:, 0] + self.blob_bias(x)
-            out = {"raw_density": raw, "density": self.activate(raw), "albedo": torch.sigmoid(net[:, 1:])}
+            with record_function("field.mlp"):
+                net = self.network(enc)
+                raw = net[:, 0] + self.blob_bias(x)
+                out = {"raw_density": raw, "density": self.activate(raw), "albedo": torch.sigmoid(net[:, 1:])}
             if with_normal:
-                if analytic:
-                    out["normal"] = self._analytic_normal(x, net[:, 0], enc, vjp, create_graph=outer_grad)
-                else:
-                    out["normal"] = self._normal(x, enc)
+                with record_function("field.normals"):
+                    if analytic:
+                        out["normal"] = self._analytic_normal(x, net[:, 0], enc, vjp, create_graph=outer_grad)
+                    else:
+                        out["normal"] = self._normal(x, enc)
         if not outer_grad:
             out = {k: v.detach() for k, v in out.items()}
         return out

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.profiler import record_function
 
 from services.scene.field.occupancy import OccupancyGrid, uniform
 from shared.cameras import Camera, Shading
@@ -163,6 +164,8 @@ class VolumeRenderer:
         batch, n_pix, n_s = len(cameras), height * width, cfg.num_samples_per_ray
         n_rays = batch * n_pix
 
+        rays_scope = record_function("render.rays")  # rays, samples and occupancy pruning
+        rays_scope.__enter__()
         origins, directions = camera_rays(cameras, (height, width), device)
         origins, directions = origins.reshape(-1, 3), directions.reshape(-1, 3)
         near, far, hit = ray_sphere(origins, directions, cfg.radius, cfg.min_near)
@@ -187,6 +190,8 @@ class VolumeRenderer:
         dirs = directions[ray_idx]
         delta = bin_width[ray_idx]
 
+        rays_scope.__exit__(None, None, None)
+
         # -- shading modes and normals --------------------------------------------------------------------------
         modes = [shading if shading is not None else camera.shading for camera in cameras]
         needs_normals = any(m != Shading.ALBEDO for m in modes)
@@ -199,6 +204,8 @@ class VolumeRenderer:
         sigma = out_field["density"].reshape(-1)
         albedo = out_field["albedo"]
         normals = out_field.get("normal")
+        composite_scope = record_function("render.composite")  # shading, compositing, background
+        composite_scope.__enter__()
         colors = self._shade(albedo, normals, x, ray_idx // n_pix, modes, cameras)
 
         # -- compositing on the dense (R, S) layout; skipped samples contribute nothing -------------------------
@@ -215,6 +222,7 @@ class VolumeRenderer:
         rgb_fg = _accumulate(weights[:, None] * colors, ray_idx, n_rays)
         bg = self._background(background, cameras, directions, height, width, device)  # (R, 3)
         rgb = rgb_fg + (1.0 - opacity)[:, None] * bg
+        composite_scope.__exit__(None, None, None)
 
         def image(v: torch.Tensor) -> torch.Tensor:  # (R, C) -> (B, C, H, W)
             return v.reshape(batch, height, width, -1).permute(0, 3, 1, 2).contiguous()
