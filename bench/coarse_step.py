@@ -67,8 +67,13 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=8)
     parser.add_argument("--guidance", choices=["inproc", "grpc"], default="inproc")
     parser.add_argument("--device", default="cpu")
+    # On a shared 2-core machine, two OpenMP threads spin against other processes and run up to 10x slower
+    # (measured); one thread gives stable per-core figures. 0 keeps torch's default.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     config = CoarseConfig(
         prompt="a red torus",

@@ -155,8 +155,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    # On a shared 2-core machine, two OpenMP threads spin against other processes and run up to 10x slower
+    # (measured); one thread gives stable per-core figures. 0 keeps torch's default.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     project_logging.configure("WARNING")  # per-request server logs would drown the table
 
     modes = args.modes.split(",")
