@@ -58,7 +58,6 @@ def render_mesh(
 
     verts = mesh.vertices if vertices is None else vertices
     faces = mesh.faces
-    batch = len(cameras)
     pos_clip = clip_positions(verts, cameras)
     rast = rasterizer.rasterize(pos_clip, faces, (height, width))
     covered = rast[..., 3:4] > 0
@@ -76,8 +75,9 @@ def render_mesh(
         normals = torch.nn.functional.normalize(normals, dim=-1)
         world = rasterizer.interpolate(verts, rast, faces)  # (B, H, W, 3) world positions
         # Face the camera on back-facing triangles (judged by the geometric face normal).
-        face_id = (rast[..., 3].detach().round().long() - 1).clamp(min=0)
-        geometric = torch.nn.functional.normalize(_face_cross(verts, faces), dim=1)[face_id]
+        face_id = ((rast[..., 3].detach() + 0.5).long() - 1).clamp(min=0)
+        geometric = torch.nn.functional.normalize(_face_cross(verts, faces), dim=1)
+        geometric = geometric.index_select(0, face_id.reshape(-1)).reshape(*face_id.shape, 3)
         eyes = torch.stack([camera.camera_to_world[:3, 3] for camera in cameras]).to(verts)
         to_eye = eyes[:, None, None, :] - world
         flip = ((geometric * to_eye).sum(-1, keepdim=True) < 0).to(verts.dtype)
@@ -125,5 +125,5 @@ def _albedo(mesh: Mesh, albedo, verts: torch.Tensor) -> torch.Tensor:
 
 
 def _face_cross(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    v0, v1, v2 = vertices[faces].unbind(1)
+    v0, v1, v2 = vertices.index_select(0, faces.reshape(-1)).reshape(-1, 3, 3).unbind(1)
     return torch.linalg.cross(v1 - v0, v2 - v0)

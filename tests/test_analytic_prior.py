@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from services.guidance import sds
-from services.guidance.priors.analytic import AnalyticPrior, builtin_objects, posterior_weights
-from services.guidance.priors.base import SdsRequest, Weighting
+from services.guidance.priors.analytic import (
+    AnalyticPrior,
+    ReferenceObject,
+    builtin_objects,
+    load_mesh_object,
+    posterior_eps,
+    posterior_weights,
+)
+from services.guidance.priors.base import Conditioning, PriorKind, SdsRequest, ViewCondition, Weighting
 from shared.cameras import Shading, orbit_camera
 from shared.errors import InvalidArgument
+from shared.rasterize import TorchRasterizer
 from shared.render import render_mesh
 
 SIZE = 32
@@ -113,3 +121,139 @@ def test_guided_sds_drives_a_wrong_object_to_the_named_one(prior, cameras):
     # The unconditional prior has no reason to prefer the torus: from a sphere render it stays a set member.
     assert unguided_error > 0.5 * start_error, (unguided_error, start_error)
     assert float((unguided - sphere).pow(2).mean()) < 0.1 * start_error
+
+
+# -- more of the contract: info, encode, sets, negative prompts, cache, robustness ----------------------------
+
+
+def test_info_and_encode(prior):
+    info = prior.info
+    assert info.kind == PriorKind.ANALYTIC and info.checkpoint_ids == ("default",)
+    assert set(info.accepted_conditioning) == {Conditioning.TEXT, Conditioning.NEGATIVE_TEXT, Conditioning.CAMERA}
+    assert info.max_prompt_tokens == 77 and info.native_resolution == SIZE
+    abar = prior.alphas_cumprod
+    assert abar.shape == (1000,) and bool((abar[1:] < abar[:-1]).all())
+    assert abar[0].item() == pytest.approx(1 - 0.00085) and abar[-1].item() == pytest.approx(0.0047, abs=2e-4)
+    images = torch.rand(2, 3, 64, 48, requires_grad=True)
+    z = prior.encode(images, [])
+    assert z.shape == (2, 3, SIZE, SIZE) and z.min() >= -1 and z.max() <= 1
+    (grad,) = torch.autograd.grad(z.sum(), images)
+    assert grad.abs().sum() > 0
+
+
+def test_best_match_prefers_more_words():
+    objs = builtin_objects()
+    torus = next(o for o in objs if o.name == "red torus")
+    blue_torus = ReferenceObject("blue torus", torus.mesh, (0.1, 0.2, 0.9), ("torus",))
+    prior = AnalyticPrior(objects=[*objs, blue_torus], resolution=SIZE)
+    names = lambda prompt: [prior.objects[i].name for i in prior.named_objects(prompt)]  # noqa: E731
+    assert names("a red torus") == ["red torus"]
+    assert names("a blue torus, side view") == ["blue torus"]
+    assert names("a torus") == ["red torus", "blue torus"]
+    with pytest.raises(ValueError):
+        prior.add_object(blue_torus)
+
+
+def test_posterior_weights_respect_the_object_set():
+    generator = torch.Generator().manual_seed(3)
+    renders = torch.rand(2, 4, 3, 8, 8, generator=generator, dtype=torch.float64) * 2 - 1
+    noisy = torch.randn(2, 3, 8, 8, generator=generator, dtype=torch.float64)
+    alpha_bar = torch.tensor([0.02, 0.05], dtype=torch.float64)  # high noise: soft, non-trivial weights
+    member = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    weights = posterior_weights(noisy, renders, alpha_bar, member)
+    for b in range(2):
+        ks = [k for k in range(4) if member[b, k]]
+        a = float(alpha_bar[b])
+        logits = torch.tensor(
+            [-float(((noisy[b] - a**0.5 * renders[b, k]) ** 2).sum()) / (2 * (1 - a)) for k in ks], dtype=torch.float64
+        )
+        expected = torch.zeros(4, dtype=torch.float64)
+        expected[ks] = torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
+        assert torch.allclose(weights[b], expected, atol=1e-12)
+    assert 0.01 < float(weights[0].max()) < 0.99  # the first row is genuinely mixed
+
+
+def test_negative_prompt_is_the_unconditional_set(prior, cameras):
+    conditions = [ViewCondition("a red torus", "a blue sphere", cameras[0]), ViewCondition("a red torus", "", cameras[1])]
+    timesteps = torch.tensor([900, 900])
+    noisy = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    eps_cond, eps_uncond = prior.predict_noise(noisy, timesteps, conditions)
+    renders = prior.render_set([c.camera for c in conditions])
+    abar = prior.alphas_cumprod.double()[timesteps]
+    names = prior.object_names
+    only = lambda name: torch.tensor([[n == name for n in names]] * 2)  # noqa: E731
+    everything = torch.ones(2, len(names), dtype=torch.bool)
+    assert torch.allclose(eps_cond.double(), posterior_eps(noisy, renders, abar, only("red torus")).float().double())
+    assert torch.allclose(eps_uncond[0].double(), posterior_eps(noisy, renders, abar, only("blue sphere"))[0].float().double())
+    assert torch.allclose(eps_uncond[1].double(), posterior_eps(noisy, renders, abar, everything)[1].float().double())
+
+
+def test_predict_noise_needs_cameras_and_named_objects(prior, cameras):
+    noisy = torch.zeros(1, 3, SIZE, SIZE)
+    with pytest.raises(InvalidArgument) as caught:
+        prior.predict_noise(noisy, torch.tensor([500]), [ViewCondition("a red torus", "", None)])
+    assert caught.value.field == "cameras"
+    with pytest.raises(InvalidArgument) as caught:
+        prior.predict_noise(noisy, torch.tensor([500]), [ViewCondition("a teapot", "", cameras[0])])
+    assert caught.value.field == "prompt"
+
+
+class CountingRasterizer(TorchRasterizer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def rasterize(self, pos_clip, tri, resolution):
+        self.calls += 1
+        return super().rasterize(pos_clip, tri, resolution)
+
+
+def test_renders_are_cached_per_camera_and_object(cameras):
+    rasterizer = CountingRasterizer()
+    prior = AnalyticPrior(resolution=SIZE, rasterizer=rasterizer)
+    first = prior.render_set(cameras)
+    assert rasterizer.calls == len(prior.objects)  # one call per object covers both cameras
+    again = prior.render_set(list(reversed(cameras)))
+    assert rasterizer.calls == len(prior.objects)
+    assert torch.equal(again, first.flip(0))
+    moved = orbit_camera(21, 30.0, 2.0, fovy_deg=45.0, size=SIZE, shading=Shading.LAMBERTIAN)
+    prior.render_set([moved])
+    assert rasterizer.calls == 2 * len(prior.objects)
+
+
+def test_uploaded_mesh_objects_join_the_set(tmp_path, cameras):
+    import trimesh
+
+    trimesh.creation.capsule(height=1.0, radius=0.3).export(tmp_path / "capsule.ply")
+    prior = AnalyticPrior(resolution=SIZE)
+    prior.add_object(load_mesh_object("white capsule", tmp_path / "capsule.ply", (1.0, 1.0, 1.0), ("pill",)))
+    prior.validate_prompt("a pill", "prompt")
+    assert [prior.objects[i].name for i in prior.named_objects("a pill")] == ["white capsule"]
+    images = render_mesh(prior.objects[-1].mesh, cameras, prior.rasterizer, albedo=(1.0, 1.0, 1.0), resolution=SIZE)
+    assert float(images.mean()) > 0.5
+
+
+@pytest.mark.parametrize("seed", [11, 29])
+def test_guided_sds_is_robust_across_seeds(prior, seed):
+    """From a sphere render, the prompt's object wins whatever the noise draws; the unconditional prior drifts
+    nowhere in particular (it stays with the sphere it started from)."""
+    cams = [orbit_camera(seed * 7.0, 15.0, 2.0, fovy_deg=45.0, size=SIZE)]
+    sphere, torus = render(prior, "blue sphere", cams), render(prior, "red torus", cams)
+    start_error = float((sphere - torus).pow(2).mean())
+
+    def run(scale):
+        images = sphere.clone()
+        for step in range(40):
+            request = SdsRequest(
+                job_id="t", prior="analytic", images=images, cameras=cams, prompt="a red torus",
+                guidance_scale=scale, seed=seed * 1000 + step,
+            )
+            (result,) = sds.compute_sds(prior, [request])
+            images = (images - 0.1 * result.grad).clamp(0, 1)
+        return float((images - torus).pow(2).mean()), float((images - sphere).pow(2).mean())
+
+    guided_to_torus, guided_to_sphere = run(7.5)
+    unguided_to_torus, _ = run(0.0)
+    assert guided_to_torus < 0.02 * start_error
+    assert guided_to_sphere > 0.5 * start_error
+    assert unguided_to_torus > 10 * guided_to_torus and unguided_to_torus > 0.5 * start_error

@@ -1,34 +1,46 @@
-"""The analytic prior: the exact optimal denoiser of a finite set of reference objects. Needs no weights.
+"""The analytic prior: the exact (Bayes-optimal) denoiser of a finite set of reference objects. No weights.
 
-For a set S of reference objects, rendered at the request's camera as images x_k in [-1, 1], the data
-distribution "one of the x_k, equally likely" has the exact posterior mean
-    E[x0 | x_t] = sum_k softmax_k(-||x_t - sqrt(abar) x_k||^2 / (2 (1 - abar))) x_k
-and hence the exact noise prediction eps(x_t) = (x_t - sqrt(abar) E[x0 | x_t]) / sqrt(1 - abar).
-The *conditional* denoiser uses the objects the prompt names; the *unconditional* one the whole set.
-Noise, t, guidance scale and the prompt act as in a learned model; with one object the SDS gradient is the weighted
-L2 fit  w(t) sqrt(abar / (1 - abar)) (x0 - x_k).
+Model. For a camera c, each reference object k renders to an image x_k(c) in [-1, 1] (the camera's shading,
+light and background, at `resolution`). The "data distribution" at that view is uniform over {x_k(c)}, so
+for x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps the posterior over objects and the optimal denoiser are
 
-It is the text-driven prior that runs on any machine ("a red torus" -> a red torus), the embedded default, and the
-yardstick of the pipeline: its targets are known, so geometry can be scored exactly.
+    log w_k = -||x_t - sqrt(abar_t) x_k||^2 / (2 (1 - abar_t))      (softmax over the object set)
+    x0_hat  = sum_k w_k x_k
+    eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)
 
-Built-in objects (shared/meshes.py builders, default parameters; all centred at the origin, +Z up, within radius 0.5):
+computed in float64 with a log-sum-exp softmax. The conditional branch uses the objects the prompt names; the
+unconditional branch uses the objects the negative prompt names (the uncond branch *is* the negative-prompt
+branch, per `DiffusionPrior.predict_noise`, so guidance pushes away from them), or the whole set when the
+negative prompt is empty or names nothing. With a one-object set the SDS gradient in model space is exactly
+w(t) sqrt(abar_t) / sqrt(1 - abar_t) (z0 - x_k): a weighted L2 fit to that object's render.
 
-| name | aliases | shape | colour (RGB) |
-|---|---|---|---|
-| red torus | torus, donut, doughnut, ring | torus(major 0.32, minor 0.12, 32 x 16 segments): non-convex | (0.85, 0.15, 0.12) |
-| blue sphere | sphere, ball, orb | uv_sphere(radius 0.4, 32 x 16 segments) | (0.15, 0.3, 0.85) |
-| green cube | cube, box, block | box(edge 0.55) | (0.2, 0.7, 0.25) |
-| yellow cone | cone | cone(radius 0.35, height 0.7, 32 segments) | (0.9, 0.8, 0.15) |
-| purple cylinder | cylinder, can, tube | cylinder(radius 0.3, height 0.7, 32 segments) | (0.55, 0.25, 0.7) |
+Built-in objects (`builtin_objects()`, meshes from `shared.meshes`, all inside a radius-0.5 sphere, Z up;
+tessellations are modest on purpose, as every SDS call at a new camera renders the whole set):
 
-User meshes join the set with `add_object` (service config: `analytic.meshes`).
-The negative prompt is ignored by this prior: its unconditional branch is always the whole set.
+| name            | aliases                      | mesh                                                    | colour (RGB)        |
+|-----------------|------------------------------|---------------------------------------------------------|---------------------|
+| red torus       | torus, donut, doughnut, ring | torus(major 0.32, minor 0.12, 32 x 16 segments)         | (0.85, 0.15, 0.12)  |
+| blue sphere     | sphere, ball, orb            | uv_sphere(radius 0.4, 32 segments x 16 rings)           | (0.15, 0.30, 0.85)  |
+| green cube      | cube, box, block             | box(edge 0.55)                                          | (0.20, 0.70, 0.25)  |
+| yellow cone     | cone                         | cone(radius 0.35, height 0.7, 32 segments)              | (0.90, 0.80, 0.15)  |
+| purple cylinder | cylinder, tube               | cylinder(radius 0.3, height 0.7, 32 segments)           | (0.55, 0.25, 0.70)  |
+
+The torus is the non-convex one (a hole seen from above). ("can" is deliberately not an alias: it is a common English word.) User meshes join the set with `add_object`
+and `load_mesh_object` (service config: `analytic.meshes`).
+
+Prompt matching: lower-case, split into words ([a-z0-9]+). An object matches if every word of its name, or of
+one of its aliases, is a word of the prompt; its score is the most words of any phrase that matched. The
+conditional set is the matching objects with the highest score ("a red torus" prefers "red torus" over a
+"blue torus" that only matches by its alias "torus"). View suffixes (", front view") simply match nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,171 +51,323 @@ from services.guidance.priors.base import Conditioning, DiffusionPrior, PriorInf
 from shared import meshes
 from shared.cameras import Camera
 from shared.errors import InvalidArgument
-from shared.rasterize import make_rasterizer
-from shared.rasterize.base import Rasterizer
+from shared.meshes import Mesh
+from shared.rasterize import Rasterizer, make_rasterizer
 from shared.render import render_mesh
 
 MAX_PROMPT_WORDS = 77
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-@dataclass(frozen=True)
+def prompt_words(text: str) -> list[str]:
+    """Lower-cased words of a prompt; punctuation separates words."""
+    return _WORD.findall(text.lower())
+
+
+@dataclass(frozen=True, eq=False)
 class ReferenceObject:
+    """A named object of the analytic prior's set. `color` is its albedo; None uses the mesh's vertex colours."""
+
     name: str
-    mesh: meshes.Mesh
-    color: tuple[float, float, float]
+    mesh: Mesh
+    color: tuple[float, float, float] | None = (0.8, 0.8, 0.8)
     aliases: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not prompt_words(self.name):
+            raise ValueError(f"object name {self.name!r} has no words")
+        object.__setattr__(self, "aliases", tuple(a for a in self.aliases if prompt_words(a)))
+
+    @property
+    def phrases(self) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(prompt_words(p)) for p in (self.name, *self.aliases))
+
     def match_score(self, words: set[str]) -> int:
-        """Number of words of the best name/alias wholly contained in the prompt (0: no match)."""
-        best = 0
-        for phrase in (self.name, *self.aliases):
-            phrase_words = _WORD.findall(phrase.lower())
-            if phrase_words and all(w in words for w in phrase_words):
-                best = max(best, len(phrase_words))
-        return best
+        """Words of the longest phrase (name or alias) fully contained in `words`; 0 if none."""
+        return max((len(p) for p in self.phrases if set(p) <= words), default=0)
 
 
 def builtin_objects() -> list[ReferenceObject]:
+    """The five built-in objects (see the module docstring for their parameters)."""
     return [
-        # Tessellations are modest on purpose: every SDS call renders the whole set at the request's cameras.
         ReferenceObject(
-            "red torus", meshes.torus(segments=32, minor_segments=16), (0.85, 0.15, 0.12),
+            "red torus", meshes.torus(0.32, 0.12, segments=32, minor_segments=16), (0.85, 0.15, 0.12),
             ("torus", "donut", "doughnut", "ring"),
         ),
         ReferenceObject(
-            "blue sphere", meshes.uv_sphere(segments=32, rings=16), (0.15, 0.3, 0.85), ("sphere", "ball", "orb")
+            "blue sphere", meshes.uv_sphere(0.4, segments=32, rings=16), (0.15, 0.30, 0.85), ("sphere", "ball", "orb")
         ),
-        ReferenceObject("green cube", meshes.box(), (0.2, 0.7, 0.25), ("cube", "box", "block")),
-        ReferenceObject("yellow cone", meshes.cone(segments=32), (0.9, 0.8, 0.15), ("cone",)),
+        ReferenceObject("green cube", meshes.box(0.55), (0.20, 0.70, 0.25), ("cube", "box", "block")),
+        ReferenceObject("yellow cone", meshes.cone(0.35, 0.7, segments=32), (0.90, 0.80, 0.15), ("cone",)),
         ReferenceObject(
-            "purple cylinder", meshes.cylinder(segments=32), (0.55, 0.25, 0.7), ("cylinder", "can", "tube")
+            "purple cylinder", meshes.cylinder(0.3, 0.7, segments=32), (0.55, 0.25, 0.70), ("cylinder", "tube")
         ),
     ]
 
 
 def load_mesh_object(
-    name: str, path: str | Path, color: tuple[float, float, float] = (0.8, 0.8, 0.8), aliases: tuple[str, ...] = ()
+    name: str,
+    path: str | Path,
+    color: tuple[float, float, float] | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> ReferenceObject:
-    """A user mesh (GLB/OBJ/PLY), normalised into the radius-0.5 sphere like the built-ins."""
-    return ReferenceObject(name, meshes.load_mesh(path), tuple(color), tuple(aliases))
+    """A reference object from a mesh file (GLB/OBJ/PLY via `shared.meshes.load_mesh`, normalised to radius 0.5).
 
-
-def posterior_mean(noisy: torch.Tensor, renders: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """E[x0 | x_t] for each image under a uniform mixture of its K renders.
-
-    noisy (B, C, H, W); renders (B, K, C, H, W); alpha_bar (B,). Computed in float64 with log-sum-exp.
+    color None uses the file's vertex colours when it has them, else light grey (0.8, 0.8, 0.8).
     """
-    weights = posterior_weights(noisy, renders, alpha_bar)
-    return (weights[:, :, None, None, None] * renders.double()).sum(dim=1).to(noisy.dtype)
+    mesh = meshes.load_mesh(path)
+    if color is None and mesh.vertex_colors is None:
+        color = (0.8, 0.8, 0.8)
+    return ReferenceObject(name, mesh, None if color is None else tuple(float(c) for c in color), tuple(aliases))
 
 
-def posterior_weights(noisy: torch.Tensor, renders: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """softmax_k(-||x_t - sqrt(abar) x_k||^2 / (2 (1 - abar))), shape (B, K)."""
-    a = alpha_bar.double()[:, None]
-    distance = (noisy.double()[:, None] - a.sqrt()[..., None, None, None] * renders.double()).pow(2).flatten(2).sum(-1)
-    return torch.softmax(-distance / (2 * (1 - a)), dim=1)
+def match_objects(prompt: str, objects: list[ReferenceObject]) -> list[int]:
+    """Indices of the best-matching objects for a prompt (empty when it names none)."""
+    words = set(prompt_words(prompt))
+    scores = [obj.match_score(words) for obj in objects]
+    best = max(scores, default=0)
+    return [i for i, s in enumerate(scores) if best > 0 and s == best]
+
+
+def scaled_linear_alphas_cumprod(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
+    """Stable Diffusion's 'scaled_linear' DDPM schedule: betas = linspace(sqrt(b0), sqrt(b1), T)^2.
+
+    Chosen so that a time fraction t means the same noise level here as in the latent (SD) prior.
+    """
+    betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def posterior_weights(
+    noisy: torch.Tensor, renders: torch.Tensor, alpha_bar: torch.Tensor, member: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Posterior over objects, softmax_k(-||x_t - sqrt(abar) x_k||^2 / (2 (1 - abar))): (B, K) float64.
+
+    noisy (B, C, H, W) x_t; renders (B, K, C, H, W) the objects' images x_k in model space; alpha_bar (B,);
+    member (B, K) bool restricts each row to an object set (None: all K). Every row needs a member.
+    """
+    x_t = noisy.double()[:, None]
+    a = alpha_bar.double().reshape(-1, 1)
+    sq_dist = (x_t - a.sqrt()[..., None, None, None] * renders.double()).pow(2).flatten(2).sum(-1)  # (B, K)
+    log_w = -sq_dist / (2.0 * (1.0 - a))
+    if member is not None:
+        log_w = log_w.masked_fill(~member.to(log_w.device, torch.bool), float("-inf"))
+    weights = (log_w - log_w.amax(dim=1, keepdim=True)).exp()  # log-sum-exp stable softmax
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+def posterior_mean(
+    noisy: torch.Tensor, renders: torch.Tensor, alpha_bar: torch.Tensor, member: torch.Tensor | None = None
+) -> torch.Tensor:
+    """E[x0 | x_t] = sum_k w_k x_k over the object set, (B, C, H, W) float64."""
+    weights = posterior_weights(noisy, renders, alpha_bar, member)
+    return (weights[..., None, None, None] * renders.double()).sum(dim=1)
+
+
+def posterior_eps(
+    noisy: torch.Tensor, renders: torch.Tensor, alpha_bar: torch.Tensor, member: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The optimal denoiser's noise prediction (x_t - sqrt(abar) E[x0 | x_t]) / sqrt(1 - abar), float64."""
+    x0_hat = posterior_mean(noisy, renders, alpha_bar, member)
+    a = alpha_bar.double().reshape(-1, 1, 1, 1)
+    return (noisy.double() - a.sqrt() * x0_hat) / (1.0 - a).sqrt()
 
 
 class AnalyticPrior(DiffusionPrior):
+    """Exact diffusion prior over a finite set of reference objects, rendered at each request's camera."""
+
     def __init__(
         self,
         name: str = "analytic",
         objects: list[ReferenceObject] | None = None,
         resolution: int = 64,
-        # s = 7.5 (our convention eps_u + s (eps_c - eps_u)): strong enough that the named object wins over
-        # the rest of the set even at high noise, mild enough that the gradient stays close to an L2 fit.
+        # Our CFG convention: s = 1 is the purely conditional model, which for this prior is already an exact
+        # L2 pull towards the named object. s > 1 adds (s - 1) times a push away from whatever the
+        # unconditional posterior currently sees, which gets an image out of another object's basin quickly;
+        # once the image looks like the target both branches agree and the push vanishes (it lingers only at
+        # the largest t, where the posterior is soft). 7.5, the usual sampling value, does that without the
+        # saturation that DreamFusion-style scales (~100) cause here.
         guidance_scale: float = 7.5,
         time_range: tuple[float, float] = (0.02, 0.98),
         weighting: Weighting = Weighting.SDS,
         max_batch_size: int = 8,
         rasterizer: Rasterizer | None = None,
         num_train_timesteps: int = 1000,
+        max_prompt_tokens: int = MAX_PROMPT_WORDS,
+        render_cache_size: int = 256,
     ) -> None:
-        self.objects = list(builtin_objects() if objects is None else objects)
+        self.objects: list[ReferenceObject] = list(builtin_objects() if objects is None else objects)
+        if not self.objects:
+            raise ValueError("the analytic prior needs at least one object")
+        names = [obj.name.lower() for obj in self.objects]
+        if len(set(names)) != len(names):
+            raise ValueError(f"object names must be unique, got {names}")
+        if resolution < 8:
+            raise ValueError("resolution must be >= 8")
+        self.resolution = int(resolution)
         self.rasterizer = rasterizer or make_rasterizer("torch")
+        self._alphas_cumprod = scaled_linear_alphas_cumprod(num_train_timesteps)
         self.info = PriorInfo(
             name=name,
             kind=PriorKind.ANALYTIC,
-            native_resolution=resolution,
-            max_prompt_tokens=MAX_PROMPT_WORDS,
-            accepted_conditioning=(Conditioning.TEXT, Conditioning.CAMERA),
+            native_resolution=self.resolution,
+            max_prompt_tokens=max_prompt_tokens,
+            accepted_conditioning=(Conditioning.TEXT, Conditioning.NEGATIVE_TEXT, Conditioning.CAMERA),
             default_guidance_scale=guidance_scale,
             default_time_range=tuple(time_range),
             default_weighting=weighting,
+            checkpoint_ids=("default",),
             max_batch_size=max_batch_size,
             requires_cameras=True,
         )
-        # Stable Diffusion's scaled-linear schedule (beta 0.00085 .. 0.012 over 1000 steps), so t means the same
-        # noise level here as in the latent prior.
-        betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        self._alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()
         self._lock = threading.Lock()
+        self._renders: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (object, R, camera key) -> (3, R, R)
+        self._render_cache_size = render_cache_size
 
+    # ------------------------------------------------------------------ schedule / objects
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas_cumprod
 
-    def add_object(self, obj: ReferenceObject) -> None:
-        with self._lock:
-            if any(o.name == obj.name for o in self.objects):
-                raise ValueError(f"an object named {obj.name!r} is already in the set")
-            self.objects.append(obj)
+    @property
+    def object_names(self) -> list[str]:
+        return [obj.name for obj in self.objects]
 
-    # -- prompts ------------------------------------------------------------------------------------------------
+    def add_object(self, obj: ReferenceObject) -> None:
+        """Adds an (e.g. uploaded) object to the set; its name must be new (ValueError otherwise)."""
+        with self._lock:
+            if obj.name.lower() in (o.name.lower() for o in self.objects):
+                raise ValueError(f"an object named {obj.name!r} is already in the set")
+            self.objects = [*self.objects, obj]
 
     def named_objects(self, prompt: str) -> list[int]:
         """Indices of the objects the prompt names best (most words matched); empty if it names none."""
-        words = set(_WORD.findall(prompt.lower()))
-        scores = [obj.match_score(words) for obj in self.objects]
-        best = max(scores, default=0)
-        return [i for i, s in enumerate(scores) if s == best] if best > 0 else []
+        return match_objects(prompt, self.objects)
 
+    # ------------------------------------------------------------------ validation
     def validate_prompt(self, prompt: str, field: str) -> None:
-        words = _WORD.findall(prompt.lower())
-        if not words:
-            raise InvalidArgument("prompt is empty", field)
-        if len(words) > MAX_PROMPT_WORDS:
-            raise InvalidArgument(f"prompt has {len(words)} words, over the limit of {MAX_PROMPT_WORDS}", field)
-        if field == "prompt" and not self.named_objects(prompt):
-            known = ", ".join(o.name for o in self.objects)
-            raise InvalidArgument(f"prompt names no object of the analytic prior's set; known: {known}", field)
+        """Empty or over-long prompts are rejected; positive prompts must also name an object of the set.
 
-    # -- the denoiser -------------------------------------------------------------------------------------------
+        Fields containing "negative" are negative prompts: checked for length only (they may name nothing).
+        """
+        if not prompt or not prompt.strip():
+            raise InvalidArgument("must not be empty", field)
+        count = len(prompt_words(prompt))
+        limit = self.info.max_prompt_tokens
+        if count > limit:
+            raise InvalidArgument(f"{count} words is over the limit of {limit}", field)
+        if "negative" in field:
+            return
+        if not self.named_objects(prompt):
+            known = "; ".join(
+                obj.name + (f" ({', '.join(obj.aliases)})" if obj.aliases else "") for obj in self.objects
+            )
+            raise InvalidArgument(f"names no object of the analytic prior's set; known: {known}", field)
 
+    # ------------------------------------------------------------------ model
     def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:
-        size = self.info.native_resolution
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        return images * 2 - 1
+        """[0, 1] images -> [-1, 1] at resolution x resolution (bilinear, no antialias; differentiable)."""
+        size = (self.resolution, self.resolution)
+        if tuple(images.shape[-2:]) != size:
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=False)
+        return images * 2.0 - 1.0
 
     def render_set(self, cameras: list[Camera], objects: list[ReferenceObject] | None = None) -> torch.Tensor:
-        """Every object of the set at every camera (its shading, light, background): (B, K, 3, R, R) in [-1, 1].
+        """Every object at every camera (its shading, light, background): (B, K, 3, R, R) float64 in [-1, 1].
 
-        One rasteriser call per object covers all cameras of the batch.
+        Renders are cached per (object, camera) in an LRU shared across calls; one rasteriser call per object
+        covers all uncached cameras of the batch.
         """
-        size = self.info.native_resolution
         objects = self.objects if objects is None else objects
-        renders = [render_mesh(o.mesh, cameras, self.rasterizer, albedo=o.color, resolution=size) for o in objects]
-        return torch.stack(renders, dim=1) * 2 - 1
+        keys = [_camera_key(camera) for camera in cameras]
+        size = self.resolution
+        out = torch.empty(len(cameras), len(objects), 3, size, size, dtype=torch.float64)
+        for column, obj in enumerate(objects):
+            missing: dict[tuple, list[int]] = {}
+            for b, key in enumerate(keys):
+                cached = self._cache_get((obj.name, id(obj.mesh), size, key))
+                if cached is None:
+                    missing.setdefault(key, []).append(b)
+                else:  # cached as rendered (float32 in [0, 1]): converted exactly like a fresh render
+                    out[b, column] = cached.double() * 2.0 - 1.0
+            if not missing:
+                continue
+            with torch.no_grad():
+                images = render_mesh(
+                    obj.mesh, [cameras[rows[0]] for rows in missing.values()], self.rasterizer,
+                    albedo=obj.color, resolution=size,
+                )
+            for image, (key, rows) in zip(images, missing.items()):
+                self._cache_put((obj.name, id(obj.mesh), size, key), image)
+                out[rows, column] = image.double() * 2.0 - 1.0
+        return out
 
     def predict_noise(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, conditions: list[ViewCondition]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if any(c.camera is None for c in conditions):
-            raise InvalidArgument("the analytic prior needs one camera per image", "cameras")
+        """Exact eps for the prompt's object set (cond) and the negative prompt's set, else all (uncond)."""
+        batch = noisy.shape[0]
+        if len(conditions) != batch:
+            raise ValueError(f"{len(conditions)} conditions for {batch} images")
+        if tuple(noisy.shape[1:]) != (3, self.resolution, self.resolution):
+            raise ValueError(f"noisy must be (B, 3, {self.resolution}, {self.resolution}), got {list(noisy.shape)}")
+        if any(condition.camera is None for condition in conditions):
+            raise InvalidArgument(f"prior {self.info.name!r} needs one camera per image", "cameras")
         with self._lock:
             objects = list(self.objects)
-        renders = self.render_set([c.camera for c in conditions], objects).to(noisy)  # (B, K, 3, R, R)
-        alpha_bar = self.alphas_cumprod[timesteps.cpu()].to(noisy)
-        eps_cond, eps_uncond = [], []
-        for i, condition in enumerate(conditions):
-            named = self.named_objects(condition.prompt) or list(range(len(objects)))
-            a = alpha_bar[i : i + 1]
-            x_t = noisy[i : i + 1]
-            x0_cond = posterior_mean(x_t, renders[i : i + 1, named], a)
-            x0_uncond = posterior_mean(x_t, renders[i : i + 1], a)
-            scale_x0, scale_eps = a.sqrt().reshape(1, 1, 1, 1), (1 - a).sqrt().reshape(1, 1, 1, 1)
-            eps_cond.append((x_t - scale_x0 * x0_cond) / scale_eps)
-            eps_uncond.append((x_t - scale_x0 * x0_uncond) / scale_eps)
-        return torch.cat(eps_cond), torch.cat(eps_uncond)
+        cond = torch.zeros(batch, len(objects), dtype=torch.bool)
+        uncond = torch.zeros(batch, len(objects), dtype=torch.bool)
+        for b, condition in enumerate(conditions):
+            named = match_objects(condition.prompt, objects)
+            if not named:
+                raise InvalidArgument(f"{condition.prompt!r} names no object of the set", "prompt")
+            cond[b, named] = True
+            negative = match_objects(condition.negative_prompt, objects) if condition.negative_prompt else []
+            uncond[b, negative or list(range(len(objects)))] = True
+        renders = self.render_set([condition.camera for condition in conditions], objects)
+        alpha_bar = self.alphas_cumprod.double()[timesteps.detach().cpu().long()]
+        x_t = noisy.detach().cpu()
+        eps_cond = posterior_eps(x_t, renders, alpha_bar, cond)
+        eps_uncond = posterior_eps(x_t, renders, alpha_bar, uncond)
+        return eps_cond.to(noisy), eps_uncond.to(noisy)
+
+    def posterior_weights(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, renders: torch.Tensor, member: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, K) float64 posterior over objects for x_t at integer timesteps (see `posterior_weights`)."""
+        alpha_bar = self.alphas_cumprod.double()[timesteps.detach().cpu().long()]
+        return posterior_weights(noisy, renders, alpha_bar, member)
+
+    # ------------------------------------------------------------------ render cache
+    def _cache_get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            value = self._renders.get(key)
+            if value is not None:
+                self._renders.move_to_end(key)
+            return value
+
+    def _cache_put(self, key: tuple, value: torch.Tensor) -> None:
+        with self._lock:
+            self._renders[key] = value
+            self._renders.move_to_end(key)
+            while len(self._renders) > self._render_cache_size:
+                self._renders.popitem(last=False)
+
+
+def _camera_key(camera: Camera) -> tuple:
+    """Everything about a camera that changes a render, as a hashable tuple."""
+    background = None
+    if camera.background_image is not None:
+        data = camera.background_image.detach().float().cpu().contiguous()
+        background = (tuple(data.shape), hashlib.sha1(data.numpy().tobytes()).hexdigest())
+    return (
+        tuple(round(v, 6) for v in camera.camera_to_world.detach().reshape(-1).tolist()),
+        round(float(camera.fovy_deg), 6),
+        round(camera.width / camera.height, 6),
+        camera.shading.value,
+        camera.light,
+        tuple(float(c) for c in camera.background_color),
+        background,
+    )
