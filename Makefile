@@ -24,7 +24,7 @@ test: setup lint
 	$(PY) -m pytest -q
 
 test-gpu: setup
-	$(PY) -m pytest -q -m gpu
+	$(PY) -m pytest -q -m gpu tests/test_gpu_*.py  # GPU tests live in tests/test_gpu_*.py
 
 lint: setup
 	cd protos && ../$(VENV)/bin/buf lint
