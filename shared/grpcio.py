@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from shared.errors import ServiceError
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def abort_with(context: grpc.ServicerContext, error: ServiceError) -> None:
+    """Ends the RPC with the error's code, message and google.rpc.Status details (field violations, retry info)."""
+    context.abort_with_status(rpc_status.to_status(error.to_rpc_status()))
 
 
 def message_size_options(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -40,3 +54,65 @@ def insecure_channel(
     if service is not None:
         options += [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(service))]
     return grpc.insecure_channel(address, options=options)
+
+
+@dataclass
+class RunningServer:
+    """A started grpcio server with its health servicer; `servicer` is the service's own, for in-process access."""
+
+    server: grpc.Server
+    port: int
+    servicer: Any
+    health: health.HealthServicer
+    on_stop: Callable[[], None] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        if self.on_stop is not None:
+            self.on_stop()
+
+
+def start_server(
+    servicer: Any,
+    add_to_server: Callable[[Any, grpc.Server], None],
+    service_name: str,
+    address: str,
+    max_workers: int,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    maximum_concurrent_rpcs: int | None = None,
+    enable_reflection: bool = False,
+    on_stop: Callable[[], None] | None = None,
+) -> RunningServer:
+    """Starts `servicer` with grpc.health.v1 (SERVING for "" and `service_name`), optional reflection, and our
+    message limits; `address` may use port 0 for any free port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service_name.rsplit(".", 1)[-1]),
+        options=message_size_options(max_message_bytes),
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
+    add_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if enable_reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    server.start()
+    for name in ("", service_name):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, servicer, health_servicer, on_stop)
+
+
+def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
+    """Blocks until SIGTERM or SIGINT, then stops gracefully (Kubernetes sends SIGTERM on scale-down)."""
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    stopped.wait()
+    running.stop(grace=grace)

@@ -172,3 +172,33 @@ def test_unreachable_guidance_is_unavailable_and_completed_steps_stay(tmp_path):
         channel.close()
         running.stop(grace=None)
         client.close()
+
+
+def test_replica_memory_budget_refuses_what_does_not_fit(guidance_server, tmp_path):
+    """Two tiny scenes fit a budget sized for one and a half: the second is RESOURCE_EXHAUSTED, then fits after a delete."""
+    client = GuidanceClient(registry_for(guidance_server.address))
+    probe = scene_server.start(
+        SceneServiceConfig(port=0, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS), guidance=client
+    )
+    channel = insecure_channel(probe.address)
+    stub = scene_pb2_grpc.SceneServiceStub(channel)
+    one = probe.servicer.scenes.get(create(stub).scene_id).memory_bytes
+    channel.close()
+    probe.stop(grace=None)
+    config = SceneServiceConfig(
+        port=0, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS, memory_budget_bytes=int(1.5 * one)
+    )
+    running = scene_server.start(config, guidance=client)
+    channel = insecure_channel(running.address)
+    try:
+        stub = scene_pb2_grpc.SceneServiceStub(channel)
+        first = create(stub)
+        with pytest.raises(grpc.RpcError) as caught:
+            create(stub)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MiB" in caught.value.details()
+        stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=first.scene_id), timeout=10)
+        create(stub)
+    finally:
+        channel.close()
+        running.stop(grace=None)
+        client.close()

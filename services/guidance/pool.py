@@ -32,10 +32,8 @@ def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     return prior
 
 
-def build_latent(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
-    from services.guidance.priors.latent import LatentPrior
-
-    return LatentPrior.from_pretrained(
+def _build_text_prior(prior_class, spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
+    return prior_class.from_pretrained(
         spec.checkpoint_source(checkpoint_id),
         name=spec.name,
         device=spec.device,
@@ -44,20 +42,18 @@ def build_latent(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
         checkpoint_ids=spec.checkpoint_ids,
         **_tuning(spec),
     )
+
+
+def build_latent(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
+    from services.guidance.priors.latent import LatentPrior
+
+    return _build_text_prior(LatentPrior, spec, checkpoint_id)
 
 
 def build_pixel(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     from services.guidance.priors.pixel import PixelPrior
 
-    return PixelPrior.from_pretrained(
-        spec.checkpoint_source(checkpoint_id),
-        name=spec.name,
-        device=spec.device,
-        dtype=spec.dtype,
-        embedding_cache_size=spec.embedding_cache_size,
-        checkpoint_ids=spec.checkpoint_ids,
-        **_tuning(spec),
-    )
+    return _build_text_prior(PixelPrior, spec, checkpoint_id)
 
 
 BUILDERS: dict[PriorKind, PriorBuilder] = {

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import grpc
 import structlog
-from grpc_status import rpc_status
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
 from services.guidance import messages
 from services.guidance.engine import GuidanceEngine
 from shared.errors import ServiceError
+from shared.grpcio import abort_with
 from shared.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def abort_with(context: grpc.ServicerContext, error: ServiceError) -> None:
-    context.abort_with_status(rpc_status.to_status(error.to_rpc_status()))
 
 
 class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):

@@ -10,10 +10,8 @@ through its caller. Answers grpc.health.v1; JSON logs carry the job id.
 from __future__ import annotations
 
 import argparse
-import signal
 import threading
 import uuid
-from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +19,9 @@ import grpc
 import structlog
 import torch
 import yaml
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from magic3d.v1 import scene_pb2, scene_pb2_grpc
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.guidance.servicer import abort_with
 from services.scene import checkpoint as checkpoints
 from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
 from services.scene.config import CoarseConfig
@@ -36,7 +32,7 @@ from shared import logging as project_logging
 from shared import tensors
 from shared.devices import resolve_device
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
-from shared.grpcio import message_size_options
+from shared.grpcio import RunningServer, abort_with, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 from shared.store import ArtifactNotFound, ArtifactStore, open_store
@@ -52,8 +48,11 @@ class SceneServiceConfig(BaseModel):
     port: int = Field(default=50061, ge=0, le=65535)
     # Scenes held at once; a further CreateScene is refused with RESOURCE_EXHAUSTED.
     capacity: int = Field(default=4, ge=1)
-    # Largest hash table (parameters, float32) one scene may ask for.
+    # Largest hash table (parameters, float32) one scene may ask for: larger asks are INVALID_ARGUMENT.
     scene_memory_budget_bytes: int = Field(default=256 * 2**20, ge=1)
+    # All scenes' training state together (hash tables with Adam's two moments, i.e. 3x the table): a scene that
+    # would not fit is refused with RESOURCE_EXHAUSTED until others are deleted.
+    memory_budget_bytes: int = Field(default=2 * 2**30, ge=1)
     device: str = "auto"
     store_uri: str = "out/store"
     registry_path: Path = Path("deploy/config/registry.yaml")
@@ -72,25 +71,40 @@ class SceneEntry:
     scene_id: str
     job_id: str
     stage: CoarseStage
+    memory_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     failure: str | None = None
 
 
-class SceneTable:
-    """The scenes this replica holds; thread-safe."""
+def training_state_bytes(stage: CoarseStage) -> int:
+    """Parameters plus Adam's two moments: the part of a scene's memory that grows with its configuration."""
+    return 3 * sum(p.numel() * p.element_size() for p in stage.field.parameters())
 
-    def __init__(self, capacity: int) -> None:
+
+class SceneTable:
+    """The scenes this replica holds, within a count and a memory budget; thread-safe."""
+
+    def __init__(self, capacity: int, memory_budget_bytes: int) -> None:
         self.capacity = capacity
+        self.memory_budget_bytes = memory_budget_bytes
         self._entries: dict[str, SceneEntry] = {}
         self._lock = threading.Lock()
 
     def add(self, job_id: str, stage: CoarseStage) -> SceneEntry:
+        needed = training_state_bytes(stage)
         with self._lock:
             if len(self._entries) >= self.capacity:
                 raise ResourceExhausted(
                     f"this scene replica holds its capacity of {self.capacity} scenes", retry_after_s=30.0
                 )
-            entry = SceneEntry(f"scene-{uuid.uuid4().hex[:12]}", job_id, stage)
+            used = sum(e.memory_bytes for e in self._entries.values())
+            if used + needed > self.memory_budget_bytes:
+                raise ResourceExhausted(
+                    f"scene needs {needed / 2**20:.1f} MiB; {used / 2**20:.1f} of this replica's "
+                    f"{self.memory_budget_bytes / 2**20:.1f} MiB are in use",
+                    retry_after_s=30.0,
+                )
+            entry = SceneEntry(f"scene-{uuid.uuid4().hex[:12]}", job_id, stage, needed)
             self._entries[entry.scene_id] = entry
             return entry
 
@@ -114,7 +128,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         self.config = config
         self.guidance = guidance
         self.store = store
-        self.scenes = SceneTable(config.capacity)
+        self.scenes = SceneTable(config.capacity, config.memory_budget_bytes)
         self.device = resolve_device(config.device)
         self.defaults = CoarseConfig.model_validate(config.coarse_defaults)
 
@@ -238,39 +252,19 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         return CoarseStage.from_checkpoint(checkpoints.loads(data, source=uri), self.guidance, job_id, self.device)
 
 
-@dataclass
-class RunningSceneServer:
-    server: grpc.Server
-    port: int
-    servicer: SceneServicer
-    health: health.HealthServicer
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-
-
 def start(
     config: SceneServiceConfig, guidance: Guidance | None = None, store: ArtifactStore | None = None
-) -> RunningSceneServer:
+) -> RunningServer:
     guidance = guidance or GuidanceClient(Registry.load(config.registry_path))
     servicer = SceneServicer(config, guidance, store or open_store(config.store_uri))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="scene"),
-        options=message_size_options(config.max_message_bytes),
+    return start_server(
+        servicer,
+        scene_pb2_grpc.add_SceneServiceServicer_to_server,
+        SERVICE_NAME,
+        f"{config.host}:{config.port}",
+        max_workers=config.max_workers,
+        max_message_bytes=config.max_message_bytes,
     )
-    scene_pb2_grpc.add_SceneServiceServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningSceneServer(server, port, servicer, health_servicer)
 
 
 def main() -> None:
@@ -285,11 +279,7 @@ def main() -> None:
     config = config.model_copy(update=overrides)
     running = start(config)
     log.info("scene_serving", address=f"{config.host}:{running.port}", capacity=config.capacity)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    stopped.wait()
-    running.stop(grace=5.0)
+    serve_until_signalled(running)
 
 
 if __name__ == "__main__":
