@@ -87,19 +87,15 @@ class LatentPrior(_TextConditionedPrior):
         cls,
         source: str | os.PathLike,
         *,
-        name: str = "sd",
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
         vae_dtype: str | torch.dtype = "auto",
-        resolution: int = 512,
-        guidance_scale: float = 100.0,
-        time_range: tuple[float, float] = (0.02, 0.98),
-        weighting: Weighting = Weighting.SDS,
-        max_batch_size: int = 8,
-        embedding_cache_size: int = 256,
-        checkpoint_ids: Sequence[str] = ("default",),
+        **settings: Any,
     ) -> "LatentPrior":
-        """Loads tokenizer/, text_encoder/, unet/, vae/, scheduler/ of a diffusers SD checkpoint (dir or hub id)."""
+        """Loads tokenizer/, text_encoder/, unet/, vae/, scheduler/ of a diffusers SD checkpoint (dir or hub id).
+
+        `settings` are the constructor's (name, resolution, guidance_scale, ...), with its defaults.
+        """
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -113,17 +109,10 @@ class LatentPrior(_TextConditionedPrior):
             vae=load_component(AutoencoderKL, source, "vae", torch_dtype=vae_torch_dtype),
             # Any diffusers scheduler config (PNDM, DDIM, Euler...) carries the same beta schedule; DDPM reads it.
             scheduler=load_component(DDPMScheduler, source, "scheduler"),
-            name=name,
             device=torch_device,
             dtype=torch_dtype,
             vae_dtype=vae_torch_dtype,
-            resolution=resolution,
-            guidance_scale=guidance_scale,
-            time_range=time_range,
-            weighting=weighting,
-            max_batch_size=max_batch_size,
-            embedding_cache_size=embedding_cache_size,
-            checkpoint_ids=checkpoint_ids,
+            **settings,
         )
 
     def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:

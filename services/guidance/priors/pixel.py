@@ -75,18 +75,14 @@ class PixelPrior(_TextConditionedPrior):
         cls,
         source: str | os.PathLike,
         *,
-        name: str = "if",
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
-        resolution: int = 64,
-        guidance_scale: float = 20.0,
-        time_range: tuple[float, float] = (0.02, 0.98),
-        weighting: Weighting = Weighting.SDS,
-        max_batch_size: int = 8,
-        embedding_cache_size: int = 256,
-        checkpoint_ids: Sequence[str] = ("default",),
+        **settings: Any,
     ) -> "PixelPrior":
-        """Loads tokenizer/, text_encoder/, unet/, scheduler/ of a diffusers IF stage-I checkpoint (dir or hub id)."""
+        """Loads tokenizer/, text_encoder/, unet/, scheduler/ of a diffusers IF stage-I checkpoint (dir or hub id).
+
+        `settings` are the constructor's (name, resolution, guidance_scale, ...), with its defaults.
+        """
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import T5EncoderModel, T5Tokenizer
 
@@ -98,16 +94,9 @@ class PixelPrior(_TextConditionedPrior):
             text_encoder=load_component(T5EncoderModel, source, "text_encoder", dtype=torch_dtype),
             unet=load_component(UNet2DConditionModel, source, "unet", torch_dtype=torch_dtype),
             scheduler=load_component(DDPMScheduler, source, "scheduler"),
-            name=name,
             device=torch_device,
             dtype=torch_dtype,
-            resolution=resolution,
-            guidance_scale=guidance_scale,
-            time_range=time_range,
-            weighting=weighting,
-            max_batch_size=max_batch_size,
-            embedding_cache_size=embedding_cache_size,
-            checkpoint_ids=checkpoint_ids,
+            **settings,
         )
 
     def preprocess_text(self, text: str) -> str:
