@@ -15,11 +15,11 @@ gradient meanwhile rather than letting it reach the optimiser.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from services.guidance.priors.base import PriorKind, ViewCondition, Weighting
+from services.guidance.priors.base import PriorKind, ViewCondition
 from services.guidance.priors.text_conditioned import (
     _as_device,
     _as_dtype,
@@ -37,38 +37,21 @@ class LatentPrior(_TextConditionedPrior):
     def __init__(
         self,
         *,
-        tokenizer: Any,
-        text_encoder: torch.nn.Module,
-        unet: torch.nn.Module,
         vae: torch.nn.Module,
-        scheduler: Any,
-        name: str = "sd",
-        device: str | torch.device = "auto",
-        dtype: str | torch.dtype = "auto",
         vae_dtype: str | torch.dtype = "auto",
+        name: str = "sd",
         resolution: int = 512,
         guidance_scale: float = 100.0,
         time_range: tuple[float, float] = (0.02, 0.98),
-        weighting: Weighting = Weighting.SDS,
-        max_batch_size: int = 8,
-        embedding_cache_size: int = 256,
-        checkpoint_ids: Sequence[str] = ("default",),
+        **components_and_settings: Any,
     ) -> None:
+        """Family defaults here; text model, UNet, scheduler and shared settings as in `_TextConditionedPrior`."""
         super().__init__(
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            unet=unet,
-            scheduler=scheduler,
             name=name,
-            device=device,
-            dtype=dtype,
             resolution=resolution,
             guidance_scale=guidance_scale,
             time_range=time_range,
-            weighting=weighting,
-            max_batch_size=max_batch_size,
-            embedding_cache_size=embedding_cache_size,
-            checkpoint_ids=checkpoint_ids,
+            **components_and_settings,
         )
         self.vae_dtype = self.dtype if vae_dtype == "auto" else _as_dtype(vae_dtype, self.device)
         self.vae = _freeze(vae, self.device, self.vae_dtype)
