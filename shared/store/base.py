@@ -35,6 +35,15 @@ class ArtifactStore(abc.ABC):
     @abc.abstractmethod
     def key_from_uri(self, uri: str) -> str: ...
 
+    def size(self, key: str) -> int:
+        """The stored object's length in bytes; raises ArtifactNotFound. Backends override it with a metadata call."""
+        return len(self.get(key))
+
+    def canonical_uri(self, key: str) -> str:
+        """A stable, credential-free name of the artifact for provenance records (never expires; `key_from_uri`
+        accepts it). Where `uri` is already stable (file://) it is the same."""
+        return self.uri(key)
+
     @staticmethod
     def check_key(key: str) -> str:
         parts = key.split("/")
