@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from services.guidance.priors.base import SdsRequest
 from services.scene.checkpoint import Checkpoint
 from services.scene.config import CoarseConfig
 from services.scene.field import (
@@ -30,33 +27,19 @@ from services.scene.field import (
     sparsity_loss,
 )
 from services.scene.guidance import Guidance
+from services.scene.steps import (
+    Counters,
+    NonFiniteStepsExceeded,
+    PhaseTimer,
+    StepReport,
+    gradients_finite,
+    guidance_gradient,
+    step_seed,
+)
 from shared.cameras import Camera, sample_cameras
 from shared.errors import FailedPrecondition
 
-
-class NonFiniteStepsExceeded(FailedPrecondition):
-    """Too many steps in a row produced NaN/Inf; the scene stops and keeps its last checkpoint."""
-
-
-@dataclass
-class StepReport:
-    step: int  # steps completed after this one
-    losses: dict[str, float]
-    phase_seconds: dict[str, float]
-    skipped: bool = False
-    skipped_total: int = 0
-
-
-@dataclass
-class _Counters:
-    step: int = 0
-    skipped_total: int = 0
-    nonfinite_in_a_row: int = 0
-
-
-def step_seed(seed: int, step: int, term: int) -> int:
-    """A distinct, reproducible guidance seed per (stage seed, step, prior term), within uint64."""
-    return (seed * 1_000_003 + step * 7919 + term) % (2**63)
+__all__ = ["CoarseStage", "NonFiniteStepsExceeded", "StepReport", "step_seed"]
 
 
 class CoarseStage:
@@ -76,7 +59,7 @@ class CoarseStage:
             eps=1e-15,
         )
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.counters = _Counters()
+        self.counters = Counters()
 
     @property
     def step_count(self) -> int:
@@ -86,15 +69,8 @@ class CoarseStage:
 
     def step(self) -> StepReport:
         config, step = self.config, self.counters.step
-        phases: dict[str, float] = {}
-        clock = time.perf_counter()
-
-        def lap(name: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            phases[name] = phases.get(name, 0.0) + now - clock
-            clock = now
-
+        timer = PhaseTimer()
+        phases, lap = timer.seconds, timer.lap
         rng_before = self.generator.get_state()
         cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
         self.field.train()
@@ -104,7 +80,9 @@ class CoarseStage:
         images = out["rgb"]
         lap("render")
         try:
-            grad, sds_losses = self._guidance_gradient(images, cameras, out["background"], step)
+            grad, sds_losses = guidance_gradient(
+                self.guidance, config, self.job_id, images, cameras, out["background"], step
+            )
         except BaseException:
             self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras
             raise
@@ -123,7 +101,7 @@ class CoarseStage:
             return self._skip(step, losses, phases)
         total.backward()
         lap("backward")
-        if not all(torch.isfinite(p.grad).all() for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None):
+        if not gradients_finite(self.optimizer):
             self.optimizer.zero_grad(set_to_none=True)
             return self._skip(step, losses, phases)
         self.optimizer.step()
@@ -133,43 +111,6 @@ class CoarseStage:
         lap("optimizer")
         losses["total"] = float(total.detach())
         return StepReport(self.counters.step, losses, phases, skipped_total=self.counters.skipped_total)
-
-    def _guidance_gradient(
-        self, images: torch.Tensor, cameras: list[Camera], backgrounds: torch.Tensor, step: int
-    ) -> tuple[torch.Tensor, list[float]]:
-        """Weighted sum of every prior's SDS gradient for these images (no autograd: a plain tensor)."""
-        config = self.config
-        detached = images.detach().to("cpu", torch.float32)
-        # The priors re-render the same views: send each camera with the background it was composited over.
-        views = [
-            dataclasses.replace(camera, background_image=backgrounds[i].detach().permute(1, 2, 0).cpu().float())
-            for i, camera in enumerate(cameras)
-        ]
-        t_range = (config.t_min(step), config.t_max(step))
-        total = torch.zeros_like(detached)
-        losses: list[float] = []
-        for index, term in enumerate(config.priors):
-            request = SdsRequest(
-                job_id=self.job_id,
-                prior=term.prior,
-                checkpoint_id=term.checkpoint_id,
-                images=detached,
-                cameras=views,
-                prompt=config.prompt,
-                negative_prompt=config.negative_prompt,
-                view_dependent_prompt=config.view_dependent_prompt,
-                time_range=t_range,
-                guidance_scale=term.guidance_scale,
-                weighting=term.weighting,
-                seed=step_seed(config.seed, step, index),
-            )
-            result = self.guidance.compute_sds(request, timeout_s=config.guidance_timeout_s)
-            if not all(result.finite):
-                losses.append(float("nan"))
-            else:
-                losses.append(float(np.mean(result.loss)))
-            total += term.weight * result.grad.float()
-        return total.to(images.device), losses
 
     def _skip(self, step: int, losses: dict[str, float], phases: dict[str, float]) -> StepReport:
         self.counters.skipped_total += 1
@@ -238,7 +179,7 @@ class CoarseStage:
         self.occupancy.load_state_dict(state["occupancy"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        self.counters = _Counters(**state["counters"])
+        self.counters = Counters(**state["counters"])
 
     def to_checkpoint(self) -> Checkpoint:
         return Checkpoint(stage="coarse", config_json=self.config.model_dump_json(), state=self.state_dict())

@@ -84,4 +84,93 @@ class CoarseConfig(BaseModel):
         return self.field.encoding.memory_bytes()
 
 
-__all__ = ["CoarseConfig", "PriorTerm", "HashGridConfig", "KNOWN_LOSSES"]
+
+
+class DMTetConfig(BaseModel):
+    """The fine stage's tetrahedral grid and how the coarse field becomes its SDF."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Cells per side of the grid over the scene box (Magic3D / threestudio use 128 on GPU).
+    grid_cells: int = Field(default=128, ge=4, le=512)
+    # Vertex offsets are bounded to this fraction of a cell (DMTet: 0.5 keeps every tetrahedron valid).
+    max_offset_cells: float = Field(default=0.5, ge=0, le=0.5)
+    # Density level of the surface; None: chosen from the coarse model's silhouettes (services/scene/mesh/conversion).
+    level: float | None = Field(default=None, gt=0)
+    level_candidates: int = Field(default=16, ge=2, le=64)
+    level_views: int = Field(default=8, ge=1, le=64)
+    level_view_resolution: int = Field(default=64, ge=16, le=512)
+    # Inside components smaller than this fraction of the largest one are removed at conversion.
+    min_component_fraction: float = Field(default=0.05, ge=0, le=1)
+
+
+def _default_fine_loss_weights() -> dict[str, Schedule]:
+    return {
+        "sds": Schedule.constant(1.0),
+        "normal_consistency": Schedule.constant(1000.0),
+        "laplacian": Schedule.constant(0.0),
+    }
+
+
+FINE_LOSSES = ("sds", "normal_consistency", "laplacian")
+
+
+class FineConfig(BaseModel):
+    """The fine stage: a DMTet mesh from the coarse field, rasterised at high resolution, optimised by SDS from a
+    latent prior (Magic3D defaults: 512x512, batch 4, t in [0.02, 0.5], weighting 1 - abar)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    prompt: str = Field(min_length=1)
+    negative_prompt: str = ""
+    priors: tuple[PriorTerm, ...] = (PriorTerm(prior="latent", weighting=Weighting.SDS),)
+    view_dependent_prompt: bool = True
+    resolution: int = Field(default=512, ge=16, le=2048)
+    batch_size: int = Field(default=4, ge=1, le=64)
+    dmtet: DMTetConfig = DMTetConfig()
+    # "auto": nvdiffrast on CUDA devices, the pure-PyTorch rasteriser elsewhere.
+    rasterizer: str = "auto"
+    antialias: bool = True
+    cameras: CameraRanges = CameraRanges()
+    t_min: Schedule = Schedule.constant(0.02)
+    t_max: Schedule = Schedule.constant(0.5)
+    loss_weights: dict[str, Schedule] = Field(default_factory=_default_fine_loss_weights)
+    # Adam step sizes: SDF values and bounded offsets in world units per step, the colour field as in the coarse
+    # stage (threestudio's Magic3D refine configs use 0.01 for the texture's hash grid).
+    sdf_learning_rate: float = Field(default=1e-3, gt=0)
+    deformation_learning_rate: float = Field(default=1e-2, gt=0)
+    texture_learning_rate: float = Field(default=1e-2, gt=0)
+    background_learning_rate: float = Field(default=1e-3, gt=0)
+    seed: int = Field(default=0, ge=0)
+    max_nonfinite_steps: int = Field(default=5, ge=1)
+    guidance_timeout_s: float = Field(default=60.0, gt=0)
+    # The colour field's architecture: copied from the coarse checkpoint at conversion.
+    field: FieldConfig = FieldConfig()
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _known_losses(cls, weights: dict[str, Schedule]) -> dict[str, Schedule]:
+        unknown = sorted(set(weights) - set(FINE_LOSSES))
+        if unknown:
+            raise ValueError(f"unknown loss terms {unknown}; known: {list(FINE_LOSSES)}")
+        return {**_default_fine_loss_weights(), **weights}
+
+    @field_validator("priors")
+    @classmethod
+    def _some_prior(cls, priors: tuple[PriorTerm, ...]) -> tuple[PriorTerm, ...]:
+        if not priors:
+            raise ValueError("at least one prior must guide the stage")
+        return priors
+
+    @field_validator("rasterizer")
+    @classmethod
+    def _known_rasterizer(cls, name: str) -> str:
+        if name not in ("auto", "torch", "nvdiffrast"):
+            raise ValueError(f"unknown rasterizer {name!r}; known: auto, torch, nvdiffrast")
+        return name
+
+    def weight(self, loss: str, step: int) -> float:
+        return self.loss_weights[loss](step)
+
+
+__all__ = ["CoarseConfig", "DMTetConfig", "FineConfig", "PriorTerm", "HashGridConfig", "KNOWN_LOSSES", "FINE_LOSSES"]

@@ -1,0 +1,273 @@
+"""The fine stage as a plain object (Magic3D's second stage): `from_coarse()`, `step()`, `extract_mesh()`, checkpoints.
+
+State: a DMTet geometry (SDF and bounded vertex offsets on a run-time tetrahedral grid), the colour field (a copy of
+the coarse neural field, read for its albedo only) and the coarse environment-map background.
+
+One step: marching tetrahedra (differentiable) -> rasterise B views at `resolution` -> colour field at the covered
+pixels -> shade, composite, antialias -> SDS gradients from the priors -> back-propagate them with the normal-
+consistency and Laplacian regularisers -> Adam step. As in the coarse stage, a guidance failure leaves nothing
+updated and non-finite steps are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from services.scene.checkpoint import Checkpoint
+from services.scene.coarse import CoarseStage
+from services.scene.config import DMTetConfig, FineConfig
+from services.scene.field import BackgroundMLP, NeuralField
+from services.scene.guidance import Guidance
+from services.scene.mesh import conversion
+from services.scene.mesh.dmtet import DMTetGeometry
+from services.scene.mesh.tets import marching_tets
+from services.scene.mesh.regularizers import laplacian_smoothness, normal_consistency
+from services.scene.mesh.renderer import MeshRenderer
+from services.scene.steps import (
+    Counters,
+    NonFiniteStepsExceeded,
+    PhaseTimer,
+    StepReport,
+    gradients_finite,
+    guidance_gradient,
+)
+from shared.cameras import Camera, sample_cameras
+from shared.errors import FailedPrecondition
+from shared.rasterize import Rasterizer, make_rasterizer
+
+__all__ = ["FineStage", "ConversionReport", "make_stage_rasterizer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+    level: float
+    level_chosen: bool  # False when the config forced the level
+    silhouette_iou: float
+    removed_vertices: int  # inside grid vertices dropped as floaters
+    faces: int
+    candidates: tuple[tuple[float, float], ...] = ()
+
+
+def make_stage_rasterizer(name: str, device: torch.device) -> Rasterizer:
+    """'auto' picks nvdiffrast on CUDA and the pure-PyTorch rasteriser elsewhere."""
+    if name == "auto":
+        name = "nvdiffrast" if device.type == "cuda" else "torch"
+    return make_rasterizer(name)
+
+
+class FineStage:
+    def __init__(
+        self,
+        config: FineConfig,
+        guidance: Guidance,
+        job_id: str,
+        device: str | torch.device = "cpu",
+        color_field: NeuralField | None = None,
+        background: BackgroundMLP | None = None,
+    ) -> None:
+        self.config = config
+        self.guidance = guidance
+        self.job_id = job_id
+        self.device = torch.device(device)
+        torch.manual_seed(config.seed)
+        radius = config.field.bound_radius
+        self.geometry = DMTetGeometry(config.dmtet.grid_cells, radius, config.dmtet.max_offset_cells).to(self.device)
+        self.color_field = (color_field or NeuralField(config.field)).to(self.device)
+        self.background = (background or BackgroundMLP()).to(self.device)
+        self.rasterizer = make_stage_rasterizer(config.rasterizer, self.device)
+        self.renderer = MeshRenderer(self.rasterizer, antialias=config.antialias)
+        self.optimizer = torch.optim.Adam(
+            [
+                {"name": "sdf", "params": [self.geometry.sdf], "lr": config.sdf_learning_rate},
+                {"name": "deformation", "params": [self.geometry.deformation], "lr": config.deformation_learning_rate},
+                {"name": "texture", "params": list(self.color_field.parameters()), "lr": config.texture_learning_rate},
+                {"name": "background", "params": list(self.background.parameters()), "lr": config.background_learning_rate},
+            ],
+            betas=(0.9, 0.99),
+            eps=1e-15,
+        )
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.counters = Counters()
+
+    @property
+    def step_count(self) -> int:
+        return self.counters.step
+
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
+        """The colour field's albedo at world points (N, 3) -> (N, 3) in (0, 1)."""
+        return self.color_field(points)["albedo"]
+
+    # -- conversion from the coarse stage ---------------------------------------------------------------------
+
+    @classmethod
+    def from_coarse(
+        cls, coarse: CoarseStage, config: FineConfig, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"
+    ) -> tuple["FineStage", ConversionReport]:
+        """A fine stage initialised from a coarse one: SDF from its density, colour field and background copied."""
+        config = config.model_copy(update={"field": coarse.config.field})
+        stage = cls(
+            config, guidance, job_id, device,
+            color_field=copy.deepcopy(coarse.field), background=copy.deepcopy(coarse.background),
+        )
+        report = stage._initialise_sdf(coarse)
+        stage.config = config.model_copy(update={"dmtet": config.dmtet.model_copy(update={"level": report.level})})
+        return stage, report
+
+    @torch.no_grad()
+    def _initialise_sdf(self, coarse: CoarseStage) -> ConversionReport:
+        settings: DMTetConfig = self.config.dmtet
+        geometry = self.geometry
+        positions, tets = geometry.rest_positions.cpu(), geometry.tets.cpu()
+        coarse.field.eval()
+        densities = torch.cat([coarse.field.density(p.to(coarse.device)).cpu() for p in positions.split(1 << 16)])
+        if not torch.isfinite(densities).all():
+            raise FailedPrecondition("the coarse field's density is not finite on the grid", "init_checkpoint_uri")
+        if settings.level is not None:
+            choice = conversion.LevelChoice(settings.level, float("nan"), ())
+        else:
+            cameras = conversion.level_views(self.config.field.bound_radius, settings.level_view_resolution, settings.level_views)
+            opacity = coarse.renderer.render(
+                coarse.field, None, cameras, settings.level_view_resolution, occupancy=coarse.occupancy, stratified=False
+            )["opacity"]
+            target = opacity[:, 0].cpu() > 0.5
+            choice = conversion.choose_level(
+                densities, positions, tets, target, cameras, make_rasterizer("torch"), settings.level_candidates
+            )
+        edges = conversion.tet_edges(tets)
+        inside = densities > choice.level
+        kept = conversion.remove_floaters(inside, edges, settings.min_component_fraction)
+        sdf = conversion.sdf_from_density(densities, choice.level, geometry.cells, geometry.cell_size, edges)
+        sdf = torch.where(kept, sdf, -sdf.abs())
+        _, faces = marching_tets(positions, sdf, tets)
+        if faces.shape[0] == 0:
+            raise FailedPrecondition(
+                f"the coarse field has no surface at density level {choice.level:.4g} "
+                f"(densities on the grid span [{float(densities.min()):.3g}, {float(densities.max()):.3g}])",
+                "dmtet.level",
+            )
+        geometry.sdf.copy_(sdf.to(geometry.sdf))
+        return ConversionReport(
+            level=choice.level,
+            level_chosen=settings.level is None,
+            silhouette_iou=choice.silhouette_iou,
+            removed_vertices=int((inside & ~kept).sum()),
+            faces=int(faces.shape[0]),
+            candidates=choice.candidates,
+        )
+
+    # -- one optimisation step --------------------------------------------------------------------------------
+
+    def step(self) -> StepReport:
+        config, step = self.config, self.counters.step
+        timer = PhaseTimer()
+        rng_before = self.generator.get_state()
+        cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
+        self.color_field.train()
+        vertices, faces = self.geometry.surface()
+        timer.lap("marching_tets")
+        if faces.shape[0] == 0:
+            self.generator.set_state(rng_before)
+            raise FailedPrecondition(f"the mesh vanished at step {step}: the SDF has no zero crossing", "dmtet")
+        out = self.renderer.render(
+            vertices, faces, self.albedo, cameras, config.resolution, self.background, lap=timer.lap
+        )
+        images = out["rgb"]
+        timer.lap("shade")
+        try:
+            grad, sds_losses = guidance_gradient(
+                self.guidance, config, self.job_id, images, cameras, out["background"], step
+            )
+        except BaseException:
+            self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras
+            raise
+        timer.lap("guidance")
+
+        terms = {
+            "sds": (images * grad).sum() / images.shape[0],
+            "normal_consistency": normal_consistency(vertices, faces),
+            "laplacian": laplacian_smoothness(vertices, faces, scale=self.geometry.cell_size),
+        }
+        total = sum(config.weight(name, step) * value for name, value in terms.items())
+        losses = {"sds": float(np.mean(sds_losses))} | {k: float(v.detach()) for k, v in terms.items() if k != "sds"}
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(total) or not all(math.isfinite(v) for v in losses.values()):
+            return self._skip(step, losses, timer.seconds)
+        total.backward()
+        timer.lap("backward")
+        if not gradients_finite(self.optimizer):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._skip(step, losses, timer.seconds)
+        self.optimizer.step()
+        self.counters.step += 1
+        self.counters.nonfinite_in_a_row = 0
+        timer.lap("optimizer")
+        losses["total"] = float(total.detach())
+        losses["faces"] = float(faces.shape[0])
+        return StepReport(self.counters.step, losses, timer.seconds, skipped_total=self.counters.skipped_total)
+
+    def _skip(self, step: int, losses: dict[str, float], phases: dict[str, float]) -> StepReport:
+        self.counters.skipped_total += 1
+        self.counters.nonfinite_in_a_row += 1
+        if self.counters.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise NonFiniteStepsExceeded(
+                f"{self.counters.nonfinite_in_a_row} steps in a row had NaN/Inf losses or gradients (at step {step})"
+            )
+        return StepReport(step, losses, phases, skipped=True, skipped_total=self.counters.skipped_total)
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def extract_mesh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current surface: (vertices (V, 3) world, faces (F, 3)), outward-wound, watertight."""
+        vertices, faces = self.geometry.surface()
+        return vertices.detach().cpu(), faces.cpu()
+
+    @torch.no_grad()
+    def render_views(self, cameras: list[Camera], resolution: int | None = None) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] with each camera's shading and background (row 0 = top)."""
+        self.color_field.eval()
+        vertices, faces = self.geometry.surface()
+        if faces.shape[0] == 0:
+            raise FailedPrecondition("the mesh is empty: nothing to render", "scene_id")
+        out = self.renderer.render(
+            vertices, faces, self.albedo, cameras, resolution or self.config.resolution, self.background
+        )
+        return out["rgb"].clamp(0.0, 1.0)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "geometry": self.geometry.state_dict(),
+            "color_field": self.color_field.state_dict(),
+            "background": self.background.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "counters": dataclasses.asdict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.geometry.load_state_dict(state["geometry"])
+        self.color_field.load_state_dict(state["color_field"])
+        self.background.load_state_dict(state["background"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.counters = Counters(**state["counters"])
+
+    def to_checkpoint(self) -> Checkpoint:
+        return Checkpoint(stage="fine", config_json=self.config.model_dump_json(), state=self.state_dict())
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Checkpoint, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"
+    ) -> "FineStage":
+        if checkpoint.stage != "fine":
+            raise FailedPrecondition(f"checkpoint is of stage {checkpoint.stage!r}, not 'fine'", "checkpoint")
+        stage = cls(FineConfig.model_validate_json(checkpoint.config_json), guidance, job_id, device)
+        stage.load_state_dict(checkpoint.state)
+        return stage

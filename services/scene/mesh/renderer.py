@@ -1,0 +1,97 @@
+"""Rendering the fine stage's mesh with a neural colour field, through the `Rasterizer` interface only.
+
+Per camera: rasterise -> interpolate world positions -> query the colour field at the covered pixels only ->
+shade (the camera's mode: albedo, lambertian with its point light, textureless, or normal, as in the coarse stage)
+with smooth vertex normals -> composite over the background -> antialias (nvdiffrast's gives silhouette
+gradients; the torch backend's is the identity) -> row 0 = top, (B, 3, H, W).
+
+The background is the coarse stage's environment-map MLP (view direction -> colour) when given, else the camera's
+own background; it is returned too, since the priors that re-render views need what the image was composited over.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from services.scene.field.renderer import camera_rays
+from services.scene.mesh.regularizers import vertex_normals
+from shared.cameras import Camera, Shading
+from shared.rasterize.base import Rasterizer, to_top_row_first
+from shared.render import clip_positions
+
+AlbedoFn = Callable[[torch.Tensor], torch.Tensor]  # world points (N, 3) -> albedo (N, 3) in [0, 1]
+
+
+class MeshRenderer:
+    def __init__(self, rasterizer: Rasterizer, antialias: bool = True) -> None:
+        self.rasterizer = rasterizer
+        self.antialias = antialias
+
+    def render(
+        self,
+        vertices: torch.Tensor,
+        faces: torch.Tensor,
+        albedo_fn: AlbedoFn,
+        cameras: list[Camera],
+        resolution: int,
+        background: nn.Module | None = None,
+        lap: Callable[[str], None] = lambda name: None,
+    ) -> dict[str, torch.Tensor]:
+        """-> {"rgb" (B, 3, H, W), "opacity" (B, 1, H, W), "background" (B, 3, H, W)}, all row 0 = top.
+
+        `lap(name)` is called after the "rasterize" and "texture" phases (for step profiling).
+        """
+        size = (resolution, resolution)
+        pos_clip = clip_positions(vertices, cameras)
+        rast = self.rasterizer.rasterize(pos_clip, faces, size)
+        covered = rast[..., 3] > 0  # (B, H, W), bottom row first
+        world = self.rasterizer.interpolate(vertices, rast, faces)
+        normals = None
+        if any(camera.shading != Shading.ALBEDO for camera in cameras):
+            normals = self.rasterizer.interpolate(vertex_normals(vertices, faces), rast, faces)
+            normals = nn.functional.normalize(normals, dim=-1, eps=1e-12)
+        lap("rasterize")
+
+        albedo = torch.zeros_like(world)
+        if covered.any():
+            albedo = albedo.index_put((covered,), albedo_fn(world[covered]))
+        lap("texture")
+
+        color = torch.stack([self._shade(camera, albedo[i], world[i], normals, i) for i, camera in enumerate(cameras)])
+        backdrop = self._background(background, cameras, size, vertices.device).to(vertices.dtype)
+        mask = covered[..., None].to(vertices.dtype)
+        image = mask * color + (1 - mask) * to_top_row_first(backdrop)
+        if self.antialias:
+            image = self.rasterizer.antialias(image, rast, pos_clip, faces)
+        return {
+            "rgb": to_top_row_first(image).permute(0, 3, 1, 2),
+            "opacity": to_top_row_first(mask).permute(0, 3, 1, 2),
+            "background": backdrop.permute(0, 3, 1, 2),
+        }
+
+    @staticmethod
+    def _shade(camera: Camera, albedo: torch.Tensor, world: torch.Tensor, normals, index: int) -> torch.Tensor:
+        if camera.shading == Shading.ALBEDO:
+            return albedo
+        normal = normals[index]
+        if camera.shading == Shading.NORMAL:
+            return (normal + 1) / 2
+        light = torch.tensor(camera.light.position, dtype=world.dtype, device=world.device)
+        direction = nn.functional.normalize(light - world, dim=-1)
+        lambert = (normal * direction).sum(-1, keepdim=True).clamp(min=0)
+        intensity = camera.light.ambient + camera.light.diffuse * lambert
+        base = torch.ones_like(albedo) if camera.shading == Shading.TEXTURELESS else albedo
+        return base * intensity
+
+    @staticmethod
+    def _background(
+        background: nn.Module | None, cameras: list[Camera], size: tuple[int, int], device: torch.device
+    ) -> torch.Tensor:
+        """(B, H, W, 3), row 0 = top."""
+        if background is None:
+            return torch.stack([camera.background(*size) for camera in cameras]).to(device)
+        _, directions = camera_rays(cameras, size, device)
+        return background(directions)

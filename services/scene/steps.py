@@ -1,0 +1,127 @@
+"""What the coarse and fine stages share about one optimisation step: the report, counters, per-step seeds, the
+phase timer, and the summed SDS gradient of a stage's priors for a batch of rendered images."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from services.guidance.priors.base import SdsRequest, Weighting
+from services.scene.guidance import Guidance
+from shared.cameras import Camera
+from shared.errors import FailedPrecondition
+from shared.schedules import Schedule
+
+
+class NonFiniteStepsExceeded(FailedPrecondition):
+    """Too many steps in a row produced NaN/Inf; the scene stops and keeps its last checkpoint."""
+
+
+@dataclass
+class StepReport:
+    step: int  # steps completed after this one
+    losses: dict[str, float]
+    phase_seconds: dict[str, float]
+    skipped: bool = False
+    skipped_total: int = 0
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    skipped_total: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+def step_seed(seed: int, step: int, term: int) -> int:
+    """A distinct, reproducible guidance seed per (stage seed, step, prior term), within uint64."""
+    return (seed * 1_000_003 + step * 7919 + term) % (2**63)
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase: `lap(name)` charges the time since the previous lap to `name`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._clock
+        self._clock = now
+
+
+class _PriorTerm(Protocol):
+    prior: str
+    weight: float
+    checkpoint_id: str
+    guidance_scale: float | None
+    weighting: Weighting | None
+
+
+class GuidedStageConfig(Protocol):
+    """The fields of a stage config that guidance requests are built from (CoarseConfig and FineConfig)."""
+
+    prompt: str
+    negative_prompt: str
+    priors: tuple[_PriorTerm, ...]
+    view_dependent_prompt: bool
+    t_min: Schedule
+    t_max: Schedule
+    seed: int
+    guidance_timeout_s: float
+
+
+def guidance_gradient(
+    guidance: Guidance,
+    config: GuidedStageConfig,
+    job_id: str,
+    images: torch.Tensor,
+    cameras: list[Camera],
+    backgrounds: torch.Tensor,
+    step: int,
+) -> tuple[torch.Tensor, list[float]]:
+    """Weighted sum of every prior's SDS gradient for `images` (B, 3, H, W) (a plain tensor, no autograd), and
+    each prior's mean loss (NaN where the prior reported non-finite values).
+
+    The priors that re-render views (the analytic prior) get each camera with the background the image was
+    composited over.
+    """
+    detached = images.detach().to("cpu", torch.float32)
+    views = [
+        dataclasses.replace(camera, background_image=backgrounds[i].detach().permute(1, 2, 0).cpu().float())
+        for i, camera in enumerate(cameras)
+    ]
+    t_range = (config.t_min(step), config.t_max(step))
+    total = torch.zeros_like(detached)
+    losses: list[float] = []
+    for index, term in enumerate(config.priors):
+        request = SdsRequest(
+            job_id=job_id,
+            prior=term.prior,
+            checkpoint_id=term.checkpoint_id,
+            images=detached,
+            cameras=views,
+            prompt=config.prompt,
+            negative_prompt=config.negative_prompt,
+            view_dependent_prompt=config.view_dependent_prompt,
+            time_range=t_range,
+            guidance_scale=term.guidance_scale,
+            weighting=term.weighting,
+            seed=step_seed(config.seed, step, index),
+        )
+        result = guidance.compute_sds(request, timeout_s=config.guidance_timeout_s)
+        losses.append(float(np.mean(result.loss)) if all(result.finite) else float("nan"))
+        total += term.weight * result.grad.float()
+    return total.to(images.device), losses
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
+    return all(
+        torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+    )
