@@ -16,12 +16,16 @@ __all__ = [
 
 
 def make_rasterizer(name: str = "torch", **kwargs) -> Rasterizer:
-    """'torch' -> TorchRasterizer(**kwargs). 'nvdiffrast' is not wired in yet (ImportError)."""
+    """'torch' -> TorchRasterizer(**kwargs); 'nvdiffrast' -> NvdiffrastRasterizer(**kwargs).
+
+    nvdiffrast is imported only here (lazily), so CPU machines never need it; without the package
+    (`diffrp-nvdiffrast`) or without CUDA this raises ImportError saying which, and callers may fall back to 'torch'.
+    """
     key = name.strip().lower()
     if key == "torch":
         return TorchRasterizer(**kwargs)
     if key == "nvdiffrast":
-        raise ImportError(
-            "the nvdiffrast rasteriser backend is not available yet; use make_rasterizer('torch')"
-        )
+        from shared.rasterize.nvdiffrast_backend import NvdiffrastRasterizer
+
+        return NvdiffrastRasterizer(**kwargs)
     raise ValueError(f"unknown rasteriser {name!r}; known: 'torch', 'nvdiffrast'")
