@@ -65,3 +65,13 @@ def counting_config(**batching) -> GuidanceConfig:
 @pytest.fixture
 def counting_prior() -> CountingPrior:
     return CountingPrior()
+
+
+@pytest.fixture(scope="session")
+def coarse_torus():
+    """One coarse run of the analytic prior's red torus, shared by the coarse and fine quality tests."""
+    from scenes import fit_coarse_torus
+
+    guidance, stage, initial = fit_coarse_torus()
+    yield stage, initial
+    guidance.close()

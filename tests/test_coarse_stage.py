@@ -8,28 +8,17 @@ import math
 import pytest
 import torch
 
-from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.engine import GuidanceEngine
-from services.guidance.priors.analytic import builtin_objects
-from services.guidance.priors.base import PriorKind, SdsResult
+from services.guidance.priors.base import SdsResult
 from services.scene import checkpoint
 from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
 from services.scene.config import CoarseConfig
 from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
-from services.scene.guidance import InProcessGuidance
-from shared.cameras import CameraRanges
 from shared.errors import Unavailable
-from shared.mesh_metrics import bounding_box_diagonal, mean_symmetric_surface_distance, volumetric_iou
 from shared.schedules import Schedule
 
+from scenes import analytic_guidance, geometry_scores
+
 SMALL_GRID = HashGridConfig(n_levels=4, log2_hashmap_size=12, base_resolution=8, per_level_scale=1.5)
-
-
-def analytic_guidance(resolution: int) -> InProcessGuidance:
-    config = GuidanceConfig(
-        priors=[PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, resolution=resolution)], batching={"wait_s": 0}
-    )
-    return InProcessGuidance(GuidanceEngine(config))
 
 
 def tiny_config(**overrides) -> CoarseConfig:
@@ -132,45 +121,6 @@ def test_config_validation_names_fields():
 
 
 # -- quality: the torus from "a red torus" -------------------------------------------------------------------
-
-QUALITY_STEPS = 400
-# Settings chosen to fit about 3 minutes on 2 CPU cores (a budget, not an asserted time).
-QUALITY_CONFIG = dict(
-    prompt="a red torus",
-    resolution=32,
-    batch_size=4,
-    field=FieldConfig(
-        encoding=HashGridConfig(n_levels=8, log2_hashmap_size=15, base_resolution=16), backend="torch"
-    ),
-    renderer=RendererConfig(num_samples_per_ray=48),
-    occupancy=OccupancyConfig(resolution=32, step_size=2.0 / 48, warmup_steps=32),
-    cameras=CameraRanges(elevation_deg=(-10.0, 60.0)),
-    loss_weights={"orientation": Schedule.linear(0, 1.0, 1000, 100.0), "sparsity": Schedule.constant(0.1)},
-    t_max=Schedule.linear(0, 0.98, QUALITY_STEPS, 0.5),
-    seed=0,
-)
-
-
-def geometry_scores(stage: CoarseStage, level: float) -> tuple[float, float]:
-    torus = next(o for o in builtin_objects() if o.name == "red torus").mesh
-    vertices, faces = stage.extract_mesh(level, resolution=64)
-    diagonal = bounding_box_diagonal(torus.vertices)
-    distance = mean_symmetric_surface_distance(vertices, faces, torus.vertices, torus.faces, samples=5000)
-    return distance / diagonal, volumetric_iou(vertices, faces, torus.vertices, torus.faces, resolution=48)
-
-
-@pytest.fixture(scope="session")
-def coarse_torus():
-    """One coarse run shared by every test that needs a fitted scene."""
-    guidance = analytic_guidance(32)
-    stage = CoarseStage(CoarseConfig(**QUALITY_CONFIG), guidance, "quality")
-    # At step 0 the blob has no surface at the working level; score its level-5 sphere instead.
-    initial = geometry_scores(stage, level=5.0)
-    for _ in range(QUALITY_STEPS):
-        stage.step()
-    yield stage, initial
-    guidance.close()
-
 
 def test_coarse_stage_reconstructs_the_named_torus(coarse_torus):
     stage, (initial_distance, initial_iou) = coarse_torus

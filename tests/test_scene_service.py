@@ -29,6 +29,14 @@ TINY_DEFAULTS = {
     "occupancy": {"resolution": 8, "step_size": 0.125, "update_every": 2, "warmup_steps": 2},
 }
 
+TINY_FINE_DEFAULTS = {
+    "prompt": "unset",
+    "priors": [{"prior": "analytic"}],
+    "resolution": 32,
+    "batch_size": 2,
+    "dmtet": {"grid_cells": 16, "level_candidates": 6, "level_views": 2, "level_view_resolution": 32},
+}
+
 
 def registry_for(address: str, max_attempts: int = 3) -> Registry:
     return Registry.model_validate(
@@ -53,7 +61,7 @@ def guidance_server():
 def scene(guidance_server, tmp_path_factory):
     config = SceneServiceConfig(
         port=0, capacity=2, device="cpu", store_uri=str(tmp_path_factory.mktemp("store")),
-        coarse_defaults=TINY_DEFAULTS, scene_memory_budget_bytes=8 * 2**20,
+        coarse_defaults=TINY_DEFAULTS, fine_defaults=TINY_FINE_DEFAULTS, scene_memory_budget_bytes=8 * 2**20,
     )
     client = GuidanceClient(registry_for(guidance_server.address))
     running = scene_server.start(config, guidance=client)
@@ -139,7 +147,7 @@ def test_bad_requests_and_unknown_scenes(scene):
         )
         expect_error(
             lambda: stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j", config=scene_pb2.StageConfig(stage=scene_pb2.STAGE_FINE, prompt="x")), timeout=10),
-            grpc.StatusCode.UNIMPLEMENTED, "config.stage",
+            grpc.StatusCode.INVALID_ARGUMENT, "init_checkpoint_uri",
         )
         expect_error(lambda: stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id="scene-nope"), timeout=10), grpc.StatusCode.NOT_FOUND, "scene_id")
         # Capacity 2: one more fits, the next is refused.
@@ -202,3 +210,84 @@ def test_replica_memory_budget_refuses_what_does_not_fit(guidance_server, tmp_pa
         channel.close()
         running.stop(grace=None)
         client.close()
+
+
+def fine_request(checkpoint_uri: str, **config) -> scene_pb2.CreateSceneRequest:
+    stage = scene_pb2.StageConfig(stage=scene_pb2.STAGE_FINE, prompt="a red torus", **config)
+    return scene_pb2.CreateSceneRequest(job_id="job-2", config=stage, init_checkpoint_uri=checkpoint_uri)
+
+
+def test_coarse_to_fine_to_textured_glb_and_obj(scene):
+    import io
+
+    import trimesh
+
+    running, stub, _ = scene
+    coarse = create(stub, seed=5)
+    list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=coarse.scene_id, num_steps=2), timeout=60))
+    coarse_uri = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=coarse.scene_id), timeout=30).checkpoint_uri
+    stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=coarse.scene_id), timeout=10)
+
+    fine = stub.CreateScene(fine_request(coarse_uri), timeout=60)
+    updates = list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=fine.scene_id, num_steps=2), timeout=60))
+    assert updates[-1].step == 2 and {"sds", "normal_consistency", "laplacian"} <= set(updates[-1].losses)
+    assert {"marching_tets", "rasterize", "texture", "guidance", "backward"} <= set(updates[-1].phase_seconds)
+    view = cameras.to_proto(cameras.orbit_camera(30.0, 20.0, 2.0, size=24))
+    preview = stub.RenderPreview(scene_pb2.RenderPreviewRequest(scene_id=fine.scene_id, cameras=[view]), timeout=30)
+    assert tensors.from_proto(preview.images).shape == (1, 24, 24, 3)
+
+    saved = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=fine.scene_id), timeout=30)
+    assert "/fine/" in saved.checkpoint_uri
+    resumed = stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="job-2", init_checkpoint_uri=saved.checkpoint_uri), timeout=30)
+    assert resumed.step == 2
+
+    exported = stub.ExportMesh(scene_pb2.ExportMeshRequest(scene_id=resumed.scene_id, texture_size=128), timeout=120)
+    names = {f.name for f in exported.files}
+    assert names == {"model.glb", "model.obj", "model.mtl", "texture.png", "preview.png", "turntable.gif"}
+    assert exported.watertight and exported.face_count > 0
+    store = running.servicer.store
+    glb = store.get(store.key_from_uri(next(f.uri for f in exported.files if f.name == "model.glb")))
+    mesh = trimesh.load(io.BytesIO(glb), file_type="glb", force="mesh")
+    assert len(mesh.faces) == exported.face_count and mesh.visual.material.baseColorTexture is not None
+    only_glb = stub.ExportMesh(scene_pb2.ExportMeshRequest(scene_id=resumed.scene_id, formats=["glb"], texture_size=64), timeout=120)
+    assert {f.name for f in only_glb.files} == {"model.glb", "texture.png", "preview.png", "turntable.gif"}
+    expect_error(
+        lambda: stub.ExportMesh(scene_pb2.ExportMeshRequest(scene_id=resumed.scene_id, formats=["fbx"]), timeout=10),
+        grpc.StatusCode.INVALID_ARGUMENT, "formats",
+    )
+    for scene_id in (fine.scene_id, resumed.scene_id):
+        stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=scene_id), timeout=10)
+
+
+def test_bad_coarse_checkpoints_and_empty_surfaces_are_named(scene):
+    from services.scene import checkpoint as checkpoints
+
+    running, stub, _ = scene
+    store = running.servicer.store
+    coarse = create(stub, seed=6)
+    good_uri = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=coarse.scene_id), timeout=30).checkpoint_uri
+    stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=coarse.scene_id), timeout=10)
+    corrupt = store.put("jobs/bad/corrupt.ckpt", b"definitely not a checkpoint")
+    good = store.get(store.key_from_uri(good_uri))
+    future = checkpoints.loads(good)
+    original_version = checkpoints.VERSION
+    checkpoints.VERSION = original_version + 1
+    try:
+        newer = store.put("jobs/bad/newer.ckpt", checkpoints.dumps(future))
+    finally:
+        checkpoints.VERSION = original_version
+
+    expect_error(lambda: stub.CreateScene(fine_request("file:///nowhere/coarse.ckpt"), timeout=10), grpc.StatusCode.NOT_FOUND, "init_checkpoint_uri")
+    expect_error(lambda: stub.CreateScene(fine_request(corrupt), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "init_checkpoint_uri")
+    expect_error(lambda: stub.CreateScene(fine_request(newer), timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "init_checkpoint_uri")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CreateScene(fine_request(good_uri, dmtet=scene_pb2.DMTetSettings(level=1e6)), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "config.dmtet.level" in field_violations(caught.value) and "1e+06" in caught.value.details()
+    expect_error(
+        lambda: stub.CreateScene(fine_request(good_uri, dmtet=scene_pb2.DMTetSettings(grid_cells=100000)), timeout=10),
+        grpc.StatusCode.INVALID_ARGUMENT, "config.dmtet.grid_cells",
+    )
+    assert len(running.servicer.scenes) == 0  # nothing half-created
+    created = create(stub)  # and the service keeps serving
+    stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=created.scene_id), timeout=10)

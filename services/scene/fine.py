@@ -207,7 +207,6 @@ class FineStage:
         self.counters.nonfinite_in_a_row = 0
         timer.lap("optimizer")
         losses["total"] = float(total.detach())
-        losses["faces"] = float(faces.shape[0])
         return StepReport(self.counters.step, losses, timer.seconds, skipped_total=self.counters.skipped_total)
 
     def _skip(self, step: int, losses: dict[str, float], phases: dict[str, float]) -> StepReport:

@@ -8,8 +8,8 @@ from magic3d.v1 import scene_pb2
 from pydantic import ValidationError
 
 from services.guidance.messages import _WEIGHTING_FROM_PROTO
-from services.scene.config import CoarseConfig, PriorTerm
-from shared.errors import InvalidArgument, Unimplemented
+from services.scene.config import CoarseConfig, FineConfig, PriorTerm
+from shared.errors import InvalidArgument
 from shared.schedules import Schedule
 
 
@@ -23,9 +23,57 @@ def schedule_from_proto(message: scene_pb2.Schedule, field: str) -> Schedule:
 def coarse_config_from_proto(message: scene_pb2.StageConfig, defaults: CoarseConfig) -> CoarseConfig:
     """Overlays the request's set fields on `defaults`; every violation names its proto field."""
     if message.stage not in (scene_pb2.STAGE_UNSPECIFIED, scene_pb2.STAGE_COARSE):
-        raise Unimplemented("only the coarse stage is served yet", "config.stage")
+        raise InvalidArgument("not a coarse-stage config", "config.stage")
+    if message.HasField("dmtet") or message.rasterizer_backend:
+        raise InvalidArgument("dmtet and rasterizer_backend configure the fine stage only", "config.dmtet")
+    updates = _common_updates(message, defaults.cameras)
+    if message.learning_rate:
+        updates["learning_rate"] = message.learning_rate
+    field_updates = {}
+    if message.encoding_backend:
+        field_updates["backend"] = message.encoding_backend
+    if message.HasField("hash_grid"):
+        grid = {k: v for k, v in _set_fields(message.hash_grid).items()}
+        field_updates["encoding"] = _replace(defaults.field.encoding, grid, "config.hash_grid")
+    if field_updates:
+        updates["field"] = _replace(defaults.field, field_updates, "config")
+    if message.samples_per_ray:
+        updates["renderer"] = _replace(
+            defaults.renderer, {"num_samples_per_ray": message.samples_per_ray}, "config.samples_per_ray"
+        )
+        updates["occupancy"] = _replace(
+            defaults.occupancy, {"step_size": updates["renderer"].step_size}, "config.samples_per_ray"
+        )
+    return _validated(CoarseConfig, defaults, updates)
+
+
+def fine_config_from_proto(message: scene_pb2.StageConfig, defaults: FineConfig) -> FineConfig:
+    """The fine stage's config; `learning_rate` sets the colour field's (texture's) learning rate. The colour
+    field's architecture always comes from the coarse checkpoint, so hash-grid settings are refused here."""
+    if message.stage != scene_pb2.STAGE_FINE:
+        raise InvalidArgument("not a fine-stage config", "config.stage")
+    for name in ("hash_grid", "encoding_backend", "samples_per_ray"):
+        set_here = message.HasField(name) if name == "hash_grid" else bool(getattr(message, name))
+        if set_here:
+            raise InvalidArgument("the fine stage takes its colour field from the coarse checkpoint", f"config.{name}")
+    updates = _common_updates(message, defaults.cameras)
+    if message.learning_rate:
+        updates["texture_learning_rate"] = message.learning_rate
+    if message.rasterizer_backend:
+        updates["rasterizer"] = message.rasterizer_backend
+    if message.HasField("dmtet"):
+        dmtet = {}
+        if message.dmtet.grid_cells:
+            dmtet["grid_cells"] = message.dmtet.grid_cells
+        if message.dmtet.HasField("level"):
+            dmtet["level"] = message.dmtet.level
+        updates["dmtet"] = {**defaults.dmtet.model_dump(), **dmtet}
+    return _validated(FineConfig, defaults, updates)
+
+
+def _common_updates(message: scene_pb2.StageConfig, default_cameras) -> dict:
     updates: dict = {}
-    for name in ("prompt", "negative_prompt", "resolution", "batch_size", "learning_rate", "seed"):
+    for name in ("prompt", "negative_prompt", "resolution", "batch_size", "seed"):
         value = getattr(message, name)
         if value:
             updates[name] = value
@@ -53,24 +101,13 @@ def coarse_config_from_proto(message: scene_pb2.StageConfig, defaults: CoarseCon
             for name in ("distance", "fovy_deg", "elevation_deg", "azimuth_deg")
             if message.cameras.HasField(name)
         }
-        updates["cameras"] = _replace(defaults.cameras, ranges, "config.cameras")
-    field_updates = {}
-    if message.encoding_backend:
-        field_updates["backend"] = message.encoding_backend
-    if message.HasField("hash_grid"):
-        grid = {k: v for k, v in _set_fields(message.hash_grid).items()}
-        field_updates["encoding"] = _replace(defaults.field.encoding, grid, "config.hash_grid")
-    if field_updates:
-        updates["field"] = _replace(defaults.field, field_updates, "config")
-    if message.samples_per_ray:
-        updates["renderer"] = _replace(
-            defaults.renderer, {"num_samples_per_ray": message.samples_per_ray}, "config.samples_per_ray"
-        )
-        updates["occupancy"] = _replace(
-            defaults.occupancy, {"step_size": updates["renderer"].step_size}, "config.samples_per_ray"
-        )
+        updates["cameras"] = _replace(default_cameras, ranges, "config.cameras")
+    return updates
+
+
+def _validated(model, defaults, updates: dict):
     try:
-        return CoarseConfig.model_validate({**defaults.model_dump(), **updates})
+        return model.model_validate({**defaults.model_dump(), **updates})
     except ValidationError as error:
         first = error.errors()[0]
         location = ".".join(str(part) for part in first["loc"])

@@ -2,7 +2,8 @@
 
     python -m services.scene.server --config deploy/config/scene.yaml [--host H] [--port P]
 
-The servicer only translates messages and errors; the optimisation is `services.scene.coarse.CoarseStage`.
+The servicer only translates messages and errors; the optimisation is `services.scene.coarse.CoarseStage` and
+`services.scene.fine.FineStage` (created from a coarse checkpoint), the export `services.scene.export`.
 It calls the guidance tier itself (logical prior names resolved by the registry), so rendered images never pass
 through its caller. Answers grpc.health.v1; JSON logs carry the job id.
 """
@@ -15,7 +16,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import structlog
 import torch
 import yaml
@@ -23,10 +23,13 @@ from magic3d.v1 import scene_pb2, scene_pb2_grpc
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.scene import checkpoint as checkpoints
+from services.scene.checkpoint import Checkpoint
 from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
-from services.scene.config import CoarseConfig
+from services.scene.config import CoarseConfig, FineConfig
+from services.scene.export import ExportSettings, export_textured_mesh
+from services.scene.fine import FineStage
 from services.scene.guidance import Guidance
-from services.scene.messages import coarse_config_from_proto
+from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
 from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
@@ -58,6 +61,10 @@ class SceneServiceConfig(BaseModel):
     registry_path: Path = Path("deploy/config/registry.yaml")
     # Partial CoarseConfig (YAML) under every request; the request's set fields win.
     coarse_defaults: dict = {"prompt": "unset"}
+    # Partial FineConfig under every fine-stage CreateScene (the same rule).
+    fine_defaults: dict = {"prompt": "unset"}
+    # Largest tetrahedral grid a fine scene may ask for (cells per side).
+    max_grid_cells: int = Field(default=256, ge=4)
     max_message_bytes: int = 64 * 2**20
     max_workers: int = Field(default=16, ge=2)
 
@@ -70,15 +77,16 @@ class SceneServiceConfig(BaseModel):
 class SceneEntry:
     scene_id: str
     job_id: str
-    stage: CoarseStage
+    stage: CoarseStage | FineStage
     memory_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     failure: str | None = None
 
 
-def training_state_bytes(stage: CoarseStage) -> int:
+def training_state_bytes(stage: CoarseStage | FineStage) -> int:
     """Parameters plus Adam's two moments: the part of a scene's memory that grows with its configuration."""
-    return 3 * sum(p.numel() * p.element_size() for p in stage.field.parameters())
+    modules = [stage.field] if isinstance(stage, CoarseStage) else [stage.geometry, stage.color_field]
+    return 3 * sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
 
 
 class SceneTable:
@@ -90,7 +98,7 @@ class SceneTable:
         self._entries: dict[str, SceneEntry] = {}
         self._lock = threading.Lock()
 
-    def add(self, job_id: str, stage: CoarseStage) -> SceneEntry:
+    def add(self, job_id: str, stage: CoarseStage | FineStage) -> SceneEntry:
         needed = training_state_bytes(stage)
         with self._lock:
             if len(self._entries) >= self.capacity:
@@ -131,6 +139,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         self.scenes = SceneTable(config.capacity, config.memory_budget_bytes)
         self.device = resolve_device(config.device)
         self.defaults = CoarseConfig.model_validate(config.coarse_defaults)
+        self.fine_defaults = FineConfig.model_validate(config.fine_defaults)
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 
@@ -139,15 +148,12 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             try:
                 if not request.job_id:
                     raise InvalidArgument("a job id is required", "job_id")
-                if request.init_checkpoint_uri:
-                    stage = self._stage_from_checkpoint(request.init_checkpoint_uri, request.job_id)
-                else:
-                    stage = CoarseStage(self._coarse_config(request.config), self.guidance, request.job_id, self.device)
+                stage = self._new_stage(request)
                 entry = self.scenes.add(request.job_id, stage)
             except ServiceError as error:
                 log.info("create_rejected", code=error.code.name, field=error.field, reason=error.message)
                 abort_with(context, error)
-            log.info("scene_created", scene_id=entry.scene_id, step=stage.step_count)
+            log.info("scene_created", scene_id=entry.scene_id, stage=_stage_name(stage), step=stage.step_count)
             return scene_pb2.CreateSceneResponse(scene_id=entry.scene_id, step=stage.step_count)
 
     def RunSteps(self, request, context):
@@ -208,12 +214,40 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         with entry.lock:
             step = entry.stage.step_count
             data = checkpoints.dumps(entry.stage.to_checkpoint())
-        uri = self.store.put(f"jobs/{entry.job_id}/coarse/step-{step:07d}.ckpt", data)
+        uri = self.store.put(f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt", data)
         log.info("checkpoint_saved", job_id=entry.job_id, step=step, uri=uri, bytes=len(data))
         return scene_pb2.SaveCheckpointResponse(checkpoint_uri=uri, step=step)
 
     def ExportMesh(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "mesh export comes with the fine stage")
+        entry = self._entry(request.scene_id, context)
+        with structlog.contextvars.bound_contextvars(job_id=entry.job_id, scene_id=entry.scene_id):
+            try:
+                formats = _export_formats(request.formats)
+                size = request.texture_size or 1024
+                if not 16 <= size <= 8192:
+                    raise InvalidArgument(f"must be within [16, 8192], got {size}", "texture_size")
+                with entry.lock:
+                    step = entry.stage.step_count
+                    vertices, faces = entry.stage.extract_mesh()
+                    albedo = _frozen_albedo(entry.stage)
+                    exported = export_textured_mesh(vertices, faces, albedo, ExportSettings(texture_size=size))
+            except ServiceError as error:
+                abort_with(context, error)
+            except ValueError as error:  # an empty mesh, a degenerate surface
+                abort_with(context, FailedPrecondition(f"cannot export this scene's mesh: {error}", "scene_id"))
+            prefix = f"jobs/{entry.job_id}/export/{_stage_name(entry.stage)}-step-{step:07d}"
+            files = []
+            for name, data in exported.files.items():
+                if _EXPORT_FORMAT_OF.get(name, "any") not in formats | {"any"}:
+                    continue
+                extension = name.rsplit(".", 1)[-1]
+                uri = self.store.put(f"{prefix}/{name}", data, _CONTENT_TYPES.get(extension, "application/octet-stream"))
+                files.append(scene_pb2.ExportedFile(name=name, uri=uri))
+            log.info("mesh_exported", step=step, faces=exported.faces, watertight=exported.report.watertight)
+            return scene_pb2.ExportMeshResponse(
+                artifact_uris=[f.uri for f in files], files=files,
+                face_count=exported.faces, watertight=exported.report.watertight,
+            )
 
     def DeleteScene(self, request, context):
         try:
@@ -244,12 +278,86 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             )
         return config
 
-    def _stage_from_checkpoint(self, uri: str, job_id: str) -> CoarseStage:
+    def _fine_config(self, message: scene_pb2.StageConfig) -> FineConfig:
+        config = fine_config_from_proto(message, self.fine_defaults)
+        if not message.prompt:
+            raise InvalidArgument("a prompt is required", "config.prompt")
+        if config.dmtet.grid_cells > self.config.max_grid_cells:
+            raise InvalidArgument(
+                f"{config.dmtet.grid_cells} cells per side is over this service's limit of {self.config.max_grid_cells}",
+                "config.dmtet.grid_cells",
+            )
+        return config
+
+    def _new_stage(self, request: scene_pb2.CreateSceneRequest) -> CoarseStage | FineStage:
+        """A new coarse scene, a resumed one (coarse or fine), or a fine scene converted from a coarse checkpoint."""
+        wanted = request.config.stage
+        if not request.init_checkpoint_uri:
+            if wanted == scene_pb2.STAGE_FINE:
+                raise InvalidArgument("the fine stage starts from a coarse checkpoint: give its URI", "init_checkpoint_uri")
+            return CoarseStage(self._coarse_config(request.config), self.guidance, request.job_id, self.device)
+        checkpoint = self._load_checkpoint(request.init_checkpoint_uri)
+        if wanted == scene_pb2.STAGE_FINE and checkpoint.stage == "coarse":
+            config = self._fine_config(request.config)  # validated before the coarse field is even built
+            coarse = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
+            try:
+                stage, report = FineStage.from_coarse(coarse, config, self.guidance, request.job_id, self.device)
+            except ServiceError as error:  # e.g. no surface at the level tried: name the request's field
+                raise type(error)(error.message, f"config.{error.field}" if error.field else None) from None
+            log.info(
+                "fine_stage_converted", level=round(report.level, 4), level_chosen=report.level_chosen,
+                silhouette_iou=round(report.silhouette_iou, 4), removed_vertices=report.removed_vertices,
+                faces=report.faces,
+            )
+            return stage
+        if wanted not in (scene_pb2.STAGE_UNSPECIFIED, _STAGE_FROM_NAME.get(checkpoint.stage)):
+            raise FailedPrecondition(
+                f"{request.init_checkpoint_uri} holds a {checkpoint.stage} scene; it cannot start a "
+                f"{scene_pb2.Stage.Name(wanted)} scene",
+                "init_checkpoint_uri",
+            )
+        if checkpoint.stage == "fine":
+            return FineStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
+        return CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
+
+    def _load_checkpoint(self, uri: str) -> Checkpoint:
         try:
             data = self.store.get(self.store.key_from_uri(uri))
         except (ArtifactNotFound, ValueError):
             raise NotFound(f"no checkpoint at {uri}", "init_checkpoint_uri") from None
-        return CoarseStage.from_checkpoint(checkpoints.loads(data, source=uri), self.guidance, job_id, self.device)
+        try:
+            return checkpoints.loads(data, source=uri)
+        except ServiceError as error:  # corrupt, foreign or of another format version: name the request field
+            raise type(error)(error.message, "init_checkpoint_uri") from None
+
+
+_STAGE_FROM_NAME = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FINE}
+# Which requested format needs each exported file (the texture and previews always come).
+_EXPORT_FORMAT_OF = {"model.glb": "glb", "model.obj": "obj", "model.mtl": "obj"}
+_CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "text/plain", "mtl": "text/plain", "png": "image/png", "gif": "image/gif"}
+
+
+def _stage_name(stage: CoarseStage | FineStage) -> str:
+    return "fine" if isinstance(stage, FineStage) else "coarse"
+
+
+def _export_formats(requested) -> set[str]:
+    formats = {f.strip().lower() for f in requested} or {"glb", "obj"}
+    unknown = sorted(formats - {"glb", "obj"})
+    if unknown:
+        raise InvalidArgument(f"unknown formats {unknown}; known: glb, obj", "formats")
+    return formats
+
+
+def _frozen_albedo(stage: CoarseStage | FineStage):
+    """The stage's colour field as a plain function of world points (no grad, on the stage's device)."""
+    field = stage.field if isinstance(stage, CoarseStage) else stage.color_field
+
+    def albedo(points: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return field(points.to(stage.device))["albedo"].cpu()
+
+    return albedo
 
 
 def start(

@@ -48,7 +48,9 @@ def level_views(radius: float, resolution: int, count: int = 8) -> list[Camera]:
 def tet_edges(tets: torch.Tensor) -> torch.Tensor:
     """Unique undirected edges (E, 2) of a tetrahedral mesh."""
     pairs = torch.cat([tets[:, [a, b]] for a, b in _TET_EDGE_PAIRS]).sort(dim=1).values
-    return torch.unique(pairs, dim=0)
+    count_v = int(tets.max()) + 1
+    keys = torch.unique(pairs[:, 0] * count_v + pairs[:, 1])
+    return torch.stack([keys // count_v, keys % count_v], dim=1)
 
 
 def silhouettes(

@@ -26,7 +26,8 @@ def interior_edge_faces(faces: torch.Tensor) -> torch.Tensor:
     """Pairs of faces (P, 2) sharing an edge (each undirected edge shared by exactly two faces)."""
     edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(dim=1).values
     face_of = torch.arange(faces.shape[0], device=faces.device).repeat(3)
-    _, inverse, counts = torch.unique(edges, dim=0, return_inverse=True, return_counts=True)
+    keys = edges[:, 0] * (int(faces.max()) + 1) + edges[:, 1]
+    _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
     order = torch.argsort(inverse, stable=True)
     shared = counts[inverse[order]] == 2
     pairs = face_of[order][shared].reshape(-1, 2)
@@ -50,7 +51,10 @@ def laplacian_smoothness(vertices: torch.Tensor, faces: torch.Tensor, scale: flo
     if faces.shape[0] == 0:
         return vertices.sum() * 0.0
     edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    edges = torch.unique(torch.cat([edges, edges.flip(1)]), dim=0)  # both directions, each once
+    both = torch.cat([edges, edges.flip(1)])
+    count_v = vertices.shape[0]
+    keys = torch.unique(both[:, 0] * count_v + both[:, 1])  # both directions, each once
+    edges = torch.stack([keys // count_v, keys % count_v], dim=1)
     sums = torch.zeros_like(vertices).index_add(0, edges[:, 0], vertices[edges[:, 1]])
     degree = torch.zeros(vertices.shape[0], device=vertices.device, dtype=vertices.dtype)
     degree = degree.index_add(0, edges[:, 0], torch.ones_like(edges[:, 0], dtype=vertices.dtype)).clamp(min=1)
