@@ -4,7 +4,7 @@
     python -m bench.fine_step --guidance grpc      # the guidance call over a standalone gRPC server
 
 The DMTet grid starts from the exact SDF of the analytic prior's red torus (real geometry, no coarse run needed)
-with a fresh colour field; after --warmup steps, --steps steps are timed. Guidance is the analytic prior ("a red
+with a fresh colour field (the cpu-demo preset's hash grid by default); after --warmup steps, --steps steps are timed. Guidance is the analytic prior ("a red
 torus"), so the guidance phase here is that prior's cost, not a diffusion model's. Not a test: prints a markdown
 table and optional JSON.
 """
@@ -22,6 +22,7 @@ import torch
 
 from bench.coarse_step import make_guidance
 from services.scene.config import DMTetConfig, FineConfig, PriorTerm
+from services.scene.field import FieldConfig, HashGridConfig
 from services.scene.fine import FineStage
 from shared.cameras import CameraRanges
 
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rasterizer", default="auto", choices=("auto", "torch", "nvdiffrast"))
     parser.add_argument("--guidance", default="inproc", choices=("inproc", "grpc"))
+    parser.add_argument("--levels", type=int, default=8, help="colour field hash grid levels (cpu-demo: 8)")
+    parser.add_argument("--log2-hashmap", type=int, default=15, help="colour field hash table size (cpu-demo: 15)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,6 +61,10 @@ def main() -> None:
         dmtet=DMTetConfig(grid_cells=args.cells),
         rasterizer=args.rasterizer,
         cameras=CameraRanges(elevation_deg=(-10.0, 60.0)),
+        field=FieldConfig(
+            encoding=HashGridConfig(n_levels=args.levels, log2_hashmap_size=args.log2_hashmap, base_resolution=16),
+            backend="torch" if args.device == "cpu" else "auto",
+        ),
     )
     stage = FineStage(config, guidance, "bench", args.device)
     with torch.no_grad():

@@ -1,0 +1,212 @@
+"""Job schedules as data: named presets (deploy/config/presets.yaml) and per-request overrides, validated.
+
+A preset is a list of stages, each with its number of steps and a `magic3d.v1.StageConfig` (proto JSON in the
+YAML). A request's `StageOverride`s replace the set fields of the matching stage's config (lists such as the prior terms
+whole, never appended to; maps such as loss weights key by key), and may change its steps. The result is validated with the scene
+service's own config parsers against the stage classes' defaults, so a bad override is refused at submit time with
+the offending field named, before any GPU work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from google.protobuf import json_format
+from magic3d.v1 import scene_pb2
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.scene.config import CoarseConfig, FineConfig
+from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
+from shared.errors import InvalidArgument, ServiceError
+
+STAGE_ENUM = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FINE}
+STAGE_NAME = {value: name for name, value in STAGE_ENUM.items()}
+
+
+class StagePreset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal["coarse", "fine"]
+    steps: int = Field(gt=0)
+    config: dict = {}
+
+    def stage_config(self) -> scene_pb2.StageConfig:
+        message = json_format.ParseDict(self.config, scene_pb2.StageConfig())
+        message.stage = STAGE_ENUM[self.stage]
+        return message
+
+
+class ExportPreset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    formats: tuple[str, ...] = ("glb", "obj")
+    texture_size: int = Field(default=1024, ge=16, le=8192)
+
+
+class Preset(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    description: str = ""
+    stages: list[StagePreset] = Field(min_length=1)
+    checkpoint_every: int = Field(default=500, gt=0)
+    progress_every: int = Field(default=10, gt=0)
+    export: ExportPreset = ExportPreset()
+
+    @model_validator(mode="after")
+    def _stage_order(self) -> "Preset":
+        names = [stage.stage for stage in self.stages]
+        if names not in (["coarse"], ["coarse", "fine"], ["fine"]):
+            raise ValueError(f"stages must be coarse, coarse then fine, or fine; got {names}")
+        for stage in self.stages:
+            stage.stage_config()  # proto JSON errors surface at load time
+        return self
+
+
+class PresetBook(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default: str
+    presets: dict[str, Preset]
+
+    @model_validator(mode="after")
+    def _names(self) -> "PresetBook":
+        for name, preset in self.presets.items():
+            preset.name = name
+        if self.default not in self.presets:
+            raise ValueError(f"default preset {self.default!r} is not defined")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PresetBook":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+    def get(self, name: str) -> Preset:
+        key = name or self.default
+        if key not in self.presets:
+            raise InvalidArgument(f"unknown preset {key!r}; known: {sorted(self.presets)}", "spec.preset")
+        return self.presets[key]
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str  # "coarse" | "fine"
+    steps: int
+    config: scene_pb2.StageConfig  # with prompt and seed filled in
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    preset: str
+    stages: tuple[PlannedStage, ...]
+    checkpoint_every: int
+    progress_every: int
+    export: ExportPreset
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+    def stage(self, name: str) -> PlannedStage | None:
+        return next((stage for stage in self.stages if stage.name == name), None)
+
+
+def merge_stage_config(base: scene_pb2.StageConfig, override: scene_pb2.StageConfig) -> scene_pb2.StageConfig:
+    """`base` with every field set in `override` replaced (lists whole, maps per key); `stage` is kept."""
+    merged = scene_pb2.StageConfig()
+    merged.CopyFrom(base)
+    for descriptor, value in override.ListFields():
+        if descriptor.name == "stage":
+            continue
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            target = getattr(merged, descriptor.name)
+            for key, item in value.items():  # per key; the only map, loss_weights, holds Schedule messages
+                target[key].CopyFrom(item)
+        elif descriptor.is_repeated:  # lists (the prior terms) are replaced whole
+            merged.ClearField(descriptor.name)
+            getattr(merged, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(merged, descriptor.name).CopyFrom(value)
+        else:
+            setattr(merged, descriptor.name, value)
+    return merged
+
+
+def plan_job(
+    book: PresetBook, preset_name: str, overrides, prompt: str, negative_prompt: str, seed: int
+) -> JobPlan:
+    """The stages a job runs: preset + overrides + the request's prompt and seed, validated (InvalidArgument)."""
+    preset = book.get(preset_name)
+    configs = {stage.stage: stage.stage_config() for stage in preset.stages}
+    steps = {stage.stage: stage.steps for stage in preset.stages}
+    for index, override in enumerate(overrides):
+        field = f"spec.overrides[{index}]"
+        name = STAGE_NAME.get(override.config.stage)
+        if name is None or name not in configs:
+            raise InvalidArgument(
+                f"config.stage must name a stage of preset {preset.name!r}: {list(configs)}", f"{field}.config.stage"
+            )
+        if override.steps < 0 or override.steps > 1_000_000:
+            raise InvalidArgument(f"must be within [0, 1000000], got {override.steps}", f"{field}.steps")
+        configs[name] = merge_stage_config(configs[name], override.config)
+        steps[name] = override.steps or steps[name]
+    stages = []
+    for name, config in configs.items():
+        if not config.prompt:
+            config.prompt = prompt
+        if not config.negative_prompt:
+            config.negative_prompt = negative_prompt
+        config.seed = seed
+        _validate(name, config, overrides)
+        stages.append(PlannedStage(name, steps[name], config))
+    return JobPlan(preset.name, tuple(stages), preset.checkpoint_every, preset.progress_every, preset.export)
+
+
+def _validate(name: str, config: scene_pb2.StageConfig, overrides) -> None:
+    """Parses the merged config as the scene service will (against the stage class's defaults)."""
+    try:
+        if name == "coarse":
+            coarse_config_from_proto(config, CoarseConfig(prompt=config.prompt or "unset"))
+        else:
+            fine_config_from_proto(config, FineConfig(prompt=config.prompt or "unset"))
+    except ServiceError as error:
+        index = next(
+            (i for i, o in enumerate(overrides) if STAGE_NAME.get(o.config.stage) == name), None
+        )
+        where = f"spec.overrides[{index}]." if index is not None else f"preset stage {name}: "
+        raise InvalidArgument(error.message, f"{where}{error.field or 'config'}") from None
+
+
+def prior_names(plan: JobPlan) -> list[tuple[str, str, str]]:
+    """(stage, prior name, checkpoint id) for every prior term the job will call."""
+    return [
+        (stage.name, term.prior, term.checkpoint_id) for stage in plan.stages for term in stage.config.priors
+    ]
+
+
+def plan_to_json(plan: JobPlan) -> dict:
+    """A JSON-ready description of the plan (for the provenance record)."""
+    return {
+        "preset": plan.preset,
+        "stages": [
+            {"stage": s.name, "steps": s.steps, "config": json_format.MessageToDict(s.config)} for s in plan.stages
+        ],
+        "checkpoint_every": plan.checkpoint_every,
+        "export": plan.export.model_dump(),
+    }
+
+
+__all__ = [
+    "ExportPreset",
+    "JobPlan",
+    "PlannedStage",
+    "Preset",
+    "PresetBook",
+    "merge_stage_config",
+    "plan_job",
+    "plan_to_json",
+    "prior_names",
+]
