@@ -24,7 +24,15 @@ from grpc_status import rpc_status
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
 from services.guidance import messages
-from services.guidance.priors.base import Conditioning, PriorInfo, PriorKind, SdsRequest, SdsResult, Weighting
+from services.guidance.priors.base import (
+    Conditioning,
+    PriorInfo,
+    PriorKind,
+    PromptCheck,
+    SdsRequest,
+    SdsResult,
+    Weighting,
+)
 from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -125,6 +133,31 @@ class GuidanceClient:
             if info.name == endpoint.prior:
                 return info
         raise NotFound(f"{endpoint.address} does not serve prior {endpoint.prior!r}", "prior")
+
+    def check_prompt(
+        self,
+        prior: str,
+        prompt: str,
+        negative_prompt: str = "",
+        checkpoint_id: str = "",
+        timeout_s: float | None = None,
+    ) -> PromptCheck:
+        """Checks a prompt against the prior behind logical name `prior` before any work starts.
+
+        Raises NotFound (field `prior` / `checkpoint_id`) for an unknown prior or checkpoint and InvalidArgument
+        (field `prompt` / `negative_prompt`) for a blank prompt, one over the token limit (the longest view suffix
+        included) or, for the analytic prior, one naming no known object. A checkpoint id given here wins over
+        the registry's, as in `compute_sds`.
+        """
+        endpoint = self.endpoint(prior)
+        checkpoint = checkpoint_id or endpoint.checkpoint_id
+        if checkpoint != endpoint.checkpoint_id:
+            endpoint = dataclasses.replace(endpoint, checkpoint_id=checkpoint)
+        message = guidance_pb2.CheckPromptRequest(
+            prior=endpoint.prior, checkpoint_id=checkpoint, prompt=prompt, negative_prompt=negative_prompt
+        )
+        response = self._call(endpoint, "CheckPrompt", message, timeout_s)
+        return messages.prompt_check_from_proto(response)
 
     def compute_sds(self, request: SdsRequest, timeout_s: float | None = None) -> SdsResult:
         """SDS gradients for `request`, whose `prior` is a logical name (resolved through the registry).

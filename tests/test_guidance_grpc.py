@@ -13,11 +13,14 @@ from magic3d.v1 import common_pb2, guidance_pb2, guidance_pb2_grpc
 
 from conftest import CountingPrior, counting_config
 from services.guidance import messages, standalone
+from services.guidance.config import DEFAULT_CONFIG
 from services.guidance.pool import PriorPool
-from services.guidance.priors.base import PriorKind, SdsRequest
+from services.guidance.priors.base import PriorKind, PromptCheck, SdsRequest
 from shared import tensors
-from shared.errors import field_violations
+from shared.errors import InvalidArgument, NotFound, field_violations
+from shared.guidance_client import GuidanceClient
 from shared.grpcio import insecure_channel
+from shared.registry import Registry
 
 GATE = threading.Event()
 
@@ -208,3 +211,97 @@ def test_overload_answers_resource_exhausted_and_loses_nothing_accepted(server, 
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in outcomes
     assert outcomes.count(True) >= 2  # what was queued completes once the denoiser frees up
     assert set(outcomes) <= {True, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+# -- CheckPrompt -----------------------------------------------------------------------------------------------
+# The counting prior's limit is 8 whitespace-separated words; the longest view suffix (", overhead view") adds 2.
+
+
+@pytest.fixture(scope="module")
+def analytic_server():
+    running = standalone.start(DEFAULT_CONFIG.model_copy(update={"port": 0}))
+    yield running
+    running.stop(grace=None)
+
+
+def _check(stub, prior="counting", prompt="a red torus", negative_prompt="", checkpoint_id=""):
+    request = guidance_pb2.CheckPromptRequest(
+        prior=prior, checkpoint_id=checkpoint_id, prompt=prompt, negative_prompt=negative_prompt
+    )
+    return stub.CheckPrompt(request, timeout=10)
+
+
+def test_check_prompt_counts_with_the_longest_view_suffix(stub):
+    response = _check(stub, prompt="a red torus", negative_prompt="blurry low quality")
+    assert (response.prompt_tokens, response.negative_prompt_tokens, response.max_tokens) == (5, 3, 8)
+    assert _check(stub, prompt="one two three four five six").prompt_tokens == 8  # exactly at the limit
+    assert _check(stub, checkpoint_id="default").max_tokens == 8
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "field"),
+    [
+        ({"prompt": "a very very very very very very long prompt"}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        # Fits alone (7 words), not with ", overhead view" appended.
+        ({"prompt": "one two three four five six seven"}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({"prompt": "   "}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        ({"negative_prompt": " "}, grpc.StatusCode.INVALID_ARGUMENT, "negative_prompt"),
+        ({"negative_prompt": "one two three four five six seven eight nine"}, grpc.StatusCode.INVALID_ARGUMENT,
+         "negative_prompt"),
+        ({"prior": "sd-99"}, grpc.StatusCode.NOT_FOUND, "prior"),
+        ({"prior": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prior"),
+        ({"checkpoint_id": "dreambooth-1"}, grpc.StatusCode.NOT_FOUND, "checkpoint_id"),
+    ],
+    ids=["long", "long-with-suffix", "blank", "empty", "blank-negative", "long-negative", "unknown-prior",
+         "no-prior", "unknown-checkpoint"],
+)
+def test_check_prompt_rejections_name_the_field(stub, fields, code, field):
+    with pytest.raises(grpc.RpcError) as caught:
+        _check(stub, **fields)
+    assert caught.value.code() == code
+    violations = field_violations(caught.value)
+    assert list(violations) == [field] and violations[field]
+
+
+def test_check_prompt_on_the_analytic_prior(analytic_server):
+    channel = insecure_channel(analytic_server.address)
+    try:
+        stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
+        response = _check(stub, prior="analytic", prompt="a red torus", negative_prompt="a blue sphere")
+        assert (response.prompt_tokens, response.negative_prompt_tokens, response.max_tokens) == (5, 3, 77)
+        with pytest.raises(grpc.RpcError) as caught:
+            _check(stub, prior="analytic", prompt="a photo of a teapot")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "names no object" in field_violations(caught.value)["prompt"]
+    finally:
+        channel.close()
+
+
+def test_guidance_client_check_prompt_through_an_alias(server, analytic_server):
+    registry = Registry.model_validate(
+        {
+            "client": {"timeout_s": 10, "max_attempts": 2},
+            "priors": {
+                "counting": {"kind": "standalone", "address": server.address},
+                "analytic-local": {"kind": "standalone", "address": analytic_server.address, "prior": "analytic"},
+                "toy": {"kind": "alias", "target": "analytic-local"},
+                "bad-checkpoint": {"kind": "alias", "target": "counting", "checkpoint_id": "nope"},
+            },
+        }
+    )
+    with GuidanceClient(registry) as client:
+        assert client.check_prompt("toy", "a green cube", negative_prompt="torus") == PromptCheck(5, 1, 77)
+        assert client.check_prompt("counting", "a red torus").max_tokens == 8
+        with pytest.raises(InvalidArgument) as caught:
+            client.check_prompt("toy", "a teapot")
+        assert caught.value.field == "prompt"
+        with pytest.raises(InvalidArgument) as caught:
+            client.check_prompt("counting", "a red torus", negative_prompt="  ")
+        assert caught.value.field == "negative_prompt"
+        with pytest.raises(NotFound) as caught:
+            client.check_prompt("bad-checkpoint", "a red torus")
+        assert caught.value.field == "checkpoint_id"
+        with pytest.raises(NotFound) as caught:
+            client.check_prompt("not-in-the-registry", "a red torus")
+        assert caught.value.field == "prior"

@@ -340,3 +340,17 @@ def test_guidance_client_retries_overload_until_served(client):
     for thread in threads:
         thread.join(timeout=40)
     assert not errors and len(results) == 6
+
+
+def test_check_prompt_through_the_proxy_and_the_client(stub, client):
+    request = guidance_pb2.CheckPromptRequest(prior="analytic", prompt="a red torus", negative_prompt="a blue sphere")
+    response = stub.CheckPrompt(request, metadata=metadata(), timeout=30)
+    assert (response.prompt_tokens, response.negative_prompt_tokens, response.max_tokens) == (5, 3, 77)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CheckPrompt(guidance_pb2.CheckPromptRequest(prior="analytic", prompt="a teapot"), metadata=metadata(),
+                         timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in field_violations(caught.value)
+    with pytest.raises(NotFound) as not_found:
+        client.check_prompt("swappable", "a red torus", checkpoint_id="no-such-checkpoint", timeout_s=30)
+    assert not_found.value.field == "checkpoint_id"
+    assert client.check_prompt("swappable", "a red torus", timeout_s=30).token_count == 5

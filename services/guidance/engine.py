@@ -17,11 +17,39 @@ from dataclasses import dataclass, field
 from services.guidance import sds
 from services.guidance.config import GuidanceConfig
 from services.guidance.pool import PriorPool
-from services.guidance.priors.base import DiffusionPrior, PriorInfo, SdsRequest, SdsResult
-from shared.errors import ResourceExhausted, ServiceError, Unavailable
+from services.guidance.priors.base import DiffusionPrior, PriorInfo, PromptCheck, SdsRequest, SdsResult
+from shared.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from shared.logging import get_logger
 
 log = get_logger(__name__)
+
+
+# The longest suffix `sds.conditions_for` may append to a prompt (view-dependent prompting).
+LONGEST_VIEW_SUFFIX = max(sds._VIEW_SUFFIXES, key=len)
+
+
+def check_prompt(prior: DiffusionPrior, prompt: str, negative_prompt: str = "") -> PromptCheck:
+    """CheckPrompt on a loaded prior: the prompt checks ComputeSds makes, with view-dependent prompting assumed.
+
+    The prompt must pass the prior's own `validate_prompt` as is and with the longest view suffix appended (as
+    `sds.validate_request` checks it when cameras and view-dependent prompting are on); a non-empty negative
+    prompt must pass it too. Errors are InvalidArgument naming `prompt` / `negative_prompt`.
+    """
+    prior.validate_prompt(prompt, "prompt")
+    try:
+        prior.validate_prompt(prompt + LONGEST_VIEW_SUFFIX, "prompt")
+    except InvalidArgument as error:
+        raise InvalidArgument(
+            f"{error.message} (with the longest view suffix {LONGEST_VIEW_SUFFIX!r} appended, as ComputeSds may)",
+            error.field,
+        ) from None
+    if negative_prompt:
+        prior.validate_prompt(negative_prompt, "negative_prompt")
+    return PromptCheck(
+        token_count=prior.count_tokens(prompt + LONGEST_VIEW_SUFFIX),
+        negative_token_count=prior.count_tokens(negative_prompt) if negative_prompt else 0,
+        max_tokens=prior.info.max_prompt_tokens,
+    )
 
 
 @dataclass
@@ -61,6 +89,10 @@ class GuidanceEngine:
 
     def prior(self, name: str, checkpoint_id: str = "") -> DiffusionPrior:
         return self.pool.get(name, checkpoint_id)
+
+    def check_prompt(self, prior: str, prompt: str, negative_prompt: str = "", checkpoint_id: str = "") -> PromptCheck:
+        """NotFound naming `prior` / `checkpoint_id`, else `check_prompt` on that (possibly newly loaded) prior."""
+        return check_prompt(self.pool.get(prior, checkpoint_id), prompt, negative_prompt)
 
     def submit(self, request: SdsRequest) -> Future:
         """Validates now (errors raise here), then queues; the future resolves to an SdsResult."""

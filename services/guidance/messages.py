@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from magic3d.v1 import common_pb2, guidance_pb2
 
-from services.guidance.priors.base import Conditioning, PriorInfo, PriorKind, SdsRequest, SdsResult, Weighting
+from services.guidance.priors.base import (
+    Conditioning,
+    PriorInfo,
+    PriorKind,
+    PromptCheck,
+    SdsRequest,
+    SdsResult,
+    Weighting,
+)
 from shared import cameras, tensors
 from shared.errors import InvalidArgument, Unimplemented
 
@@ -153,4 +161,26 @@ def sds_result_from_proto(message: guidance_pb2.ComputeSdsResponse) -> SdsResult
         finite=list(message.finite),
         prompts=list(message.prompts),
         server_time_s=message.server_time_s,
+    )
+
+
+def check_prompt_request_fields(message: guidance_pb2.CheckPromptRequest) -> None:
+    """What CheckPrompt can check without the prior (the rest is `engine.check_prompt`)."""
+    if not message.prior:
+        raise InvalidArgument("name the prior to use", "prior")
+
+
+def prompt_check_to_proto(check: PromptCheck) -> guidance_pb2.CheckPromptResponse:
+    return guidance_pb2.CheckPromptResponse(
+        prompt_tokens=check.token_count,
+        negative_prompt_tokens=check.negative_token_count,
+        max_tokens=check.max_tokens,
+    )
+
+
+def prompt_check_from_proto(message: guidance_pb2.CheckPromptResponse) -> PromptCheck:
+    return PromptCheck(
+        token_count=message.prompt_tokens,
+        negative_token_count=message.negative_prompt_tokens,
+        max_tokens=message.max_tokens,
     )

@@ -50,7 +50,7 @@ from ray.serve.handle import DeploymentHandle
 
 from services.guidance import messages, sds
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig
-from services.guidance.engine import EngineStats
+from services.guidance.engine import EngineStats, check_prompt
 from services.guidance.pool import BUILDERS, PriorBuilder, PriorPool
 from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest, SdsResult
 from shared.errors import InvalidArgument, NotFound, ServiceError
@@ -181,7 +181,9 @@ def model_id(prior: str, checkpoint_id: str = "") -> str:
     return f"{prior}:{checkpoint_id or DEFAULT_CHECKPOINT}"
 
 
-def resolve_model_id(request: SdsRequest, multiplexed_id: str) -> tuple[str, str]:
+def resolve_model_id(
+    request: SdsRequest | guidance_pb2.CheckPromptRequest, multiplexed_id: str
+) -> tuple[str, str]:
     """(prior, checkpoint) of a request from its body and the `multiplexed_model_id` metadata, which must agree."""
     prior, checkpoint = request.prior, request.checkpoint_id
     if multiplexed_id:
@@ -291,6 +293,23 @@ class GuidanceDeployment:
             return guidance_pb2.ComputeSdsResponse()
         result.server_time_s = time.perf_counter() - start
         return messages.sds_response_to_proto(result, name, checkpoint)
+
+    async def CheckPrompt(self, request: guidance_pb2.CheckPromptRequest, grpc_context=None):
+        """The prompt checks of ComputeSds, on this replica's loaded prior. Errors as in ComputeSds."""
+        try:
+            messages.check_prompt_request_fields(request)
+            name, checkpoint = resolve_model_id(request, serve.get_multiplexed_model_id())
+            self._check_known(name, checkpoint)
+            loaded = await self._load(model_id(name, checkpoint))
+            check = await asyncio.to_thread(check_prompt, loaded.prior, request.prompt, request.negative_prompt)
+        except ServiceError as error:
+            log.info("prompt_rejected", prior=request.prior, code=error.code.name, field=error.field,
+                     reason=error.message)
+            if grpc_context is None:
+                raise
+            set_error(grpc_context, error)
+            return guidance_pb2.CheckPromptResponse()
+        return messages.prompt_check_to_proto(check)
 
     def _check_known(self, name: str, checkpoint: str) -> None:
         """NotFound (naming `prior` / `checkpoint_id`) before the multiplexer is asked for an id that cannot load."""

@@ -41,3 +41,15 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
                 finite=all(result.finite),
             )
             return messages.sds_response_to_proto(result, request.prior, request.checkpoint_id)
+
+    def CheckPrompt(self, request, context):
+        with structlog.contextvars.bound_contextvars(prior=request.prior):
+            try:
+                messages.check_prompt_request_fields(request)
+                check = self.engine.check_prompt(
+                    request.prior, request.prompt, request.negative_prompt, request.checkpoint_id
+                )
+            except ServiceError as error:
+                log.info("prompt_rejected", code=error.code.name, field=error.field, reason=error.message)
+                abort_with(context, error)
+            return messages.prompt_check_to_proto(check)

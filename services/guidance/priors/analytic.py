@@ -247,6 +247,10 @@ class AnalyticPrior(DiffusionPrior):
         return match_objects(prompt, self.objects)
 
     # ------------------------------------------------------------------ validation
+    def count_tokens(self, prompt: str) -> int:
+        """Words of the prompt (the unit of this prior's limit)."""
+        return len(prompt_words(prompt))
+
     def validate_prompt(self, prompt: str, field: str) -> None:
         """Empty or over-long prompts are rejected; positive prompts must also name an object of the set.
 
@@ -254,7 +258,7 @@ class AnalyticPrior(DiffusionPrior):
         """
         if not prompt or not prompt.strip():
             raise InvalidArgument("must not be empty", field)
-        count = len(prompt_words(prompt))
+        count = self.count_tokens(prompt)
         limit = self.info.max_prompt_tokens
         if count > limit:
             raise InvalidArgument(f"{count} words is over the limit of {limit}", field)

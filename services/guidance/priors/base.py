@@ -97,6 +97,19 @@ class SdsResult:
     server_time_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class PromptCheck:
+    """An accepted prompt's size (mirrors magic3d.v1.CheckPromptResponse).
+
+    `token_count` is the prompt with the longest view suffix appended, as the prior's text encoder counts it;
+    `negative_token_count` is 0 for an empty negative prompt. Both are <= `max_tokens`.
+    """
+
+    token_count: int
+    negative_token_count: int
+    max_tokens: int
+
+
 class DiffusionPrior(abc.ABC):
     """A denoiser eps(x_t; y, t) with a noise schedule, working on images encoded into its own space."""
 
@@ -117,6 +130,10 @@ class DiffusionPrior(abc.ABC):
 
     def validate_prompt(self, prompt: str, field: str) -> None:
         """Raises InvalidArgument naming `field` if the prompt is unusable (empty, too long, unknown)."""
+
+    def count_tokens(self, prompt: str) -> int:
+        """Length of the prompt in the units `info.max_prompt_tokens` limits. Default: whitespace-separated words."""
+        return len(prompt.split())
 
     @abc.abstractmethod
     def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:
