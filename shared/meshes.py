@@ -264,3 +264,17 @@ def load_mesh(path: str | Path, up_axis: str = "auto", radius: float = 0.5) -> M
     if colors is not None and colors.shape[0] != vertices.shape[0]:
         colors = None
     return normalize_mesh(Mesh(vertices, faces, colors), radius)
+
+
+def load_mesh_bytes(data: bytes, file_format: str, up_axis: str = "y", radius: float = 0.5) -> Mesh:
+    """`load_mesh` for uploaded bytes ("glb" or "obj"). Uploads are taken as +Y up (glTF's rule, and what this
+    project's own OBJ/GLB exports use), rotated to the scene's +Z up, centred and scaled to `radius`."""
+    import tempfile
+
+    suffix = {"glb": ".glb", "obj": ".obj"}.get(file_format.lower())
+    if suffix is None:
+        raise ValueError(f"unknown mesh format {file_format!r}; known: glb, obj")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"upload{suffix}"
+        path.write_bytes(data)
+        return load_mesh(path, up_axis=up_axis, radius=radius)

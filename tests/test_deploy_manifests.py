@@ -201,12 +201,21 @@ def test_configmap_holds_a_valid_guidance_config_and_registry():
 
 def test_default_local_configs():
     guidance = GuidanceConfig.load(CONFIG / "guidance.yaml")
-    assert [(p.name, p.kind) for p in guidance.priors] == [("analytic", PriorKind.ANALYTIC)]
+    assert [(p.name, p.kind, p.resolution) for p in guidance.priors] == [
+        ("analytic", PriorKind.ANALYTIC, 64), ("analytic-lowres", PriorKind.ANALYTIC, 32)
+    ]
     assert guidance.host == "127.0.0.1" and guidance.port == 50051
     registry = Registry.load(CONFIG / "registry.yaml")
     endpoint = registry.resolve("analytic")
     assert (endpoint.kind, endpoint.address, endpoint.prior) == ("standalone", "127.0.0.1:50051", "analytic")
     assert registry.resolve("default") == dataclasses.replace(endpoint, logical_name="default")
+    # Every prior the local presets name resolves (the cpu-demo preset runs on this registry).
+    from services.orchestrator.presets import PresetBook, plan_job, prior_names
+
+    book = PresetBook.load(CONFIG / "presets.yaml")
+    demo = plan_job(book, "cpu-demo", [], "a red torus", "", 0)
+    for _, prior, _ in prior_names(demo):
+        assert registry.resolve(prior).address == "127.0.0.1:50051"
 
 
 def test_registry_aliases_metadata_and_errors():

@@ -334,6 +334,14 @@ class JobStore:
             raise RequestIdConflict(request_id, row["job_id"])
         return _record(row)
 
+    def find_by_request_id(self, request_id: str, spec: bytes) -> JobRecord | None:
+        """The job an earlier submit with this request_id created, or None; RequestIdConflict if it was made
+        from a different spec. Lets a server answer a retried submit before re-validating it."""
+        if not request_id:
+            return None
+        rows = self._query("SELECT * FROM jobs WHERE request_id = ?", (request_id,))
+        return self._existing(rows[0], request_id, spec_digest(bytes(spec))) if rows else None
+
     def get(self, job_id: str) -> JobRecord:
         rows = self._query("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
         if not rows:

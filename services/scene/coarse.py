@@ -161,6 +161,12 @@ class CoarseStage:
         # Density grows inwards, so skimage's triangles face inwards: flip them to wind outwards.
         return vertices, faces[:, [0, 2, 1]]
 
+    def retarget(self, prompt: str, negative_prompt: str = "") -> None:
+        """Prompt-based editing (Magic3D): keep the fitted field and optimiser, guide it with a new prompt from
+        step 0 (so the stage's schedules start over)."""
+        self.config = self.config.model_copy(update={"prompt": prompt, "negative_prompt": negative_prompt})
+        self.counters = Counters()
+
     # -- checkpoints ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

@@ -38,6 +38,7 @@ from services.scene.steps import (
 )
 from shared.cameras import Camera, sample_cameras
 from shared.errors import FailedPrecondition
+from shared.mesh_metrics import winding_number
 from shared.rasterize import Rasterizer, make_rasterizer
 
 __all__ = ["FineStage", "ConversionReport", "make_stage_rasterizer"]
@@ -117,6 +118,33 @@ class FineStage:
         report = stage._initialise_sdf(coarse)
         stage.config = config.model_copy(update={"dmtet": config.dmtet.model_copy(update={"level": report.level})})
         return stage, report
+
+    @classmethod
+    def from_mesh(
+        cls, vertices: torch.Tensor, faces: torch.Tensor, config: FineConfig, guidance: Guidance, job_id: str,
+        device: str | torch.device = "cpu",
+    ) -> tuple["FineStage", ConversionReport]:
+        """A fine stage whose SDF starts from a user's mesh (inside = generalised winding number > 1/2, so open or
+        imperfect uploads still work); the colour field and background start fresh."""
+        stage = cls(config, guidance, job_id, device)
+        report = stage._initialise_sdf_from_mesh(vertices, faces)
+        return stage, report
+
+    @torch.no_grad()
+    def _initialise_sdf_from_mesh(self, vertices: torch.Tensor, faces: torch.Tensor) -> ConversionReport:
+        geometry = self.geometry
+        positions, tets = geometry.rest_positions.cpu(), geometry.tets.cpu()
+        inside = winding_number(positions, vertices.float(), faces)
+        edges = conversion.tet_edges(tets)
+        sdf = conversion.sdf_from_density(inside, 0.5, geometry.cells, geometry.cell_size, edges)
+        _, surface = marching_tets(positions, sdf, tets)
+        if surface.shape[0] == 0:
+            raise FailedPrecondition(
+                f"the mesh encloses no volume on a {geometry.cells}-cell grid (too thin, or open)", "init_mesh"
+            )
+        geometry.sdf.copy_(sdf.to(geometry.sdf))
+        return ConversionReport(level=0.5, level_chosen=False, silhouette_iou=float("nan"), removed_vertices=0,
+                                faces=int(surface.shape[0]))
 
     @torch.no_grad()
     def _initialise_sdf(self, coarse: CoarseStage) -> ConversionReport:

@@ -37,6 +37,7 @@ from shared.devices import resolve_device
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from shared.grpcio import RunningServer, abort_with, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient
+from shared.meshes import load_mesh_bytes
 from shared.registry import Registry
 from shared.store import ArtifactNotFound, ArtifactStore, open_store
 
@@ -292,6 +293,8 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
     def _new_stage(self, request: scene_pb2.CreateSceneRequest) -> CoarseStage | FineStage:
         """A new coarse scene, a resumed one (coarse or fine), or a fine scene converted from a coarse checkpoint."""
         wanted = request.config.stage
+        if request.init_mesh:
+            return self._fine_from_mesh(request)
         if not request.init_checkpoint_uri:
             if wanted == scene_pb2.STAGE_FINE:
                 raise InvalidArgument("the fine stage starts from a coarse checkpoint: give its URI", "init_checkpoint_uri")
@@ -318,7 +321,24 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             )
         if checkpoint.stage == "fine":
             return FineStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
-        return CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
+        stage = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
+        if request.config.prompt and request.config.prompt != stage.config.prompt:
+            # Another prompt on a coarse checkpoint: prompt-based editing, the fitted scene fine-tuned from step 0.
+            stage.retarget(request.config.prompt, request.config.negative_prompt)
+            log.info("coarse_stage_retargeted", prompt=request.config.prompt)
+        return stage
+
+    def _fine_from_mesh(self, request: scene_pb2.CreateSceneRequest) -> FineStage:
+        if request.config.stage != scene_pb2.STAGE_FINE or request.init_checkpoint_uri:
+            raise InvalidArgument("a mesh starts a fine-stage scene (config.stage = STAGE_FINE), alone", "init_mesh")
+        config = self._fine_config(request.config)
+        try:
+            mesh = load_mesh_bytes(request.init_mesh, request.init_mesh_format or "glb")
+        except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable upload
+            raise InvalidArgument(f"unreadable mesh: {error}", "init_mesh") from None
+        stage, report = FineStage.from_mesh(mesh.vertices, mesh.faces, config, self.guidance, request.job_id, self.device)
+        log.info("fine_stage_from_mesh", faces=report.faces, uploaded_faces=int(mesh.faces.shape[0]))
+        return stage
 
     def _load_checkpoint(self, uri: str) -> Checkpoint:
         try:

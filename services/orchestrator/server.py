@@ -1,0 +1,142 @@
+"""The orchestrator service: what clients call (Generate, and the job operations).
+
+    python -m services.orchestrator.server --config deploy/config/orchestrator.yaml [--host H] [--port P]
+
+It keeps jobs in SQLite (a persistent volume in Kubernetes), drives scene replicas over gRPC, checks priors and
+prompts against the guidance tier (through the same registry the scene services use) before accepting a job,
+reads and links artifacts in the shared store, and exports Prometheus metrics. Answers grpc.health.v1.
+Authentication and TLS belong at the edge (an ingress or a server interceptor here; a later issue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+from pathlib import Path
+
+import yaml
+from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.orchestrator.jobs import JobStore
+from services.orchestrator.metrics import start_metrics
+from services.orchestrator.presets import PresetBook
+from services.orchestrator.runner import JobRunner, PriorChecker, RunnerSettings
+from services.orchestrator.scenes import SceneReplicas
+from services.orchestrator.servicer import OrchestratorServicer
+from shared import logging as project_logging
+from shared.grpcio import RunningServer, serve_until_signalled, start_server
+from shared.guidance_client import GuidanceClient
+from shared.registry import Registry
+from shared.store import ArtifactStore, open_store
+
+log = project_logging.get_logger(__name__)
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+
+
+class OrchestratorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50071, ge=0, le=65535)
+    # Prometheus /metrics on this port (same host); None: off.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    database_path: Path = Path("out/orchestrator/jobs.db")
+    store_uri: str = "out/store"
+    scene_replicas: list[str] = Field(default_factory=lambda: ["127.0.0.1:50061"], min_length=1)
+    # Jobs one scene replica runs at once (admission control); more wait in the queue.
+    jobs_per_replica: int = Field(default=1, ge=1)
+    # Queued jobs beyond which submits get RESOURCE_EXHAUSTED with a retry hint.
+    queue_size: int = Field(default=16, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    checkpoint_every: int | None = Field(default=None, gt=0)  # overrides every preset's, when set
+    registry_path: Path = Path("deploy/config/registry.yaml")
+    presets_path: Path = Path("deploy/config/presets.yaml")
+    max_workers: int = Field(default=32, ge=4)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "OrchestratorConfig":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+def code_version() -> str:
+    """The package version and, in a checkout, the git commit (for provenance records)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("magic3d-service")
+    except PackageNotFoundError:
+        text = "unknown"
+    commit = os.environ.get("MAGIC3D_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+    return f"{text}+{commit}" if commit else text
+
+
+def start(
+    config: OrchestratorConfig, priors: PriorChecker | None = None, store: ArtifactStore | None = None
+) -> RunningServer:
+    """Starts the runner (resuming unfinished jobs) and the gRPC server; `stop()` stops both."""
+    presets = PresetBook.load(config.presets_path)
+    if config.checkpoint_every:
+        for preset in presets.presets.values():
+            preset.checkpoint_every = config.checkpoint_every
+    guidance = None
+    if priors is None:
+        guidance = GuidanceClient(Registry.load(config.registry_path))
+        priors = guidance
+    config.database_path.parent.mkdir(parents=True, exist_ok=True)
+    jobs = JobStore(config.database_path)
+    replicas = SceneReplicas(config.scene_replicas, config.jobs_per_replica)
+    runner = JobRunner(
+        jobs, store or open_store(config.store_uri), replicas, presets, priors,
+        RunnerSettings(queue_size=config.queue_size, max_attempts=config.max_attempts, code_version=code_version()),
+    )
+    runner.start()
+    metrics = start_metrics(runner, config.host, config.metrics_port) if config.metrics_port is not None else None
+
+    def on_stop() -> None:
+        runner.stop()
+        replicas.close()
+        jobs.close()
+        if guidance is not None:
+            guidance.close()
+        if metrics is not None:
+            metrics.shutdown()
+
+    running = start_server(
+        OrchestratorServicer(runner),
+        orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
+        SERVICE_NAME,
+        f"{config.host}:{config.port}",
+        max_workers=config.max_workers,
+        on_stop=on_stop,
+    )
+    running.metrics_port = metrics.port if metrics is not None else None
+    return running
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="orchestrator YAML (default: built-in defaults)")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args()
+    project_logging.configure()
+    config = OrchestratorConfig.load(args.config) if args.config else OrchestratorConfig()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    config = config.model_copy(update=overrides)
+    running = start(config)
+    log.info("orchestrator_serving", address=f"{config.host}:{running.port}", replicas=config.scene_replicas)
+    serve_until_signalled(running)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""OrchestratorService over grpcio: translates messages and errors; the work is `runner.JobRunner`'s.
+
+Jobs are resources named "jobs/<id>" (AIP-151 long-running operations): SubmitJob returns the job at once;
+Generate submits and streams its events until it ends; WatchJob streams an existing job's events, starting with a
+snapshot of its current state (events are not persisted, so a watcher after a restart still learns where the job
+is); the stream ends with the job.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from services.orchestrator import presets as presets_module
+from services.orchestrator.jobs import JobRecord, JobState
+from services.orchestrator.runner import JobRunner
+from shared import logging as project_logging
+from shared.errors import InvalidArgument, NotFound, ServiceError
+from shared.grpcio import abort_with
+
+log = project_logging.get_logger(__name__)
+
+_STATE_TO_PROTO = {
+    JobState.QUEUED: orchestrator_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: orchestrator_pb2.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: orchestrator_pb2.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: orchestrator_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: orchestrator_pb2.JOB_STATE_CANCELLED,
+}
+
+
+def job_to_proto(record: JobRecord) -> orchestrator_pb2.Job:
+    return orchestrator_pb2.Job(
+        name=f"jobs/{record.job_id}",
+        spec=orchestrator_pb2.JobSpec.FromString(record.spec),
+        state=_STATE_TO_PROTO[record.state],
+        stage=presets_module.STAGE_ENUM.get(record.stage, 0),
+        step=record.step,
+        total_steps=record.total_steps,
+        artifacts=[orchestrator_pb2.Artifact(kind=k, uri=v) for k, v in sorted(record.artifacts.items())],
+        error=record.error,
+        create_time=_timestamp(record.create_time),
+        update_time=_timestamp(record.update_time),
+    )
+
+
+def snapshot_event(record: JobRecord, queue_position: int = 0) -> orchestrator_pb2.JobEvent:
+    """The job's current state as one event (what a watcher gets first)."""
+    event = orchestrator_pb2.JobEvent(job_name=f"jobs/{record.job_id}")
+    if record.state == JobState.SUCCEEDED:
+        event.done.artifacts.extend(job_to_proto(record).artifacts)
+    elif record.state in (JobState.FAILED, JobState.CANCELLED):
+        event.failed.reason = record.error or record.state.value
+    elif record.state == JobState.QUEUED:
+        event.queued.position = queue_position
+    else:
+        event.progress.stage = presets_module.STAGE_ENUM.get(record.stage, 0)
+        event.progress.step = record.step
+        event.progress.total_steps = record.total_steps
+    return event
+
+
+def job_id_from_name(name: str, field: str = "name") -> str:
+    prefix, _, job_id = name.partition("/")
+    if prefix != "jobs" or not job_id or "/" in job_id:
+        raise InvalidArgument(f"job names look like 'jobs/<id>', got {name!r}", field)
+    return job_id
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    def __init__(self, runner: JobRunner, idle_check_s: float = 1.0) -> None:
+        self.runner = runner
+        self.idle_check_s = idle_check_s
+
+    def Generate(self, request, context):
+        try:
+            record, _ = self.runner.submit(request.spec, request.request_id)
+        except ServiceError as error:
+            log.info("submit_rejected", code=error.code.name, field=error.field, reason=error.message)
+            abort_with(context, error)
+        yield from (orchestrator_pb2.GenerateResponse(event=e) for e in self._events(record.job_id, context))
+
+    def SubmitJob(self, request, context):
+        try:
+            record, _ = self.runner.submit(request.spec, request.request_id)
+        except ServiceError as error:
+            log.info("submit_rejected", code=error.code.name, field=error.field, reason=error.message)
+            abort_with(context, error)
+        return orchestrator_pb2.SubmitJobResponse(job=job_to_proto(record))
+
+    def GetJob(self, request, context):
+        return orchestrator_pb2.GetJobResponse(job=job_to_proto(self._record(request.name, context)))
+
+    def WatchJob(self, request, context):
+        record = self._record(request.name, context)
+        yield from (orchestrator_pb2.WatchJobResponse(event=e) for e in self._events(record.job_id, context))
+
+    def CancelJob(self, request, context):
+        try:
+            record = self.runner.cancel(job_id_from_name(request.name))
+        except ServiceError as error:
+            abort_with(context, error)
+        log.info("cancel_requested", job_id=record.job_id, state=record.state.value)
+        return orchestrator_pb2.CancelJobResponse(job=job_to_proto(record))
+
+    def ListJobs(self, request, context):
+        try:
+            records, token = self.runner.jobs.list(request.page_size or 50, request.page_token)
+        except ValueError as error:
+            abort_with(context, InvalidArgument(str(error), "page_token"))
+        return orchestrator_pb2.ListJobsResponse(jobs=[job_to_proto(r) for r in records], next_page_token=token)
+
+    def DeleteJob(self, request, context):
+        try:
+            self.runner.delete(job_id_from_name(request.name))
+        except ServiceError as error:
+            abort_with(context, error)
+        return orchestrator_pb2.DeleteJobResponse()
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _record(self, name: str, context) -> JobRecord:
+        try:
+            return self.runner.get(job_id_from_name(name))
+        except ServiceError as error:
+            abort_with(context, error)
+
+    def _events(self, job_id: str, context):
+        """A snapshot, then live events until the job ends or the client goes away."""
+        with self.runner.events.subscribe(job_id) as subscription:
+            record = self.runner.get(job_id)
+            yield snapshot_event(record, self._position(record))
+            if record.terminal:
+                return
+            while context.is_active():
+                event = subscription.get(timeout_s=self.idle_check_s)
+                if event is None:
+                    try:
+                        record = self.runner.get(job_id)
+                    except NotFound:
+                        return
+                    if record.terminal:  # ended without us seeing the event (e.g. cancelled while queued)
+                        yield snapshot_event(record)
+                        return
+                    continue
+                yield event
+                if event.WhichOneof("event") in ("done", "failed"):
+                    return
+
+    def _position(self, record: JobRecord) -> int:
+        if record.state != JobState.QUEUED:
+            return 0
+        try:
+            return self.runner.jobs.queue_position(record.job_id)
+        except ValueError:  # started meanwhile
+            return 0
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
