@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup run test test-gpu lint bench serve-guidance serve-scene clean
+.PHONY: setup run test test-gpu lint bench serve serve-guidance serve-scene clean
 
 setup: $(STAMP) gen/.stamp
 
@@ -16,9 +16,11 @@ gen/.stamp: $(PROTOS) $(STAMP)
 	PYBIN=$(PY) scripts/gen_protos.sh
 	touch $@
 
-# The main job on the embedded default: the analytic prior served standalone, a client steering an image to "a red torus".
+# The main job on the embedded default: the local stack (guidance under Ray Serve, scene, orchestrator, local store)
+# turns "a red torus" into out/<job>/model.glb with the analytic prior and the cpu-demo preset, then stops.
+PROMPT ?= a red torus
 run: setup
-	$(PY) -m services.guidance.demo --out out/demo
+	$(VENV)/bin/magic3d generate "$(PROMPT)" --preset cpu-demo --out out
 
 test: setup lint
 	$(PY) -m pytest -q
@@ -38,6 +40,9 @@ serve-guidance: setup
 
 serve-scene: setup
 	$(PY) -m services.scene.server --config deploy/config/scene.yaml
+
+serve: setup
+	$(VENV)/bin/magic3d serve
 
 clean:
 	rm -rf gen out .pytest_cache

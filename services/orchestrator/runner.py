@@ -475,7 +475,7 @@ class JobRunner:
         finally:
             self._delete_scene(stub, created.scene_id, record.job_id)
         artifacts = {**self.jobs.get(record.job_id).artifacts, **{f.name: f.uri for f in exported.files}}
-        return self.jobs.update(record.job_id, artifacts=artifacts)
+        return self.jobs.update(record.job_id, artifacts=artifacts, stage=last)
 
     def _write_provenance(self, record: JobRecord, spec: orchestrator_pb2.JobSpec, plan: JobPlan) -> JobRecord:
         prompt, negative = job_prompt(spec)

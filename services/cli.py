@@ -1,0 +1,294 @@
+"""`magic3d`: run the services, generate a mesh, manage jobs.
+
+    magic3d serve                               # every service on 127.0.0.1 (guidance under Ray Serve), until Ctrl-C
+    magic3d serve --service scene --config deploy/config/scene.yaml --host 0.0.0.0     # one service
+    magic3d generate "a red torus"              # starts the local stack, runs the job, writes ./out/<job>/, stops
+    magic3d generate "a prompt" --preset magic3d --address orchestrator:50071           # against a deployment
+    magic3d jobs list | get JOB | cancel JOB | delete JOB  [--address HOST:PORT]
+
+`generate` shows a progress bar (stage, step, ETA) and downloads every artifact (model.glb, model.obj + .mtl +
+texture.png, preview.png, turntable.gif, checkpoints, provenance.json) into ./out/<job>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
+
+from shared.grpcio import insecure_channel
+from shared.guidance_client import error_from_rpc
+
+DEFAULT_ADDRESS = "127.0.0.1:50071"
+STAGES = {scene_pb2.STAGE_COARSE: "coarse", scene_pb2.STAGE_FINE: "fine"}
+
+
+# -- generate ---------------------------------------------------------------------------------------------------
+
+def generate(args: argparse.Namespace) -> int:
+    from shared import logging as project_logging
+
+    project_logging.configure("INFO" if args.verbose else "WARNING")  # JSON logs on stderr; the bar stays readable
+    stack = None
+    address = args.address
+    if address is None:
+        from services.local_stack import LocalStackSettings, start_local_stack
+
+        print(f"starting the local stack (guidance: {args.guidance}) ...", file=sys.stderr)
+        stack = start_local_stack(LocalStackSettings(guidance=args.guidance, state_dir=Path(args.state_dir), orchestrator_port=0))
+        address = stack.orchestrator_address
+    try:
+        return _generate(args, address)
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def _generate(args: argparse.Namespace, address: str) -> int:
+    spec = orchestrator_pb2.JobSpec(preset=args.preset, seed=args.seed)
+    if args.mesh:
+        path = Path(args.mesh)
+        spec.mesh.mesh = path.read_bytes()
+        spec.mesh.format = path.suffix.lstrip(".").lower()
+        spec.mesh.prompt = args.prompt
+    elif args.edit:
+        spec.edit.source_job_id = args.edit
+        spec.edit.prompt = args.prompt
+    else:
+        spec.text.prompt = args.prompt
+        spec.text.negative_prompt = args.negative_prompt
+    for item in args.steps or []:
+        stage, _, steps = item.partition("=")
+        override = spec.overrides.add(steps=int(steps))
+        override.config.stage = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FINE}[stage]
+    request = orchestrator_pb2.GenerateRequest(spec=spec, request_id=args.request_id or uuid.uuid4().hex)
+    channel = insecure_channel(address)
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    bar = ProgressBar()
+    job_name = ""
+    try:
+        for response in stub.Generate(request, timeout=args.timeout):
+            event = response.event
+            job_name = event.job_name or job_name
+            kind = event.WhichOneof("event")
+            if kind == "queued":
+                print(f"{job_name}: queued (position {event.queued.position})", file=sys.stderr)
+            elif kind == "stage_started":
+                bar.start(STAGES.get(event.stage_started.stage, "?"), event.stage_started.total_steps)
+            elif kind == "progress":
+                bar.update(event.progress)
+            elif kind == "stage_finished":
+                bar.finish()
+            elif kind == "done":
+                bar.finish()
+                folder = Path(args.out) / job_name.removeprefix("jobs/")
+                download(event.done.artifacts, folder)
+                print(f"{job_name}: done -> {folder}/", file=sys.stderr)
+                for artifact in event.done.artifacts:
+                    print(f"  {artifact.kind}: {folder / artifact.kind}")
+                return 0
+            elif kind == "failed":
+                bar.finish()
+                print(f"{job_name}: failed: {event.failed.reason}", file=sys.stderr)
+                return 1
+    except grpc.RpcError as error:
+        bar.finish()
+        problem = error_from_rpc(error)
+        print(f"error: {error.code().name}: {problem}", file=sys.stderr)
+        return 2
+    finally:
+        channel.close()
+    print("error: the stream ended without a result", file=sys.stderr)
+    return 1
+
+
+class ProgressBar:
+    """One line on stderr: stage, step / total, a bar, the latest loss and the ETA."""
+
+    def __init__(self, width: int = 30) -> None:
+        self.width = width
+        self.stage = ""
+        self.total = 0
+        self.active = False
+        self.interactive = sys.stderr.isatty()
+        self.last_print = 0.0
+
+    def start(self, stage: str, total: int) -> None:
+        self.finish()
+        self.stage, self.total, self.active = stage, total, True
+        print(f"stage {stage}: {total} steps", file=sys.stderr)
+
+    def update(self, progress) -> None:
+        if progress.total_steps:
+            self.total = progress.total_steps
+        if progress.preview_uri and not self.interactive:
+            print(f"  preview at step {progress.step}: {progress.preview_uri}", file=sys.stderr)
+        fraction = min(1.0, progress.step / self.total) if self.total else 0.0
+        filled = int(round(fraction * self.width))
+        eta = f"ETA {format_seconds(progress.eta_seconds)}" if progress.eta_seconds else ""
+        loss = f"sds {progress.losses['sds']:.3g}" if "sds" in progress.losses else ""
+        line = f"[{self.stage}] {progress.step}/{self.total} |{'#' * filled}{'.' * (self.width - filled)}| {fraction:4.0%} {loss} {eta}"
+        if self.interactive:
+            print("\r" + line.ljust(100), end="", file=sys.stderr, flush=True)
+        elif time.monotonic() - self.last_print > 5 or progress.step == self.total:
+            print(line, file=sys.stderr, flush=True)
+            self.last_print = time.monotonic()
+
+    def finish(self) -> None:
+        if self.active and self.interactive:
+            print(file=sys.stderr)
+        self.active = False
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def download(artifacts, folder: Path) -> None:
+    """Fetches each artifact link (file:// or a presigned http(s) URL) into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for artifact in artifacts:
+        target = folder / Path(artifact.kind).name
+        parsed = urllib.parse.urlparse(artifact.uri)
+        if parsed.scheme == "file":
+            shutil.copyfile(urllib.request.url2pathname(parsed.path), target)
+        elif parsed.scheme in ("http", "https"):
+            with urllib.request.urlopen(artifact.uri, timeout=60) as response, open(target, "wb") as out:  # noqa: S310
+                shutil.copyfileobj(response, out)
+        else:
+            print(f"  (not downloaded: {artifact.kind} at {artifact.uri})", file=sys.stderr)
+
+
+# -- jobs -------------------------------------------------------------------------------------------------------
+
+def jobs(args: argparse.Namespace) -> int:
+    channel = insecure_channel(args.address or DEFAULT_ADDRESS)
+    stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+    name = f"jobs/{args.job.removeprefix('jobs/')}" if getattr(args, "job", None) else ""
+    try:
+        if args.action == "list":
+            token = ""
+            while True:
+                page = stub.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=50, page_token=token), timeout=30)
+                for job in page.jobs:
+                    print(describe(job))
+                token = page.next_page_token
+                if not token:
+                    break
+        elif args.action == "get":
+            job = stub.GetJob(orchestrator_pb2.GetJobRequest(name=name), timeout=30).job
+            print(describe(job))
+            for artifact in job.artifacts:
+                print(f"  {artifact.kind}: {artifact.uri}")
+        elif args.action == "cancel":
+            print(describe(stub.CancelJob(orchestrator_pb2.CancelJobRequest(name=name), timeout=30).job))
+        elif args.action == "delete":
+            stub.DeleteJob(orchestrator_pb2.DeleteJobRequest(name=name), timeout=30)
+            print(f"{name} deleted")
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error_from_rpc(error)}", file=sys.stderr)
+        return 2
+    finally:
+        channel.close()
+    return 0
+
+
+def describe(job: orchestrator_pb2.Job) -> str:
+    state = orchestrator_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+    stage = STAGES.get(job.stage, "")
+    where = f" {stage} {job.step}/{job.total_steps}" if stage else ""
+    prompt = job.spec.text.prompt or job.spec.edit.prompt or job.spec.mesh.prompt
+    error = f" ({job.error})" if job.error else ""
+    return f"{job.name}\t{state}{where}\t{job.spec.preset or 'default'}\t{prompt!r}{error}"
+
+
+# -- serve ------------------------------------------------------------------------------------------------------
+
+def serve(args: argparse.Namespace) -> int:
+    from shared import logging as project_logging
+
+    if args.service != "all":
+        module = {"guidance": "services.guidance.standalone", "scene": "services.scene.server",
+                  "orchestrator": "services.orchestrator.server"}[args.service]
+        forwarded = [a for a in (("--config", args.config), ("--host", args.host), ("--port", args.port)) if a[1]]
+        sys.argv = [module] + [str(x) for pair in forwarded for x in pair]
+        __import__(module, fromlist=["main"]).main()
+        return 0
+    import signal
+    import threading
+
+    from services.local_stack import LocalStackSettings, start_local_stack
+
+    project_logging.configure()
+    stack = start_local_stack(LocalStackSettings(
+        guidance=args.guidance, state_dir=Path(args.state_dir), orchestrator_port=args.port or 50071,
+        metrics_port=args.metrics_port,
+    ))
+    print(f"orchestrator listening on {stack.orchestrator_address} (Ctrl-C stops everything)", file=sys.stderr)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    stopped.wait()
+    stack.stop()
+    return 0
+
+
+# -- entry point ------------------------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="magic3d", description="Text to textured 3D mesh (Magic3D) as services.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("serve", help="run every service locally, or one service")
+    run.add_argument("--service", choices=("all", "guidance", "scene", "orchestrator"), default="all")
+    run.add_argument("--config", help="the one service's YAML (with --service)")
+    run.add_argument("--host")
+    run.add_argument("--port", type=int, help="the orchestrator's port (all) or the one service's port")
+    run.add_argument("--guidance", choices=("serve", "standalone"), default="serve")
+    run.add_argument("--state-dir", default="out/local", help="job database and artifact store (all)")
+    run.add_argument("--metrics-port", type=int, default=None)
+    run.set_defaults(handler=serve)
+
+    gen = commands.add_parser("generate", help="turn a prompt into a textured mesh under ./out/<job>/")
+    gen.add_argument("prompt")
+    gen.add_argument("--preset", default="", help="magic3d, fast or cpu-demo (default: the orchestrator's default)")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steps", action="append", metavar="STAGE=N", help="override a stage's steps, e.g. fine=50")
+    gen.add_argument("--edit", metavar="JOB", help="edit an earlier job with this prompt (Magic3D prompt editing)")
+    gen.add_argument("--mesh", metavar="FILE", help="refine this GLB/OBJ mesh with the prompt")
+    gen.add_argument("--request-id", help="idempotency key (default: a fresh one)")
+    gen.add_argument("--address", help="orchestrator HOST:PORT; default: start the local stack for this job")
+    gen.add_argument("--guidance", choices=("serve", "standalone"), default="serve", help="local stack only")
+    gen.add_argument("--state-dir", default="out/local", help="local stack only")
+    gen.add_argument("--out", default="out")
+    gen.add_argument("--timeout", type=float, default=24 * 3600)
+    gen.add_argument("--verbose", action="store_true", help="the local services' JSON logs at INFO")
+    gen.set_defaults(handler=generate)
+
+    job = commands.add_parser("jobs", help="list, get, cancel or delete jobs")
+    job.add_argument("action", choices=("list", "get", "cancel", "delete"))
+    job.add_argument("job", nargs="?")
+    job.add_argument("--address", default=None)
+    job.set_defaults(handler=jobs)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "jobs" and args.action != "list" and not args.job:
+        parser().error(f"jobs {args.action} needs a job name")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
