@@ -291,3 +291,19 @@ def test_bad_coarse_checkpoints_and_empty_surfaces_are_named(scene):
     assert len(running.servicer.scenes) == 0  # nothing half-created
     created = create(stub)  # and the service keeps serving
     stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=created.scene_id), timeout=10)
+
+
+def test_shutdown_checkpoints_every_scene(guidance_server, tmp_path):
+    config = SceneServiceConfig(port=0, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS)
+    client = GuidanceClient(registry_for(guidance_server.address))
+    running = scene_server.start(config, guidance=client)
+    try:
+        channel = insecure_channel(running.address)
+        stub = scene_pb2_grpc.SceneServiceStub(channel)
+        created = stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="job-drain", config=scene_pb2.StageConfig(prompt="a red torus")), timeout=30)
+        list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=1), timeout=30))
+        channel.close()
+    finally:
+        running.stop(grace=None)
+        client.close()
+    assert (tmp_path / "jobs/job-drain/coarse/step-0000001.ckpt").is_file()

@@ -376,7 +376,7 @@ class JobRunner:
         request = scene_pb2.CreateSceneRequest(job_id=job_id)
         request.config.CopyFrom(stage.config)
         if record.checkpoint_stage == stage.name and record.checkpoint_uri:
-            request.init_checkpoint_uri = record.checkpoint_uri  # resume this stage
+            request.init_checkpoint_uri = self._newest_checkpoint(job_id, stage.name, record.checkpoint_uri)
         elif stage.name == "fine" and "coarse.ckpt" in record.artifacts:
             request.init_checkpoint_uri = record.artifacts["coarse.ckpt"]  # convert the coarse scene
         elif stage.name == "coarse" and spec.WhichOneof("input") == "edit":
@@ -408,8 +408,26 @@ class JobRunner:
             )))
             log.info("stage_finished", stage=stage.name, checkpoint=checkpoint_uri)
             return record
+        except _Stopping:  # keep the steps done since the last checkpoint for the next orchestrator
+            try:
+                self._checkpoint(entry, stub, scene_id, job_id, stage)
+            except (ServiceError, _ReplicaLost):
+                pass
+            raise
         finally:
             self._delete_scene(stub, scene_id, job_id)
+
+    def _newest_checkpoint(self, job_id: str, stage: str, recorded: str) -> str:
+        """The recorded checkpoint, or a newer one of the same stage in the store (a scene replica saves its
+        scenes when it is shut down, after the orchestrator last heard from it)."""
+        keys = sorted(k for k in self.store.list(f"jobs/{job_id}/{stage}") if k.endswith(".ckpt"))
+        if not keys:
+            return recorded
+        try:
+            recorded_key = self.store.key_from_uri(recorded)
+        except (ValueError, KeyError):
+            return recorded
+        return self.store.uri(keys[-1]) if keys[-1] > recorded_key else recorded
 
     def _run_chunk(self, entry, stub, scene_id, job_id, stage, plan, chunk, started, start_step) -> int:
         request = scene_pb2.RunStepsRequest(scene_id=scene_id, num_steps=chunk, progress_every=plan.progress_every)

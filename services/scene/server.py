@@ -68,6 +68,8 @@ class SceneServiceConfig(BaseModel):
     max_grid_cells: int = Field(default=256, ge=4)
     max_message_bytes: int = 64 * 2**20
     max_workers: int = Field(default=16, ge=2)
+    # On shutdown (SIGTERM), save every scene's checkpoint to the store; the orchestrator resumes from the newest.
+    checkpoint_on_shutdown: bool = True
 
     @classmethod
     def load(cls, path: str | Path) -> "SceneServiceConfig":
@@ -127,6 +129,10 @@ class SceneTable:
         with self._lock:
             if self._entries.pop(scene_id, None) is None:
                 raise NotFound(f"no scene {scene_id!r} on this replica", "scene_id")
+
+    def entries(self) -> list[SceneEntry]:
+        with self._lock:
+            return list(self._entries.values())
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -218,6 +224,22 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         uri = self.store.put(f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt", data)
         log.info("checkpoint_saved", job_id=entry.job_id, step=step, uri=uri, bytes=len(data))
         return scene_pb2.SaveCheckpointResponse(checkpoint_uri=uri, step=step)
+
+    def checkpoint_all(self) -> list[str]:
+        """Saves every scene that is not busy (shutdown: SIGTERM from Kubernetes); the orchestrator resumes from
+        the newest checkpoint of a job's stage. Returns the URIs written."""
+        uris = []
+        for entry in self.scenes.entries():
+            if not entry.lock.acquire(timeout=30):
+                continue
+            try:
+                step = entry.stage.step_count
+                data = checkpoints.dumps(entry.stage.to_checkpoint())
+            finally:
+                entry.lock.release()
+            uris.append(self.store.put(f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt", data))
+        log.info("scenes_checkpointed_on_shutdown", count=len(uris))
+        return uris
 
     def ExportMesh(self, request, context):
         entry = self._entry(request.scene_id, context)
@@ -392,6 +414,7 @@ def start(
         f"{config.host}:{config.port}",
         max_workers=config.max_workers,
         max_message_bytes=config.max_message_bytes,
+        on_stop=servicer.checkpoint_all if config.checkpoint_on_shutdown else None,
     )
 
 
