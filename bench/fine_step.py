@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a 2-core host)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a 2-core host; 0 keeps torch's default)")
+    parser.add_argument("--prior-resolution", type=int, default=None, help="the analytic prior's resolution (default: --resolution)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rasterizer", default="auto", choices=("auto", "torch", "nvdiffrast"))
     parser.add_argument("--guidance", default="inproc", choices=("inproc", "grpc"))
@@ -50,9 +51,10 @@ def main() -> None:
     parser.add_argument("--log2-hashmap", type=int, default=15, help="colour field hash table size (cpu-demo: 15)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
-    guidance, close = make_guidance(args.guidance, args.resolution)
+    guidance, close = make_guidance(args.guidance, args.prior_resolution or args.resolution)
     config = FineConfig(
         prompt="a red torus",
         priors=(PriorTerm(prior="analytic"),),
@@ -69,13 +71,16 @@ def main() -> None:
     stage = FineStage(config, guidance, "bench", args.device)
     with torch.no_grad():
         stage.geometry.sdf.copy_(torus_sdf(stage.geometry.rest_positions))
+    sync = torch.cuda.synchronize if stage.device.type == "cuda" else (lambda: None)
     try:
         for _ in range(args.warmup):
             stage.step()
         per_phase: dict[str, list[float]] = {name: [] for name in PHASES}
         totals = []
         for _ in range(args.steps):
+            sync()
             report = stage.step()
+            sync()
             for name in PHASES:
                 per_phase[name].append(report.phase_seconds.get(name, 0.0))
             totals.append(sum(report.phase_seconds.values()))

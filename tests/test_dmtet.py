@@ -135,3 +135,22 @@ def test_mesh_renderer_gradients_reach_geometry_and_colour():
     out["rgb"].square().sum().backward()
     assert colour.grad.abs().sum() > 0
     assert geometry.sdf.grad.abs().sum() > 0 and geometry.deformation.grad.abs().sum() > 0
+
+
+def test_connected_labels_match_a_union_find():
+    generator = torch.Generator().manual_seed(0)
+    edges = torch.randint(0, 300, (200, 2), generator=generator)
+    labels = conversion.connected_labels(300, edges)
+    parent = list(range(300))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges.tolist():
+        parent[find(a)] = find(b)
+    for a in range(300):
+        for b in (0, 17, 123, 299):
+            assert (labels[a] == labels[b]) == (find(a) == find(b))

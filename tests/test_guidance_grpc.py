@@ -305,3 +305,22 @@ def test_guidance_client_check_prompt_through_an_alias(server, analytic_server):
         with pytest.raises(NotFound) as caught:
             client.check_prompt("not-in-the-registry", "a red torus")
         assert caught.value.field == "prior"
+
+
+def test_metrics_report_batch_fill():
+    import urllib.request
+
+    GATE.set()
+    config = counting_config(wait_s=0.0, max_batch_images=8).model_copy(update={"port": 0, "metrics_port": 0})
+    pool = PriorPool(config, builders={PriorKind.PIXEL: lambda spec, ckpt: GatedPrior()})
+    running = standalone.start(config, pool=pool)
+    channel = insecure_channel(running.address)
+    try:
+        guidance_pb2_grpc.GuidanceServiceStub(channel).ComputeSds(good_request(), timeout=30)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        channel.close()
+        running.stop(grace=None)
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line.startswith("magic3d_")}
+    assert values["magic3d_guidance_images_total"] == 2 and values["magic3d_guidance_denoiser_calls_total"] == 1
+    assert values["magic3d_guidance_batch_fill"] == pytest.approx(2 / 8)

@@ -88,6 +88,8 @@ class GuidanceConfig(BaseModel):
     batching: BatchingConfig = BatchingConfig()
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
+    # Prometheus /metrics (standalone server) on this port of `host`; None: off.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_rpcs: int = Field(default=64, ge=1)
 

@@ -17,6 +17,7 @@ from services.guidance.engine import GuidanceEngine
 from services.guidance.pool import PriorPool
 from services.guidance.servicer import GuidanceServicer
 from shared import logging as project_logging
+from services.guidance.metrics import start_metrics
 from shared.grpcio import RunningServer, serve_until_signalled, start_server
 
 SERVICE_NAME = guidance_pb2.DESCRIPTOR.services_by_name["GuidanceService"].full_name
@@ -29,7 +30,14 @@ def start(
     engine = GuidanceEngine(config, pool)
     if warm:
         engine.pool.warm()
-    return start_server(
+    metrics = start_metrics(engine, config.host, config.metrics_port) if config.metrics_port is not None else None
+
+    def on_stop() -> None:
+        engine.close()
+        if metrics is not None:
+            metrics.shutdown()
+
+    running = start_server(
         GuidanceServicer(engine),
         guidance_pb2_grpc.add_GuidanceServiceServicer_to_server,
         SERVICE_NAME,
@@ -38,8 +46,10 @@ def start(
         max_message_bytes=config.max_message_bytes,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         enable_reflection=True,
-        on_stop=engine.close,
+        on_stop=on_stop,
     )
+    running.metrics_port = metrics.port if metrics is not None else None
+    return running
 
 
 def main() -> None:

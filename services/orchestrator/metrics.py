@@ -5,17 +5,16 @@ global registry: each server has its own, so tests and several servers in one pr
 * magic3d_scene_slots_in_use / magic3d_scene_slots: admission (jobs running on scene replicas / capacity);
 * magic3d_step_seconds: mean wall time of the recent optimisation steps reported by the scenes.
 
-Guidance batch fill is the guidance tier's own metric (Ray Serve exports its batch sizes; see BENCHMARKS.md).
+Guidance batch fill is the guidance tier's own metric (services/guidance/metrics.py; under Ray Serve, Serve's
+own batch metrics).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 from services.orchestrator.jobs import JobState
+from shared.metrics import MetricsServer, serve_metrics
 
 
 class _RunnerCollector:
@@ -37,20 +36,5 @@ class _RunnerCollector:
         )
 
 
-@dataclass
-class MetricsServer:
-    port: int
-    server: object
-    thread: object
-    registry: CollectorRegistry
-
-    def shutdown(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def start_metrics(runner, host: str, port: int) -> MetricsServer:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_RunnerCollector(runner))
-    server, thread = start_http_server(port, addr=host, registry=registry)
-    return MetricsServer(server.server_address[1], server, thread, registry)
+    return serve_metrics(_RunnerCollector(runner), host, port)

@@ -69,7 +69,7 @@ class CoarseStage:
 
     def step(self) -> StepReport:
         config, step = self.config, self.counters.step
-        timer = PhaseTimer()
+        timer = PhaseTimer(self.device)
         phases, lap = timer.seconds, timer.lap
         rng_before = self.generator.get_state()
         cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)

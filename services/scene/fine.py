@@ -192,7 +192,7 @@ class FineStage:
 
     def step(self) -> StepReport:
         config, step = self.config, self.counters.step
-        timer = PhaseTimer()
+        timer = PhaseTimer(self.device)
         rng_before = self.generator.get_state()
         cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
         self.color_field.train()

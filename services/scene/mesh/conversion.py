@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from services.scene.mesh.tets import marching_tets
 from shared.cameras import Camera, orbit_camera
@@ -108,23 +106,30 @@ def choose_level(
     return LevelChoice(level, iou, tuple(scored))
 
 
+def connected_labels(count: int, edges: torch.Tensor) -> torch.Tensor:
+    """Connected-component label (the smallest vertex index in the component) of each of `count` vertices joined
+    by `edges` (E, 2): min-label propagation with pointer jumping, in torch (any device, no SciPy needed)."""
+    labels = torch.arange(count, device=edges.device)
+    a, b = edges[:, 0], edges[:, 1]
+    while True:
+        smaller = torch.minimum(labels[a], labels[b])
+        updated = labels.scatter_reduce(0, a, smaller, reduce="amin").scatter_reduce(0, b, smaller, reduce="amin")
+        updated = updated[updated]  # pointer jumping: follow labels to their own labels (fewer rounds)
+        if torch.equal(updated, labels):
+            return labels
+        labels = updated
+
+
 def remove_floaters(inside: torch.Tensor, edges: torch.Tensor, min_fraction: float) -> torch.Tensor:
     """`inside` (V,) bool with every connected inside component smaller than `min_fraction` of the largest one
     turned outside (components connect through grid edges)."""
-    index = inside.nonzero()[:, 0].numpy()
-    if index.size == 0:
+    if not inside.any():
         return inside
-    keep_edges = inside[edges[:, 0]] & inside[edges[:, 1]]
-    local = np.full(inside.shape[0], -1)
-    local[index] = np.arange(index.size)
-    a, b = local[edges[keep_edges, 0].numpy()], local[edges[keep_edges, 1].numpy()]
-    graph = coo_matrix((np.ones(a.size), (a, b)), shape=(index.size, index.size))
-    _, labels = connected_components(graph, directed=False)
-    sizes = np.bincount(labels)
-    small = sizes < min_fraction * sizes.max()
-    cleaned = inside.clone()
-    cleaned[torch.from_numpy(index[small[labels]])] = False
-    return cleaned
+    both_inside = edges[inside[edges[:, 0]] & inside[edges[:, 1]]]
+    labels = connected_labels(inside.shape[0], both_inside)
+    sizes = torch.bincount(labels[inside], minlength=inside.shape[0])
+    small = sizes[labels] < min_fraction * sizes.max()
+    return inside & ~small
 
 
 def sdf_from_density(
