@@ -10,6 +10,17 @@ import structlog
 _configured = False
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written (not when logging was configured): test runners and
+    CLIs swap stderr, and a logger must never write to a closed stream."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "INFO") -> None:
     """Idempotent: every service entry point calls it once at start-up."""
     global _configured
@@ -25,7 +36,7 @@ def configure(level: str = "INFO") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=True,
     )
     _configured = True

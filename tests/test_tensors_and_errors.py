@@ -70,3 +70,19 @@ def test_camera_with_bad_pose_names_the_field():
     with pytest.raises(InvalidArgument) as caught:
         cameras.from_proto(message, field="cameras[0]")
     assert caught.value.field == "cameras[0].pose.camera_to_world"
+
+
+def test_logs_follow_the_current_stderr(monkeypatch):
+    """Loggers write to whatever stderr is now (a CLI or test runner may have closed the one of start-up)."""
+    import io
+    import json
+    import sys
+
+    from shared import logging as project_logging
+
+    project_logging.configure()
+    buffer = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buffer)
+    project_logging.get_logger("test").error("stderr_swapped", job_id="job-1")
+    line = json.loads(buffer.getvalue().strip().splitlines()[-1])
+    assert line["event"] == "stderr_swapped" and line["job_id"] == "job-1"

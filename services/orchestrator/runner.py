@@ -328,10 +328,22 @@ class JobRunner:
                 log.exception("job_crashed")
                 self._fail(job_id, f"internal error: {type(error).__name__}: {error}")
             finally:
+                self._never_stranded(job_id)
                 self.replicas.release(entry.replica)
                 with self._lock:
                     self._running.pop(job_id, None)
                 self._wake.set()
+
+    def _never_stranded(self, job_id: str) -> None:
+        """A worker that ends (whatever went wrong, even in its error handling) leaves its job finished, queued, or
+        RUNNING only when the orchestrator is stopping (to be resumed by the next one)."""
+        if self._stop.is_set():
+            return
+        try:
+            if self.jobs.get(job_id).state == JobState.RUNNING:
+                self._fail(job_id, "internal error: the job's worker ended without a result")
+        except Exception:  # noqa: BLE001 - last resort; recover() still requeues it on the next start
+            pass
 
     def _requeue_or_fail(self, job_id: str, reason: str) -> None:
         record = self.jobs.get(job_id)
