@@ -19,6 +19,11 @@ pip install -q --upgrade pip
 if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   pip install -q torch==2.13.0
 fi
+# Triton: CUDA hosts have the one their torch was built with; CPU hosts get it for its interpreter, which runs the
+# hash-grid kernels' tests (tests/test_triton_encoding.py).
+if ! "$VENV/bin/python" -c 'import triton' 2>/dev/null; then
+  pip install -q triton==3.9.0
+fi
 pip install -q -e ".[dev]"
 scripts/gen_protos.sh
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -8,6 +8,10 @@ import threading
 import pytest
 import torch
 
+# Triton kernels run through Triton's interpreter where there is no CUDA device (set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.priors.base import Conditioning, DiffusionPrior, PriorInfo, PriorKind, ViewCondition
 from shared.errors import InvalidArgument

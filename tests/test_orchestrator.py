@@ -234,11 +234,16 @@ def test_cancel_is_idempotent_frees_the_scene_and_unknown_jobs_are_not_found(sta
 
     job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=text_spec(preset="slow")), timeout=10).job
     wait_for(stack.stub, job.name, (orchestrator_pb2.JOB_STATE_RUNNING,))
+    watch = stack.stub.WatchJob(orchestrator_pb2.WatchJobRequest(name=job.name), timeout=60)
+    first = next(watch).event
+    assert first.job_name == job.name and first.WhichOneof("event") in ("progress", "queued")
     time.sleep(0.5)
     for _ in range(2):  # idempotent
         stack.stub.CancelJob(orchestrator_pb2.CancelJobRequest(name=job.name), timeout=10)
     cancelled = wait_for(stack.stub, job.name, FINISHED, timeout_s=60)
     assert cancelled.state == orchestrator_pb2.JOB_STATE_CANCELLED
+    last = [r.event for r in watch][-1]  # the watch stream ends with the job
+    assert last.WhichOneof("event") == "failed" and "cancel" in last.failed.reason
     deadline = time.monotonic() + 10
     while len(stack.scenes[0].servicer.scenes) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -346,3 +351,18 @@ def test_mesh_input_refines_an_uploaded_mesh(stack):
     assert events[-1].WhichOneof("event") == "done", events[-1]
     started = [e.stage_started.stage for e in events if e.WhichOneof("event") == "stage_started"]
     assert started == [scene_pb2.STAGE_FINE]
+
+
+def test_jobs_command_lists_gets_and_cancels(stack, capsys):
+    from services.cli import main
+
+    job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=text_spec(), request_id="cli-1"), timeout=10).job
+    wait_for(stack.stub, job.name, FINISHED)
+    address = stack.orchestrator.address
+    assert main(["jobs", "list", "--address", address]) == 0
+    assert job.name in capsys.readouterr().out
+    assert main(["jobs", "get", job.name, "--address", address]) == 0
+    out = capsys.readouterr().out
+    assert "succeeded" in out and "model.glb" in out
+    assert main(["jobs", "cancel", "jobs/job-unknown", "--address", address]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err

@@ -5,8 +5,8 @@ features (N, output_dim). `make_encoding(cfg, backend)` picks one:
 
 * "torch": `TorchHashGrid`, pure PyTorch, runs anywhere (CPU included), vectorised over levels and corners.
 * "tcnn":  `TcnnHashGrid`, tiny-cuda-nn's fused CUDA encoding (only when `tinycudann` imports and CUDA is up).
-* "auto":  tcnn when available, else torch.
-* "triton": reserved: a later change registers a Triton kernel with `register_backend("triton", ...)`.
+* "triton": `TritonHashGrid` (services/scene/field/triton_encoding.py), Triton kernels for CUDA devices.
+* "auto":  tcnn when available, else triton on CUDA, else torch.
 
 Grid convention (the Instant-NGP paper's): level l has N_l = floor(base_resolution * per_level_scale^l) cells per
 axis and (N_l + 1)^3 vertices at k / N_l. A level whose (N_l + 1)^3 vertices fit in the table (2^log2_hashmap_size
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -336,11 +337,23 @@ class TcnnHashGrid(Encoding):
         return self.encoding(x.clamp(0.0, 1.0)).float()
 
 
-# Backend registry: name -> (builder, is_available). A Triton kernel registers itself here as "triton"
-# (register_backend("triton", TritonHashGrid, triton_available)) and "auto" then prefers it after tcnn.
+def _triton_hash_grid(cfg: HashGridConfig) -> Encoding:
+    from services.scene.field.triton_encoding import TritonHashGrid  # imported only when asked for: triton is big
+
+    return TritonHashGrid(cfg)
+
+
+def triton_usable() -> bool:
+    """True when the Triton kernels can be compiled here (a CUDA device and the triton package). On CPU they run
+    only through Triton's interpreter, in tests, by building `TritonHashGrid` directly."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+# Backend registry: name -> (builder, is_available); "auto" takes the first available of _AUTO_ORDER.
 _BACKENDS: dict[str, tuple[Callable[[HashGridConfig], Encoding], Callable[[], bool]]] = {
     "torch": (TorchHashGrid, lambda: True),
     "tcnn": (TcnnHashGrid, tcnn_available),
+    "triton": (_triton_hash_grid, triton_usable),
 }
 _AUTO_ORDER = ["tcnn", "triton", "torch"]
 
@@ -363,8 +376,6 @@ def make_encoding(cfg: HashGridConfig, backend: str = "auto") -> Encoding:
             if name in _BACKENDS and _BACKENDS[name][1]():
                 return _BACKENDS[name][0](cfg)
         raise RuntimeError("no hash-grid backend is available")  # unreachable: torch always is
-    if backend == "triton" and backend not in _BACKENDS:
-        raise ValueError("hash-grid backend 'triton' is not implemented yet; use 'torch' or 'auto'")
     if backend not in _BACKENDS:
         raise ValueError(f"unknown hash-grid backend {backend!r}; choose from {sorted(_BACKENDS) + ['auto']}")
     builder, available = _BACKENDS[backend]
