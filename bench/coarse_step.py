@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=8)
     parser.add_argument("--guidance", choices=["inproc", "grpc"], default="inproc")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="torch", help="hash-grid backend: torch, triton (CUDA), tcnn, auto")
     # On a shared 2-core machine, two OpenMP threads spin against other processes and run up to 10x slower
     # (measured); one thread gives stable per-core figures. 0 keeps torch's default.
     parser.add_argument("--threads", type=int, default=1)
@@ -80,7 +81,7 @@ def main() -> None:
         resolution=args.resolution,
         batch_size=args.batch,
         field=FieldConfig(
-            encoding=HashGridConfig(n_levels=args.levels, log2_hashmap_size=args.log2_hashmap_size), backend="torch"
+            encoding=HashGridConfig(n_levels=args.levels, log2_hashmap_size=args.log2_hashmap_size), backend=args.backend
         ),
         renderer=RendererConfig(num_samples_per_ray=args.samples),
         occupancy=OccupancyConfig(resolution=32, step_size=2.0 / args.samples, warmup_steps=32),
