@@ -61,20 +61,21 @@ if triton is not None:
         return lx.to(tl.int64), ly.to(tl.int64), lz.to(tl.int64), x - lx, y - ly, z - lz
 
     @triton.jit
-    def _row(ix, iy, iz, cx: tl.constexpr, cy: tl.constexpr, cz: tl.constexpr, side, dense, offset, mask_bits,
-             prime_y, prime_z):
-        gx = ix + cx
-        gy = iy + cy
-        gz = iz + cz
+    def _row(ix, iy, iz, corner: tl.constexpr, side, dense, offset, mask_bits, prime_y, prime_z):
+        """Table row of corner `corner` (bit 0: +x, bit 1: +y, bit 2: +z) of each point's cell."""
+        gx = ix + (corner & 1)
+        gy = iy + ((corner >> 1) & 1)
+        gz = iz + ((corner >> 2) & 1)
         dense_index = gx + gy * side + gz * side * side
         hashed_index = (gx ^ (gy * prime_y) ^ (gz * prime_z)) & mask_bits
         return tl.where(dense != 0, dense_index, hashed_index) + offset
 
     @triton.jit
-    def _weight(fx, fy, fz, cx: tl.constexpr, cy: tl.constexpr, cz: tl.constexpr):
-        wx = fx if cx == 1 else 1.0 - fx
-        wy = fy if cy == 1 else 1.0 - fy
-        wz = fz if cz == 1 else 1.0 - fz
+    def _weight(fx, fy, fz, corner: tl.constexpr):
+        """Per-axis trilinear weights of corner `corner`."""
+        wx = fx if (corner & 1) == 1 else 1.0 - fx
+        wy = fy if ((corner >> 1) & 1) == 1 else 1.0 - fy
+        wz = fz if ((corner >> 2) & 1) == 1 else 1.0 - fz
         return wx, wy, wz
 
     @triton.jit
@@ -91,11 +92,8 @@ if triton is not None:
         features = tl.arange(0, F)
         acc = tl.zeros((BLOCK_N, F), dtype=tl.float32)
         for corner in tl.static_range(8):
-            cx: tl.constexpr = corner & 1
-            cy: tl.constexpr = (corner >> 1) & 1
-            cz: tl.constexpr = (corner >> 2) & 1
-            row = _row(ix, iy, iz, cx, cy, cz, side, dense, offset, mask_bits, prime_y, prime_z)
-            wx, wy, wz = _weight(fx, fy, fz, cx, cy, cz)
+            row = _row(ix, iy, iz, corner, side, dense, offset, mask_bits, prime_y, prime_z)
+            wx, wy, wz = _weight(fx, fy, fz, corner)
             values = tl.load(table_ptr + row[:, None] * F + features[None, :], mask=mask[:, None], other=0.0)
             acc += (wx * wy * wz)[:, None] * values.to(tl.float32)
         tl.store(out_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], acc, mask=mask[:, None])
@@ -114,21 +112,18 @@ if triton is not None:
         features = tl.arange(0, F)
         grad = tl.load(grad_out_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], mask=mask[:, None], other=0.0)
         for corner in tl.static_range(8):
-            cx: tl.constexpr = corner & 1
-            cy: tl.constexpr = (corner >> 1) & 1
-            cz: tl.constexpr = (corner >> 2) & 1
-            row = _row(ix, iy, iz, cx, cy, cz, side, dense, offset, mask_bits, prime_y, prime_z)
-            wx, wy, wz = _weight(fx, fy, fz, cx, cy, cz)
+            row = _row(ix, iy, iz, corner, side, dense, offset, mask_bits, prime_y, prime_z)
+            wx, wy, wz = _weight(fx, fy, fz, corner)
             tl.atomic_add(grad_table_ptr + row[:, None] * F + features[None, :], (wx * wy * wz)[:, None] * grad,
                           mask=mask[:, None])
 
     @triton.jit
-    def _corner_slopes(fx, fy, fz, cx: tl.constexpr, cy: tl.constexpr, cz: tl.constexpr):
+    def _corner_slopes(fx, fy, fz, corner: tl.constexpr):
         """d w_c / d frac along x, y, z for corner c."""
-        wx, wy, wz = _weight(fx, fy, fz, cx, cy, cz)
-        sx = 1.0 if cx == 1 else -1.0
-        sy = 1.0 if cy == 1 else -1.0
-        sz = 1.0 if cz == 1 else -1.0
+        wx, wy, wz = _weight(fx, fy, fz, corner)
+        sx = 1.0 if (corner & 1) == 1 else -1.0
+        sy = 1.0 if ((corner >> 1) & 1) == 1 else -1.0
+        sz = 1.0 if ((corner >> 2) & 1) == 1 else -1.0
         return sx * wy * wz, sy * wx * wz, sz * wx * wy
 
     @triton.jit
@@ -156,13 +151,10 @@ if triton is not None:
             ix, iy, iz, fx, fy, fz = _cell(x_ptr, offs, mask, res)
             v = tl.load(v_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], mask=mask[:, None], other=0.0)
             for corner in tl.static_range(8):
-                cx: tl.constexpr = corner & 1
-                cy: tl.constexpr = (corner >> 1) & 1
-                cz: tl.constexpr = (corner >> 2) & 1
-                row = _row(ix, iy, iz, cx, cy, cz, side, dense, offset, mask_bits, prime_y, prime_z)
+                row = _row(ix, iy, iz, corner, side, dense, offset, mask_bits, prime_y, prime_z)
                 values = tl.load(table_ptr + row[:, None] * F + features[None, :], mask=mask[:, None], other=0.0)
                 s = tl.sum(values.to(tl.float32) * v, axis=1) * res
-                dx, dy, dz = _corner_slopes(fx, fy, fz, cx, cy, cz)
+                dx, dy, dz = _corner_slopes(fx, fy, fz, corner)
                 gx += dx * s
                 gy += dy * s
                 gz += dz * s
@@ -191,11 +183,8 @@ if triton is not None:
         v = tl.load(v_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], mask=mask[:, None], other=0.0)
         grad_v = tl.zeros((BLOCK_N, F), dtype=tl.float32)
         for corner in tl.static_range(8):
-            cx: tl.constexpr = corner & 1
-            cy: tl.constexpr = (corner >> 1) & 1
-            cz: tl.constexpr = (corner >> 2) & 1
-            row = _row(ix, iy, iz, cx, cy, cz, side, dense, offset, mask_bits, prime_y, prime_z)
-            dx, dy, dz = _corner_slopes(fx, fy, fz, cx, cy, cz)
+            row = _row(ix, iy, iz, corner, side, dense, offset, mask_bits, prime_y, prime_z)
+            dx, dy, dz = _corner_slopes(fx, fy, fz, corner)
             k = (ux * dx + uy * dy + uz * dz) * res
             tl.atomic_add(grad_table_ptr + row[:, None] * F + features[None, :], k[:, None] * v, mask=mask[:, None])
             values = tl.load(table_ptr + row[:, None] * F + features[None, :], mask=mask[:, None], other=0.0)
