@@ -46,7 +46,7 @@ def test_magic3d_grid_matches_torch_forward_backward_and_normals(cuda):
     relative = float((ours_dx - theirs_dx).norm() / theirs_dx.norm())
     close = torch.isclose(ours_dx, theirs_dx, rtol=1e-2, atol=1e-1).all(dim=1).float().mean()
     print(f"input vjp: relative error {relative:.2e}, points within tolerance {float(close):.4f}")
-    # Measured on an H200: relative error 5.9e-5; 95% of points within (1e-3, 1e-2) elementwise.
+    # Measured on an H200: relative error 5.9e-5; 99.99% of points within (1e-2, 1e-1) elementwise.
     assert relative < 1e-3 and float(close) > 0.95
 
 
