@@ -366,3 +366,19 @@ def test_jobs_command_lists_gets_and_cancels(stack, capsys):
     assert "succeeded" in out and "model.glb" in out
     assert main(["jobs", "cancel", "jobs/job-unknown", "--address", address]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_a_job_cancelled_while_being_dispatched_gives_its_slot_back(tmp_path):
+    from services.orchestrator.jobs import JobState, JobStore
+    from services.orchestrator.runner import JobRunner
+    from services.orchestrator.scenes import SceneReplicas
+
+    replicas = SceneReplicas(["127.0.0.1:1"], slots_per_replica=1)
+    runner = JobRunner(JobStore(":memory:"), LocalStore(tmp_path), replicas, PresetBook.model_validate(TINY_PRESETS), None)
+    record, _ = runner.submit(text_spec())
+    stale = runner.jobs.unfinished()  # the dispatcher's listing, taken just before the client cancels
+    runner.cancel(record.job_id)
+    runner.jobs.unfinished = lambda: stale
+    runner._dispatch_once()
+    assert runner.jobs.get(record.job_id).state == JobState.CANCELLED
+    assert replicas.in_use() == 0 and not runner._running

@@ -197,7 +197,8 @@ class JobRunner:
             return record
         if record.state == JobState.QUEUED:
             with self._lock:
-                if job_id not in self._running:
+                current = self.jobs.get(job_id)
+                if job_id not in self._running and current.state == JobState.QUEUED:
                     record = self.jobs.transition(job_id, JobState.CANCELLED, error="cancelled by the client")
                     self._publish_failed(job_id, "cancelled by the client")
                     return record
@@ -300,11 +301,17 @@ class JobRunner:
             replica = self.replicas.acquire(avoid=record.scene_replica)
             if replica is None:
                 return
-            record = self.jobs.transition(
-                record.job_id, JobState.RUNNING, scene_replica=replica, attempts=record.attempts + 1
-            )
             entry = _Running(replica, threading.Event())
+            # Under the lock that cancel() takes for queued jobs: a job is either cancelled while queued or started
+            # (and then cancelled through its worker), never both; a job that ended meanwhile gives its slot back.
             with self._lock:
+                try:
+                    record = self.jobs.transition(
+                        record.job_id, JobState.RUNNING, scene_replica=replica, attempts=record.attempts + 1
+                    )
+                except (ValueError, JobNotFound):  # cancelled or deleted since the listing
+                    self.replicas.release(replica)
+                    continue
                 self._running[record.job_id] = entry
             threading.Thread(target=self._run, args=(record, entry), name=f"job-{record.job_id}", daemon=True).start()
 
