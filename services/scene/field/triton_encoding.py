@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
 
-BLOCK = 128
+BLOCK = 128  # points per program
+NUM_WARPS = 4
 
 
 def triton_available() -> bool:
@@ -115,7 +116,7 @@ if triton is not None:
             row = _row(ix, iy, iz, corner, side, dense, offset, mask_bits, prime_y, prime_z)
             wx, wy, wz = _weight(fx, fy, fz, corner)
             tl.atomic_add(grad_table_ptr + row[:, None] * F + features[None, :], (wx * wy * wz)[:, None] * grad,
-                          mask=mask[:, None])
+                          mask=mask[:, None], sem="relaxed")
 
     @triton.jit
     def _corner_slopes(fx, fy, fz, corner: tl.constexpr):
@@ -186,7 +187,8 @@ if triton is not None:
             row = _row(ix, iy, iz, corner, side, dense, offset, mask_bits, prime_y, prime_z)
             dx, dy, dz = _corner_slopes(fx, fy, fz, corner)
             k = (ux * dx + uy * dy + uz * dz) * res
-            tl.atomic_add(grad_table_ptr + row[:, None] * F + features[None, :], k[:, None] * v, mask=mask[:, None])
+            tl.atomic_add(grad_table_ptr + row[:, None] * F + features[None, :], k[:, None] * v, mask=mask[:, None],
+                          sem="relaxed")
             values = tl.load(table_ptr + row[:, None] * F + features[None, :], mask=mask[:, None], other=0.0)
             grad_v += k[:, None] * values.to(tl.float32)
         tl.store(grad_v_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], grad_v, mask=mask[:, None])
@@ -218,7 +220,7 @@ class _Encode(torch.autograd.Function):
         if n:
             _encode_fwd[_launch_shape(n, cfg.n_levels)](
                 x, table, out, *levels.args(), n, levels.mask, HASH_PRIMES[1], HASH_PRIMES[2],
-                F=features, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK,
+                F=features, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK, num_warps=NUM_WARPS,
             )
         ctx.save_for_backward(table, x)
         ctx.levels, ctx.cfg = levels, cfg
@@ -236,7 +238,7 @@ class _Encode(torch.autograd.Function):
             if n:
                 _encode_bwd[_launch_shape(n, cfg.n_levels)](
                     x, grad_out, grad_table, *levels.args(), n, levels.mask, HASH_PRIMES[1], HASH_PRIMES[2],
-                    F=cfg.n_features_per_level, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK,
+                    F=cfg.n_features_per_level, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK, num_warps=NUM_WARPS,
                 )
             grad_table = grad_table.to(table.dtype)
         if ctx.needs_input_grad[1]:
@@ -250,7 +252,7 @@ def _input_vjp(table, v, x, levels: _Levels, cfg: HashGridConfig) -> torch.Tenso
     if n:
         _input_vjp_fwd[(triton.cdiv(n, BLOCK),)](
             x, table, v.contiguous().float(), dx, *levels.args(), n, levels.mask, HASH_PRIMES[1], HASH_PRIMES[2],
-            N_LEVELS=cfg.n_levels, F=cfg.n_features_per_level, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK,
+            N_LEVELS=cfg.n_levels, F=cfg.n_features_per_level, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK, num_warps=NUM_WARPS,
         )
     return dx
 
@@ -275,7 +277,7 @@ class _InputVjp(torch.autograd.Function):
             _input_vjp_bwd[_launch_shape(n, cfg.n_levels)](
                 x, table, v.contiguous().float(), u.contiguous().float(), grad_table, grad_v, *levels.args(), n,
                 levels.mask, HASH_PRIMES[1], HASH_PRIMES[2],
-                F=cfg.n_features_per_level, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK,
+                F=cfg.n_features_per_level, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK, num_warps=NUM_WARPS,
             )
         return grad_table.to(table.dtype), grad_v.to(v.dtype), None, None, None
 
