@@ -496,6 +496,10 @@ def test_orchestrator_config_parses_and_matches_the_scene_statefulset():
     }
     assert (config["port"], config["metrics_port"]) == (50051, 9090)
     assert (config["jobs_per_replica"], config["queue_size"], config["checkpoint_every"]) == (1, 16, 500)
+    # The server's own typed config accepts it (extra fields are refused there).
+    from services.orchestrator.server import OrchestratorConfig
+
+    assert OrchestratorConfig.model_validate(config).scene_replicas == config["scene_replicas"]
     # The ConfigMap holds the same configuration as the file.
     assert yaml.safe_load(configmaps()["orchestrator-config"]["orchestrator.yaml"]) == config
     # One address per scene replica: <statefulset>-<ordinal>.<headless service>:<grpc port>.
