@@ -382,3 +382,16 @@ def test_a_job_cancelled_while_being_dispatched_gives_its_slot_back(tmp_path):
     runner._dispatch_once()
     assert runner.jobs.get(record.job_id).state == JobState.CANCELLED
     assert replicas.in_use() == 0 and not runner._running
+
+
+def test_deadlines_are_checked_at_submit_and_while_running(stack):
+    past = text_spec()
+    past.deadline.FromSeconds(int(time.time()) - 60)
+    with pytest.raises(grpc.RpcError) as caught:
+        stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=past), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "spec.deadline" in field_violations(caught.value)
+    soon = text_spec(preset="slow", seed=40)
+    soon.deadline.FromNanoseconds(int((time.time() + 0.5) * 1e9))  # the job needs several seconds
+    job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=soon), timeout=10).job
+    failed = wait_for(stack.stub, job.name, FINISHED, timeout_s=60)
+    assert failed.state == orchestrator_pb2.JOB_STATE_FAILED and "DEADLINE_EXCEEDED" in failed.error

@@ -44,7 +44,7 @@ from shared.errors import (
     Unavailable,
     Unimplemented,
 )
-from shared.guidance_client import error_from_rpc
+from shared.guidance_client import DeadlineExceeded, error_from_rpc
 from shared.store import ArtifactStore
 
 log = project_logging.get_logger(__name__)
@@ -547,7 +547,7 @@ class JobRunner:
         if entry.cancel.is_set() or self.jobs.get(job_id).cancel_requested:
             raise _Cancelled()
         if spec is not None and spec.HasField("deadline") and spec.deadline.ToDatetime().timestamp() <= time.time():
-            raise ServiceError("the job's deadline passed before it finished", "spec.deadline")
+            raise DeadlineExceeded("the job's deadline passed before it finished", "spec.deadline")
 
     def _scene_call(self, entry: _Running, method, request, job_id: str):
         try:
