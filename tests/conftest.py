@@ -79,3 +79,20 @@ def coarse_torus():
     guidance, stage, initial = fit_coarse_torus()
     yield stage, initial
     guidance.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """http://127.0.0.1:<port> of a real S3 endpoint (moto's server) on loopback, stopped after the session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()

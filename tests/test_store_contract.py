@@ -4,29 +4,15 @@ key checking, links that open without credentials, and uri/canonical_uri <-> key
 
 from __future__ import annotations
 
-import logging
 import os
 import urllib.request
 import uuid
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from shared.store import ArtifactNotFound, ArtifactStore, LocalStore, S3Settings, S3Store
 
 BAD_KEYS = ["", "/jobs/a", "jobs//a", "jobs/../x", "./x", "jobs/a/.."]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["local", "s3"])

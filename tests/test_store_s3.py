@@ -8,7 +8,6 @@ open_store("s3://...") configured from the environment, and an unreachable endpo
 from __future__ import annotations
 
 import io
-import logging
 import os
 import socket
 import time
@@ -19,7 +18,6 @@ from urllib.parse import parse_qs, urlsplit
 import pydantic
 import pytest
 import urllib3
-from moto.server import ThreadedMotoServer
 
 from shared.errors import ServiceError, Unavailable
 from shared.store import ArtifactNotFound, LocalStore, S3Settings, S3Store, open_store
@@ -30,16 +28,9 @@ ENV_NAMES = ["MAGIC3D_S3_" + name.upper() for name in S3Settings.model_fields]
 
 
 @pytest.fixture(scope="module")
-def endpoint():
-    """http://127.0.0.1:<port> of a moto S3 server, stopped after the module."""
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+def endpoint(s3_endpoint):
+    """The session's moto S3 server on 127.0.0.1 (conftest.py)."""
+    return s3_endpoint
 
 
 @pytest.fixture(autouse=True)
