@@ -9,7 +9,6 @@ gradients are not finite is skipped and counted, so a step either happens whole 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from services.scene.steps import (
     NonFiniteStepsExceeded,
     PhaseTimer,
     StepReport,
-    gradients_finite,
+    apply_losses,
     guidance_gradient,
     step_seed,
 )
@@ -70,7 +69,7 @@ class CoarseStage:
     def step(self) -> StepReport:
         config, step = self.config, self.counters.step
         timer = PhaseTimer(self.device)
-        phases, lap = timer.seconds, timer.lap
+        lap = timer.lap
         rng_before = self.generator.get_state()
         cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
         self.field.train()
@@ -94,32 +93,10 @@ class CoarseStage:
             terms["orientation"] = orientation_loss(out["weights"], out["normals"], out["view_dirs"], out["opacity"])
         terms["sparsity"] = sparsity_loss(out["opacity"])
         terms["opacity_entropy"] = opacity_entropy(out["opacity"])
-        total = sum(config.weight(name, step) * value for name, value in terms.items())
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = {"sds": float(np.mean(sds_losses))} | {k: float(v.detach()) for k, v in terms.items() if k != "sds"}
-        if not torch.isfinite(total) or not all(math.isfinite(v) for v in losses.values()):
-            return self._skip(step, losses, phases)
-        total.backward()
-        lap("backward")
-        if not gradients_finite(self.optimizer):
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._skip(step, losses, phases)
-        self.optimizer.step()
-        self.counters.step += 1
-        self.counters.nonfinite_in_a_row = 0
-        self.occupancy.update(self.field, self.counters.step, generator=self.generator)
-        lap("optimizer")
-        losses["total"] = float(total.detach())
-        return StepReport(self.counters.step, losses, phases, skipped_total=self.counters.skipped_total)
-
-    def _skip(self, step: int, losses: dict[str, float], phases: dict[str, float]) -> StepReport:
-        self.counters.skipped_total += 1
-        self.counters.nonfinite_in_a_row += 1
-        if self.counters.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
-            raise NonFiniteStepsExceeded(
-                f"{self.counters.nonfinite_in_a_row} steps in a row had NaN/Inf losses or gradients (at step {step})"
-            )
-        return StepReport(step, losses, phases, skipped=True, skipped_total=self.counters.skipped_total)
+        return apply_losses(
+            self.optimizer, self.counters, config.max_nonfinite_steps, step, terms, config.weight, sds_losses, timer,
+            after_update=lambda completed: self.occupancy.update(self.field, completed, generator=self.generator),
+        )
 
     # -- evaluation -------------------------------------------------------------------------------------------
 

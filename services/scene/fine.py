@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 
-import numpy as np
 import torch
 
 from services.scene.checkpoint import Checkpoint
@@ -30,10 +28,9 @@ from services.scene.mesh.regularizers import laplacian_smoothness, normal_consis
 from services.scene.mesh.renderer import MeshRenderer
 from services.scene.steps import (
     Counters,
-    NonFiniteStepsExceeded,
     PhaseTimer,
     StepReport,
-    gradients_finite,
+    apply_losses,
     guidance_gradient,
 )
 from shared.cameras import Camera, sample_cameras
@@ -220,31 +217,9 @@ class FineStage:
             "normal_consistency": normal_consistency(vertices, faces),
             "laplacian": laplacian_smoothness(vertices, faces, scale=self.geometry.cell_size),
         }
-        total = sum(config.weight(name, step) * value for name, value in terms.items())
-        losses = {"sds": float(np.mean(sds_losses))} | {k: float(v.detach()) for k, v in terms.items() if k != "sds"}
-        self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(total) or not all(math.isfinite(v) for v in losses.values()):
-            return self._skip(step, losses, timer.seconds)
-        total.backward()
-        timer.lap("backward")
-        if not gradients_finite(self.optimizer):
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._skip(step, losses, timer.seconds)
-        self.optimizer.step()
-        self.counters.step += 1
-        self.counters.nonfinite_in_a_row = 0
-        timer.lap("optimizer")
-        losses["total"] = float(total.detach())
-        return StepReport(self.counters.step, losses, timer.seconds, skipped_total=self.counters.skipped_total)
-
-    def _skip(self, step: int, losses: dict[str, float], phases: dict[str, float]) -> StepReport:
-        self.counters.skipped_total += 1
-        self.counters.nonfinite_in_a_row += 1
-        if self.counters.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
-            raise NonFiniteStepsExceeded(
-                f"{self.counters.nonfinite_in_a_row} steps in a row had NaN/Inf losses or gradients (at step {step})"
-            )
-        return StepReport(step, losses, phases, skipped=True, skipped_total=self.counters.skipped_total)
+        return apply_losses(
+            self.optimizer, self.counters, config.max_nonfinite_steps, step, terms, config.weight, sds_losses, timer
+        )
 
     # -- evaluation -------------------------------------------------------------------------------------------
 

@@ -4,9 +4,10 @@ phase timer, and the summed SDS gradient of a stage's priors for a batch of rend
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -132,3 +133,51 @@ def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
     return all(
         torch.isfinite(p.grad).all() for group in optimizer.param_groups for p in group["params"] if p.grad is not None
     )
+
+
+def apply_losses(
+    optimizer: torch.optim.Optimizer,
+    counters: Counters,
+    max_nonfinite_steps: int,
+    step: int,
+    terms: dict[str, torch.Tensor],
+    weight: Callable[[str, int], float],
+    sds_losses: list[float],
+    timer: PhaseTimer,
+    after_update: Callable[[int], None] = lambda completed: None,
+) -> StepReport:
+    """The tail every stage's step shares: the weighted sum of its loss `terms` ("sds" is the surrogate whose
+    gradient is the prior's) -> backward -> optimiser step -> `after_update(steps completed)`.
+
+    All or nothing: a step whose losses or gradients are not finite changes no parameter; it is skipped and
+    counted, and `max_nonfinite_steps` of them in a row raise NonFiniteStepsExceeded.
+    """
+    total = sum(weight(name, step) * value for name, value in terms.items())
+    losses = {"sds": float(np.mean(sds_losses))} | {k: float(v.detach()) for k, v in terms.items() if k != "sds"}
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(total) or not all(math.isfinite(v) for v in losses.values()):
+        return _skipped(counters, max_nonfinite_steps, step, losses, timer.seconds)
+    total.backward()
+    timer.lap("backward")
+    if not gradients_finite(optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        return _skipped(counters, max_nonfinite_steps, step, losses, timer.seconds)
+    optimizer.step()
+    counters.step += 1
+    counters.nonfinite_in_a_row = 0
+    after_update(counters.step)
+    timer.lap("optimizer")
+    losses["total"] = float(total.detach())
+    return StepReport(counters.step, losses, timer.seconds, skipped_total=counters.skipped_total)
+
+
+def _skipped(
+    counters: Counters, max_nonfinite_steps: int, step: int, losses: dict[str, float], phases: dict[str, float]
+) -> StepReport:
+    counters.skipped_total += 1
+    counters.nonfinite_in_a_row += 1
+    if counters.nonfinite_in_a_row >= max_nonfinite_steps:
+        raise NonFiniteStepsExceeded(
+            f"{counters.nonfinite_in_a_row} steps in a row had NaN/Inf losses or gradients (at step {step})"
+        )
+    return StepReport(step, losses, phases, skipped=True, skipped_total=counters.skipped_total)
