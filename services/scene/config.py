@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, ClassVar
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.guidance.priors.base import Weighting
@@ -32,45 +34,38 @@ def _default_loss_weights() -> dict[str, Schedule]:
     }
 
 
-KNOWN_LOSSES = ("sds", "orientation", "sparsity", "opacity_entropy")
+KNOWN_LOSSES = tuple(_default_loss_weights())
 
 
-class CoarseConfig(BaseModel):
-    """The coarse stage: a hash-grid neural field, volume rendered at low resolution, optimised by SDS."""
+class GuidedStageConfig(BaseModel):
+    """What every SDS-guided stage configures: prompts, priors, the t range over steps, loss weights, the seed and
+    when to give up. Subclasses declare `priors`, `t_max` and `loss_weights` with their own defaults, and name
+    their loss terms' defaults in `default_loss_weights` (requests may override any of them, and only them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    default_loss_weights: ClassVar[Callable[[], dict[str, Schedule]]]
 
     prompt: str = Field(min_length=1)
     negative_prompt: str = ""
-    priors: tuple[PriorTerm, ...] = (PriorTerm(prior="analytic"),)
     view_dependent_prompt: bool = True
-    resolution: int = Field(default=64, ge=16, le=1024)
     batch_size: int = Field(default=4, ge=1, le=64)
-    field: FieldConfig = FieldConfig()
-    renderer: RendererConfig = RendererConfig()
-    occupancy: OccupancyConfig = OccupancyConfig()
     cameras: CameraRanges = CameraRanges()
     t_min: Schedule = Schedule.constant(0.02)
-    t_max: Schedule = Schedule.constant(0.98)
-    loss_weights: dict[str, Schedule] = Field(default_factory=_default_loss_weights)
-    learning_rate: float = Field(default=0.01, gt=0)
-    background_learning_rate: float = Field(default=0.001, gt=0)
     seed: int = Field(default=0, ge=0)
     # Steps in a row with NaN/Inf losses or gradients after which the scene fails (keeping its last checkpoint).
     max_nonfinite_steps: int = Field(default=5, ge=1)
     guidance_timeout_s: float = Field(default=60.0, gt=0)
-    # Density level of the extracted surface (the fine stage picks its own level robustly; see issue 4).
-    isosurface_level: float = Field(default=10.0, gt=0)
 
-    @field_validator("loss_weights")
+    @field_validator("loss_weights", check_fields=False)
     @classmethod
     def _known_losses(cls, weights: dict[str, Schedule]) -> dict[str, Schedule]:
-        unknown = sorted(set(weights) - set(KNOWN_LOSSES))
+        defaults = cls.default_loss_weights()
+        unknown = sorted(set(weights) - set(defaults))
         if unknown:
-            raise ValueError(f"unknown loss terms {unknown}; known: {list(KNOWN_LOSSES)}")
-        return {**_default_loss_weights(), **weights}
+            raise ValueError(f"unknown loss terms {unknown}; known: {list(defaults)}")
+        return {**defaults, **weights}
 
-    @field_validator("priors")
+    @field_validator("priors", check_fields=False)
     @classmethod
     def _some_prior(cls, priors: tuple[PriorTerm, ...]) -> tuple[PriorTerm, ...]:
         if not priors:
@@ -80,10 +75,26 @@ class CoarseConfig(BaseModel):
     def weight(self, loss: str, step: int) -> float:
         return self.loss_weights[loss](step)
 
+
+class CoarseConfig(GuidedStageConfig):
+    """The coarse stage: a hash-grid neural field, volume rendered at low resolution, optimised by SDS."""
+
+    default_loss_weights: ClassVar[Callable[[], dict[str, Schedule]]] = staticmethod(_default_loss_weights)
+
+    priors: tuple[PriorTerm, ...] = (PriorTerm(prior="analytic"),)
+    resolution: int = Field(default=64, ge=16, le=1024)
+    field: FieldConfig = FieldConfig()
+    renderer: RendererConfig = RendererConfig()
+    occupancy: OccupancyConfig = OccupancyConfig()
+    t_max: Schedule = Schedule.constant(0.98)
+    loss_weights: dict[str, Schedule] = Field(default_factory=_default_loss_weights)
+    learning_rate: float = Field(default=0.01, gt=0)
+    background_learning_rate: float = Field(default=0.001, gt=0)
+    # Density level of the extracted surface (the fine stage picks its own level robustly; see issue 4).
+    isosurface_level: float = Field(default=10.0, gt=0)
+
     def hash_table_bytes(self) -> int:
         return self.field.encoding.memory_bytes()
-
-
 
 
 class DMTetConfig(BaseModel):
@@ -112,27 +123,21 @@ def _default_fine_loss_weights() -> dict[str, Schedule]:
     }
 
 
-FINE_LOSSES = ("sds", "normal_consistency", "laplacian")
+FINE_LOSSES = tuple(_default_fine_loss_weights())
 
 
-class FineConfig(BaseModel):
+class FineConfig(GuidedStageConfig):
     """The fine stage: a DMTet mesh from the coarse field, rasterised at high resolution, optimised by SDS from a
     latent prior (Magic3D defaults: 512x512, batch 4, t in [0.02, 0.5], weighting 1 - abar)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    default_loss_weights: ClassVar[Callable[[], dict[str, Schedule]]] = staticmethod(_default_fine_loss_weights)
 
-    prompt: str = Field(min_length=1)
-    negative_prompt: str = ""
     priors: tuple[PriorTerm, ...] = (PriorTerm(prior="latent", weighting=Weighting.SDS),)
-    view_dependent_prompt: bool = True
     resolution: int = Field(default=512, ge=16, le=2048)
-    batch_size: int = Field(default=4, ge=1, le=64)
     dmtet: DMTetConfig = DMTetConfig()
     # "auto": nvdiffrast on CUDA devices, the pure-PyTorch rasteriser elsewhere.
     rasterizer: str = "auto"
     antialias: bool = True
-    cameras: CameraRanges = CameraRanges()
-    t_min: Schedule = Schedule.constant(0.02)
     t_max: Schedule = Schedule.constant(0.5)
     loss_weights: dict[str, Schedule] = Field(default_factory=_default_fine_loss_weights)
     # Adam step sizes: SDF values and bounded offsets in world units per step, the colour field as in the coarse
@@ -141,26 +146,8 @@ class FineConfig(BaseModel):
     deformation_learning_rate: float = Field(default=1e-2, gt=0)
     texture_learning_rate: float = Field(default=1e-2, gt=0)
     background_learning_rate: float = Field(default=1e-3, gt=0)
-    seed: int = Field(default=0, ge=0)
-    max_nonfinite_steps: int = Field(default=5, ge=1)
-    guidance_timeout_s: float = Field(default=60.0, gt=0)
     # The colour field's architecture: copied from the coarse checkpoint at conversion.
     field: FieldConfig = FieldConfig()
-
-    @field_validator("loss_weights")
-    @classmethod
-    def _known_losses(cls, weights: dict[str, Schedule]) -> dict[str, Schedule]:
-        unknown = sorted(set(weights) - set(FINE_LOSSES))
-        if unknown:
-            raise ValueError(f"unknown loss terms {unknown}; known: {list(FINE_LOSSES)}")
-        return {**_default_fine_loss_weights(), **weights}
-
-    @field_validator("priors")
-    @classmethod
-    def _some_prior(cls, priors: tuple[PriorTerm, ...]) -> tuple[PriorTerm, ...]:
-        if not priors:
-            raise ValueError("at least one prior must guide the stage")
-        return priors
 
     @field_validator("rasterizer")
     @classmethod
@@ -169,8 +156,5 @@ class FineConfig(BaseModel):
             raise ValueError(f"unknown rasterizer {name!r}; known: auto, torch, nvdiffrast")
         return name
 
-    def weight(self, loss: str, step: int) -> float:
-        return self.loss_weights[loss](step)
 
-
-__all__ = ["CoarseConfig", "DMTetConfig", "FineConfig", "PriorTerm", "HashGridConfig", "KNOWN_LOSSES", "FINE_LOSSES"]
+__all__ = ["GuidedStageConfig", "CoarseConfig", "DMTetConfig", "FineConfig", "PriorTerm", "HashGridConfig", "KNOWN_LOSSES", "FINE_LOSSES"]

@@ -7,16 +7,16 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 
-from services.guidance.priors.base import SdsRequest, Weighting
+from services.guidance.priors.base import SdsRequest
+from services.scene.config import GuidedStageConfig
 from services.scene.guidance import Guidance
 from shared.cameras import Camera
 from shared.errors import FailedPrecondition
-from shared.schedules import Schedule
 
 
 class NonFiniteStepsExceeded(FailedPrecondition):
@@ -62,27 +62,6 @@ class PhaseTimer:
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._clock
         self._clock = now
-
-
-class _PriorTerm(Protocol):
-    prior: str
-    weight: float
-    checkpoint_id: str
-    guidance_scale: float | None
-    weighting: Weighting | None
-
-
-class GuidedStageConfig(Protocol):
-    """The fields of a stage config that guidance requests are built from (CoarseConfig and FineConfig)."""
-
-    prompt: str
-    negative_prompt: str
-    priors: tuple[_PriorTerm, ...]
-    view_dependent_prompt: bool
-    t_min: Schedule
-    t_max: Schedule
-    seed: int
-    guidance_timeout_s: float
 
 
 def guidance_gradient(
