@@ -48,6 +48,11 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _level(res_ptr, side_ptr, offset_ptr, dense_ptr, level):
+        """A level's constants: cells per axis (float), vertices per axis, first table row, dense (1) or hashed (0)."""
+        return tl.load(res_ptr + level), tl.load(side_ptr + level), tl.load(offset_ptr + level), tl.load(dense_ptr + level)
+
+    @triton.jit
     def _cell(x_ptr, offs, mask, res):
         """Per axis: integer low corner (int64) and fractional position, as TorchHashGrid computes them."""
         x = tl.load(x_ptr + offs * 3 + 0, mask=mask, other=0.0)
@@ -85,10 +90,7 @@ if triton is not None:
         level = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < n_points
-        res = tl.load(res_ptr + level)
-        side = tl.load(side_ptr + level)
-        offset = tl.load(offset_ptr + level)
-        dense = tl.load(dense_ptr + level)
+        res, side, offset, dense = _level(res_ptr, side_ptr, offset_ptr, dense_ptr, level)
         ix, iy, iz, fx, fy, fz = _cell(x_ptr, offs, mask, res)
         features = tl.arange(0, F)
         acc = tl.zeros((BLOCK_N, F), dtype=tl.float32)
@@ -105,10 +107,7 @@ if triton is not None:
         level = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < n_points
-        res = tl.load(res_ptr + level)
-        side = tl.load(side_ptr + level)
-        offset = tl.load(offset_ptr + level)
-        dense = tl.load(dense_ptr + level)
+        res, side, offset, dense = _level(res_ptr, side_ptr, offset_ptr, dense_ptr, level)
         ix, iy, iz, fx, fy, fz = _cell(x_ptr, offs, mask, res)
         features = tl.arange(0, F)
         grad = tl.load(grad_out_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], mask=mask[:, None], other=0.0)
@@ -145,10 +144,7 @@ if triton is not None:
         gy = tl.zeros((BLOCK_N,), dtype=tl.float32)
         gz = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for level in range(N_LEVELS):
-            res = tl.load(res_ptr + level)
-            side = tl.load(side_ptr + level)
-            offset = tl.load(offset_ptr + level)
-            dense = tl.load(dense_ptr + level)
+            res, side, offset, dense = _level(res_ptr, side_ptr, offset_ptr, dense_ptr, level)
             ix, iy, iz, fx, fy, fz = _cell(x_ptr, offs, mask, res)
             v = tl.load(v_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], mask=mask[:, None], other=0.0)
             for corner in tl.static_range(8):
@@ -171,10 +167,7 @@ if triton is not None:
         level = tl.program_id(1)
         offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = offs < n_points
-        res = tl.load(res_ptr + level)
-        side = tl.load(side_ptr + level)
-        offset = tl.load(offset_ptr + level)
-        dense = tl.load(dense_ptr + level)
+        res, side, offset, dense = _level(res_ptr, side_ptr, offset_ptr, dense_ptr, level)
         ix, iy, iz, fx, fy, fz = _cell(x_ptr, offs, mask, res)
         in_x, in_y, in_z = _inside(x_ptr, offs, mask)
         ux = tl.where(in_x, tl.load(u_ptr + offs * 3 + 0, mask=mask, other=0.0), 0.0)
