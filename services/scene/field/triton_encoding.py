@@ -50,7 +50,8 @@ if triton is not None:
     @triton.jit
     def _level(res_ptr, side_ptr, offset_ptr, dense_ptr, level):
         """A level's constants: cells per axis (float), vertices per axis, first table row, dense (1) or hashed (0)."""
-        return tl.load(res_ptr + level), tl.load(side_ptr + level), tl.load(offset_ptr + level), tl.load(dense_ptr + level)
+        res = tl.load(res_ptr + level)
+        return res, tl.load(side_ptr + level), tl.load(offset_ptr + level), tl.load(dense_ptr + level)
 
     @triton.jit
     def _cell(x_ptr, offs, mask, res):
@@ -110,7 +111,8 @@ if triton is not None:
         res, side, offset, dense = _level(res_ptr, side_ptr, offset_ptr, dense_ptr, level)
         ix, iy, iz, fx, fy, fz = _cell(x_ptr, offs, mask, res)
         features = tl.arange(0, F)
-        grad = tl.load(grad_out_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], mask=mask[:, None], other=0.0)
+        grad = tl.load(grad_out_ptr + offs[:, None] * OUT_DIM + level * F + features[None, :], mask=mask[:, None],
+                       other=0.0)
         for corner in tl.static_range(8):
             row = _row(ix, iy, iz, corner, side, dense, offset, mask_bits, prime_y, prime_z)
             wx, wy, wz = _weight(fx, fy, fz, corner)
@@ -245,7 +247,8 @@ def _input_vjp(table, v, x, levels: _Levels, cfg: HashGridConfig) -> torch.Tenso
     if n:
         _input_vjp_fwd[(triton.cdiv(n, BLOCK),)](
             x, table, v.contiguous().float(), dx, *levels.args(), n, levels.mask, HASH_PRIMES[1], HASH_PRIMES[2],
-            N_LEVELS=cfg.n_levels, F=cfg.n_features_per_level, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK, num_warps=NUM_WARPS,
+            N_LEVELS=cfg.n_levels, F=cfg.n_features_per_level, OUT_DIM=cfg.output_dim, BLOCK_N=BLOCK,
+            num_warps=NUM_WARPS,
         )
     return dx
 
