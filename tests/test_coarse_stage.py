@@ -75,6 +75,9 @@ class FlakyGuidance:
             raise Unavailable("guidance replica went away", retry_after_s=0.1)
         return self.inner.compute_sds(request, timeout_s)
 
+    def prior_info(self, name, timeout_s=None):
+        return self.inner.prior_info(name, timeout_s)
+
 
 def test_failed_guidance_leaves_no_partial_update(tiny_guidance):
     reference = CoarseStage(tiny_config(), tiny_guidance, "job")
@@ -98,6 +101,9 @@ class NonFiniteGuidance:
     def compute_sds(self, request, timeout_s=None):
         result = self.inner.compute_sds(request, timeout_s)
         return SdsResult(torch.zeros_like(result.grad), result.t, [math.nan] * len(result.t), [False] * len(result.t), result.prompts)
+
+    def prior_info(self, name, timeout_s=None):
+        return self.inner.prior_info(name, timeout_s)
 
 
 def test_nonfinite_steps_are_skipped_then_fail_cleanly(tiny_guidance):

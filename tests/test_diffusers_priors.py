@@ -368,3 +368,24 @@ def test_full_size_configs_without_instantiating():
         latent_configs("huge")
     with pytest.raises(ValueError):
         pixel_configs("huge")
+
+
+def test_random_source_builds_the_architecture_through_the_pool(pixel):
+    """`source: random:<size>` (benchmarks, GPU smoke tests) gives the same weights as the saved seed-0 model, and an
+    unknown size is refused naming the field."""
+    from services.guidance.config import PriorSpec
+    from services.guidance.pool import build_pixel
+    from services.guidance.priors.base import PriorKind
+    from shared.errors import NotFound
+
+    spec = PriorSpec(name="if", kind=PriorKind.PIXEL, source="random:tiny", device="cpu", dtype="float32")
+    built = build_pixel(spec, "default")
+    assert built.info.name == "if"
+    request = SdsRequest(job_id="t", prior="if", images=_images(2, 64), prompt=PROMPT, seed=7)
+    ours = compute_sds(built, [request])[0].grad
+    saved = compute_sds(pixel, [request])[0].grad
+    torch.testing.assert_close(ours, saved, rtol=1e-4, atol=1e-6)
+
+    with pytest.raises(NotFound) as error:
+        build_pixel(spec.model_copy(update={"source": "random:if-i-xxl"}), "default")
+    assert error.value.field == "source"

@@ -32,9 +32,36 @@ def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     return prior
 
 
+RANDOM_SOURCE_PREFIX = "random:"
+
+
+def _build_random_prior(spec: PriorSpec, source: str) -> DiffusionPrior:
+    """`random:<size>` (e.g. `random:sd21-base`, `random:if-i-xl`, `random:tiny`): the published architecture on
+    random weights, built on the device. For benchmarks and GPU smoke tests of a deployment, never for results."""
+    from services.guidance.priors import random_init
+
+    size = source[len(RANDOM_SOURCE_PREFIX) :]
+    sizes = random_init.PIXEL_SIZES if spec.kind == PriorKind.PIXEL else random_init.LATENT_SIZES
+    if size not in sizes:
+        raise NotFound(f"prior {spec.name!r}: no random architecture {size!r}; known: {', '.join(sizes)}", "source")
+    build = random_init.build_random_pixel_prior if spec.kind == PriorKind.PIXEL else random_init.build_random_latent_prior
+    return build(
+        size,
+        device=spec.device,
+        dtype=spec.dtype,
+        name=spec.name,
+        embedding_cache_size=spec.embedding_cache_size,
+        checkpoint_ids=spec.checkpoint_ids,
+        **_tuning(spec),
+    )
+
+
 def _build_text_prior(prior_class, spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
+    source = spec.checkpoint_source(checkpoint_id)
+    if source and source.startswith(RANDOM_SOURCE_PREFIX):
+        return _build_random_prior(spec, source)
     return prior_class.from_pretrained(
-        spec.checkpoint_source(checkpoint_id),
+        source,
         name=spec.name,
         device=spec.device,
         dtype=spec.dtype,

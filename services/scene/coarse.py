@@ -25,7 +25,7 @@ from services.scene.field import (
     param_groups,
     sparsity_loss,
 )
-from services.scene.guidance import Guidance
+from services.scene.guidance import Guidance, PriorInfoCache
 from services.scene.steps import (
     Counters,
     NonFiniteStepsExceeded,
@@ -45,6 +45,7 @@ class CoarseStage:
     def __init__(self, config: CoarseConfig, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"):
         self.config = config
         self.guidance = guidance
+        self.prior_infos = PriorInfoCache(guidance)
         self.job_id = job_id
         self.device = torch.device(device)
         torch.manual_seed(config.seed)  # network initialisation only; every later draw uses self.generator
@@ -80,7 +81,7 @@ class CoarseStage:
         lap("render")
         try:
             grad, sds_losses = guidance_gradient(
-                self.guidance, config, self.job_id, images, cameras, out["background"], step
+                self.guidance, self.prior_infos, config, self.job_id, images, cameras, out["background"], step
             )
         except BaseException:
             self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -55,6 +55,10 @@ class GuidedStageConfig(BaseModel):
     # Steps in a row with NaN/Inf losses or gradients after which the scene fails (keeping its last checkpoint).
     max_nonfinite_steps: int = Field(default=5, ge=1)
     guidance_timeout_s: float = Field(default=60.0, gt=0)
+    # Precision of the images sent to the guidance tier and of the gradients it returns. float16 halves the bytes
+    # (a 4 x 512x512 fine-stage batch: 12 MiB each way in float32), which is what the gRPC hop costs; priors compute
+    # in their own dtype either way. float32 keeps CPU runs bit-for-bit reproducible.
+    guidance_transfer_dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("loss_weights", check_fields=False)
     @classmethod

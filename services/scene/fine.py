@@ -20,7 +20,7 @@ from services.scene.checkpoint import Checkpoint
 from services.scene.coarse import CoarseStage
 from services.scene.config import DMTetConfig, FineConfig
 from services.scene.field import BackgroundMLP, NeuralField
-from services.scene.guidance import Guidance
+from services.scene.guidance import Guidance, PriorInfoCache
 from services.scene.mesh import conversion
 from services.scene.mesh.dmtet import DMTetGeometry
 from services.scene.mesh.tets import marching_tets
@@ -70,6 +70,7 @@ class FineStage:
     ) -> None:
         self.config = config
         self.guidance = guidance
+        self.prior_infos = PriorInfoCache(guidance)
         self.job_id = job_id
         self.device = torch.device(device)
         torch.manual_seed(config.seed)
@@ -205,7 +206,7 @@ class FineStage:
         timer.lap("shade")
         try:
             grad, sds_losses = guidance_gradient(
-                self.guidance, config, self.job_id, images, cameras, out["background"], step
+                self.guidance, self.prior_infos, config, self.job_id, images, cameras, out["background"], step
             )
         except BaseException:
             self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras

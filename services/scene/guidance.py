@@ -9,11 +9,26 @@ from __future__ import annotations
 from typing import Protocol
 
 from services.guidance.engine import GuidanceEngine
-from services.guidance.priors.base import SdsRequest, SdsResult
+from services.guidance.priors.base import PriorInfo, SdsRequest, SdsResult
 
 
 class Guidance(Protocol):
     def compute_sds(self, request: SdsRequest, timeout_s: float | None = None) -> SdsResult: ...
+
+    def prior_info(self, name: str, timeout_s: float | None = None) -> PriorInfo: ...
+
+
+class PriorInfoCache:
+    """Each prior's description, asked once per stage: a step must not pay an extra round trip for it."""
+
+    def __init__(self, guidance: Guidance) -> None:
+        self.guidance = guidance
+        self._infos: dict[str, PriorInfo] = {}
+
+    def __call__(self, name: str, timeout_s: float | None = None) -> PriorInfo:
+        if name not in self._infos:
+            self._infos[name] = self.guidance.prior_info(name, timeout_s)
+        return self._infos[name]
 
 
 class InProcessGuidance:
@@ -22,6 +37,9 @@ class InProcessGuidance:
 
     def compute_sds(self, request: SdsRequest, timeout_s: float | None = None) -> SdsResult:
         return self.engine.compute(request, timeout=timeout_s)
+
+    def prior_info(self, name: str, timeout_s: float | None = None) -> PriorInfo:
+        return self.engine.prior(name).info
 
     def close(self) -> None:
         self.engine.close()

@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from services.guidance.priors.base import SdsRequest
+from services.guidance.priors.base import PriorInfo, SdsRequest
 from services.scene.config import GuidedStageConfig
-from services.scene.guidance import Guidance
+from services.scene.guidance import Guidance, PriorInfoCache
 from shared.cameras import Camera
 from shared.errors import FailedPrecondition
 
@@ -66,6 +66,7 @@ class PhaseTimer:
 
 def guidance_gradient(
     guidance: Guidance,
+    prior_infos: PriorInfoCache,
     config: GuidedStageConfig,
     job_id: str,
     images: torch.Tensor,
@@ -76,24 +77,23 @@ def guidance_gradient(
     """Weighted sum of every prior's SDS gradient for `images` (B, 3, H, W) (a plain tensor, no autograd), and
     each prior's mean loss (NaN where the prior reported non-finite values).
 
-    The priors that re-render views (the analytic prior) get each camera with the background the image was
-    composited over.
+    Images travel in `config.guidance_transfer_dtype`. Only the priors that re-render views (the analytic prior,
+    `requires_cameras`) get each camera's background, at the prior's own resolution (it renders at that size and
+    would resize a larger one to it): for a learned prior at 512x512 the backgrounds would double the bytes sent.
     """
-    detached = images.detach().to("cpu", torch.float32)
-    views = [
-        dataclasses.replace(camera, background_image=backgrounds[i].detach().permute(1, 2, 0).cpu().float())
-        for i, camera in enumerate(cameras)
-    ]
+    transfer_dtype = getattr(torch, config.guidance_transfer_dtype)
+    detached = images.detach().to("cpu", transfer_dtype)
     t_range = (config.t_min(step), config.t_max(step))
-    total = torch.zeros_like(detached)
+    total = torch.zeros(detached.shape, dtype=torch.float32)
     losses: list[float] = []
     for index, term in enumerate(config.priors):
+        info = prior_infos(term.prior, config.guidance_timeout_s)
         request = SdsRequest(
             job_id=job_id,
             prior=term.prior,
             checkpoint_id=term.checkpoint_id,
             images=detached,
-            cameras=views,
+            cameras=_cameras_for(info, cameras, backgrounds),
             prompt=config.prompt,
             negative_prompt=config.negative_prompt,
             view_dependent_prompt=config.view_dependent_prompt,
@@ -101,11 +101,23 @@ def guidance_gradient(
             guidance_scale=term.guidance_scale,
             weighting=term.weighting,
             seed=step_seed(config.seed, step, index),
+            grad_dtype=transfer_dtype,
         )
         result = guidance.compute_sds(request, timeout_s=config.guidance_timeout_s)
         losses.append(float(np.mean(result.loss)) if all(result.finite) else float("nan"))
         total += term.weight * result.grad.float()
     return total.to(images.device), losses
+
+
+def _cameras_for(info: PriorInfo, cameras: list[Camera], backgrounds: torch.Tensor) -> list[Camera]:
+    if not info.requires_cameras:
+        return cameras
+    side = info.native_resolution
+    images = backgrounds.detach().float()
+    if images.shape[-2:] != (side, side):  # the same resize the prior's Camera.background would do
+        images = torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+    images = images.permute(0, 2, 3, 1).cpu()
+    return [dataclasses.replace(camera, background_image=images[i]) for i, camera in enumerate(cameras)]
 
 
 def gradients_finite(optimizer: torch.optim.Optimizer) -> bool:
