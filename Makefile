@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup run test test-gpu lint bench serve serve-guidance serve-scene clean
+.PHONY: setup run test test-gpu lint bench bench-gpu serve serve-guidance serve-scene clean
 
 setup: $(STAMP) gen/.stamp
 
@@ -30,6 +30,9 @@ test-gpu: setup
 
 lint: setup
 	cd protos && ../$(VENV)/bin/buf lint
+
+bench-gpu:  # on the GPU machine (wheels in .whl/, gen/ carried): the GPU suite's table and JSON in $$OUT or out/bench
+	bash bench/gpu/run.sh suite
 
 bench: setup
 	$(PY) -m bench.guidance_sds --json out/bench/guidance_sds.json

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 
 @dataclass
@@ -20,9 +22,30 @@ class MetricsServer:
         self.server.server_close()
 
 
+class GpuMemoryCollector:
+    """This process's CUDA memory as PyTorch's allocator sees it (nothing where CUDA is absent): what a platform
+    team sizes GPU requests by, per service. `peak` is since the process started."""
+
+    def collect(self):
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        for index in range(torch.cuda.device_count()):
+            labels = [str(index)]
+            for name, value, text in (
+                ("allocated", torch.cuda.memory_allocated(index), "Bytes held by live tensors"),
+                ("peak_allocated", torch.cuda.max_memory_allocated(index), "Most bytes ever held by live tensors"),
+                ("reserved", torch.cuda.memory_reserved(index), "Bytes the caching allocator holds from the driver"),
+            ):
+                gauge = GaugeMetricFamily(f"magic3d_gpu_memory_{name}_bytes", text, labels=["device"])
+                gauge.add_metric(labels, value)
+                yield gauge
+
+
 def serve_metrics(collector, host: str, port: int) -> MetricsServer:
-    """Serves `collector` (an object with `collect()`) on http://host:port/metrics; port 0 picks a free port."""
+    """Serves `collector` (an object with `collect()`) and this process's GPU memory on http://host:port/metrics;
+    port 0 picks a free port."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    registry.register(GpuMemoryCollector())
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server.server_address[1], server, thread, registry)

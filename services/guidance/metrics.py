@@ -2,7 +2,8 @@
 
 * magic3d_guidance_denoiser_calls_total, _requests_total, _images_total: work done;
 * magic3d_guidance_batch_fill: mean images per denoiser call over the configured maximum (1.0 = full batches),
-  i.e. how much dynamic batching across jobs is saving.
+  i.e. how much dynamic batching across jobs is saving;
+* magic3d_gpu_memory_{allocated,peak_allocated,reserved}_bytes: this process's CUDA memory (shared/metrics.py).
 
 Under Ray Serve the same figures come from Serve's own metrics and the deployment's `stats()`.
 """

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU benchmark runner, one command on the GPU machine (see BENCHMARKS.md):
+#   bash bench/gpu/run.sh                       # the suite: hash grid, coarse and fine steps, memory -> $OUT
+#   bash bench/gpu/run.sh schedule coarse       # the preset's coarse stage; repeat until it prints "done": true
+#   bash bench/gpu/run.sh schedule fine
+#   bash bench/gpu/run.sh tests                 # the GPU-marked tests
+# That machine has torch with CUDA but not this project's other packages: they come as wheels from the ignored
+# folder $MAGIC3D_WHEELS (default .whl/, filled here with ../shared/device/wheels.sh), installed into a private
+# site directory, never into the system. Generated protos come from gen/ (made by `make setup`, carried along).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+wheels=${MAGIC3D_WHEELS:-.whl}
+site=${MAGIC3D_SITE:-/tmp/magic3d-site}
+out=${OUT:-out/bench}
+state=${MAGIC3D_SCHEDULE_STATE:-/tmp/magic3d-schedule}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+    "$wheels"/*.whl $(compgen -G "$wheels/rast/*nvdiffrast*.whl" || true) >/dev/null 2>&1
+fi
+[ -d gen/magic3d ] || { echo "gen/ is missing: run 'make setup' here and carry gen/ along" >&2; exit 2; }
+export PYTHONPATH="$site:$PWD:$PWD/gen${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}   # nvdiffrast's JIT build: the lent GPUs are Hopper
+mkdir -p "$out"
+case "${1:-suite}" in
+  suite) python3 -m bench.gpu_suite --out "$out" "${@:2}" 2>&1 | tee "$out/suite.log" ;;
+  schedule) python3 -m bench.schedule --stage "$2" --state "$state" "${@:3}" 2>&1 | tee -a "$out/schedule.log"
+            cp "$state/$2.records.json" "$out/" ;;
+  tests) python3 -m pytest -p no:cacheprovider -o addopts='' -m gpu tests "${@:2}" 2>&1 | tee "$out/tests.log" ;;
+  *) echo "usage: $0 [suite|schedule coarse|schedule fine|tests] [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,426 @@
+"""The GPU benchmark suite: one command, a markdown table and JSON.
+
+    bash bench/gpu/run.sh                              # on the GPU machine: wheels from .whl/, then this
+    python -m bench.gpu_suite --out DIR [--sections hash_grid,coarse,fine] [--smoke]
+
+Sections:
+* hash_grid: encoding forward+backward at 2^18..2^21 points, PyTorch reference against the Triton kernel.
+* coarse: a step of the `magic3d` preset's coarse stage (64x64, 64 samples per ray, occupancy grid) at batch 4 and 8,
+  guided by a random-weight prior of IF-I-XL's architecture; the field is first fitted to a torus with the analytic
+  prior, so the step is timed on real geometry (occupancy pruning skips what it would in practice).
+* fine: a step of the preset's fine stage (512x512, batch 4, 128-cell DMTet grid) on the exact SDF of the same torus,
+  guided by a random-weight prior of SD 2.1-base's architecture.
+Each step is run with the guidance in this process and through a standalone guidance service in its own process
+(gRPC on 127.0.0.1, float16 traffic), split into render, encoding, guidance, backward and optimiser, with the peak GPU
+memory of the scene (this process) and of each guidance service (read from its /metrics).
+
+--smoke runs the same code at CPU sizes with tiny random priors (CI runs it: the numbers mean nothing there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from bench.fine_step import torus_sdf
+from bench.hash_grid import step as hash_grid_step
+from bench.hash_grid import timed
+from services.guidance.config import GuidanceConfig, PriorSpec
+from services.guidance.engine import GuidanceEngine
+from services.guidance.priors.base import PriorKind
+from services.orchestrator.presets import PresetBook, plan_job
+from services.scene.coarse import CoarseStage
+from services.scene.config import CoarseConfig, FineConfig, PriorTerm
+from services.scene.field import HashGridConfig
+from services.scene.field.encoding import make_encoding, triton_usable
+from services.scene.fine import FineStage
+from services.scene.guidance import InProcessGuidance
+from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
+from shared import logging as project_logging
+from shared.guidance_client import GuidanceClient
+from shared.registry import Registry
+from shared.schedules import Schedule
+
+PRESETS = Path(__file__).resolve().parents[1] / "deploy" / "config" / "presets.yaml"
+PROMPT = "a red torus"
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteSettings:
+    device: str
+    pixel_source: str
+    latent_source: str
+    latent_resolution: int | None  # None: the prior's native 512
+    hash_points: tuple[int, ...]
+    hash_grid: HashGridConfig
+    coarse_batches: tuple[int, ...]
+    coarse_overrides: dict  # on top of the `magic3d` preset's coarse stage
+    fine_overrides: dict  # on top of its fine stage
+    fit_steps: int  # analytic-prior steps that give the coarse field its torus
+    warmup_steps: int
+    timed_steps: int
+
+
+GPU = SuiteSettings(
+    device="cuda",
+    pixel_source="random:if-i-xl",
+    latent_source="random:sd21-base",
+    latent_resolution=None,
+    hash_points=(1 << 18, 1 << 19, 1 << 20, 1 << 21),
+    hash_grid=HashGridConfig(n_levels=16, log2_hashmap_size=19),
+    coarse_batches=(4, 8),
+    coarse_overrides={},
+    fine_overrides={},
+    fit_steps=200,
+    warmup_steps=5,
+    timed_steps=20,
+)
+
+SMOKE = SuiteSettings(
+    device="cpu",
+    pixel_source="random:tiny",
+    latent_source="random:tiny",
+    latent_resolution=64,
+    hash_points=(1 << 10,),
+    hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12),
+    coarse_batches=(2,),
+    coarse_overrides={"resolution": 32, "batch_size": 2},
+    fine_overrides={"resolution": 64, "batch_size": 2},
+    fit_steps=2,
+    warmup_steps=1,
+    timed_steps=2,
+)
+
+
+# ------------------------------------------------------------------------------------------------- hash grid
+def bench_hash_grid(settings: SuiteSettings) -> list[dict]:
+    device = torch.device(settings.device)
+    backends = ["torch"] + (["triton"] if triton_usable() else [])
+    grids = {name: make_encoding(settings.hash_grid, name).to(device) for name in backends}
+    if "triton" in grids:  # the same table: the two backends must agree, not only be fast
+        grids["triton"].load_state_dict(grids["torch"].state_dict())
+    rows = []
+    for points in settings.hash_points:
+        generator = torch.Generator(device=device).manual_seed(points)
+        x = torch.rand(points, 3, device=device, generator=generator)
+        upstream = torch.randn(points, settings.hash_grid.output_dim, device=device, generator=generator)
+        row: dict = {"points": points}
+        outputs = {}
+        for name, grid in grids.items():
+            with torch.no_grad():
+                outputs[name] = grid(x)
+            row[f"{name}_ms"] = timed(hash_grid_step(grid, x, upstream), 10, device)
+        if "triton" in outputs:
+            row["max_abs_diff"] = float((outputs["triton"] - outputs["torch"]).abs().max())
+            row["speedup"] = row["torch_ms"] / row["triton_ms"]
+        rows.append(row)
+        print(json.dumps({"hash_grid": row}), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+def guidance_config(settings: SuiteSettings, kind: str, resolution: int) -> GuidanceConfig:
+    if kind == "analytic":
+        spec = PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, resolution=resolution)
+    elif kind == "pixel":
+        spec = PriorSpec(name="pixel", kind=PriorKind.PIXEL, source=settings.pixel_source, device=settings.device)
+    else:
+        spec = PriorSpec(
+            name="latent", kind=PriorKind.LATENT, source=settings.latent_source, device=settings.device,
+            resolution=settings.latent_resolution,
+        )
+    return GuidanceConfig(priors=[spec], batching={"wait_s": 0.0}, port=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def standalone_guidance(config: GuidanceConfig, workdir: Path, timeout_s: float = 600.0):
+    """A guidance server in its own process (as deployed: its own CUDA context); yields (client, metrics_url)."""
+    port, metrics_port = free_port(), free_port()
+    path = workdir / f"guidance-{config.priors[0].name}.yaml"
+    path.write_text(json.dumps(config.model_copy(update={"metrics_port": metrics_port}).model_dump(mode="json")))
+    log = open(workdir / f"guidance-{config.priors[0].name}.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.guidance.standalone", "--config", str(path), "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    name = config.priors[0].name
+    client = GuidanceClient(Registry.model_validate({"priors": {name: {"kind": "standalone", "address": f"127.0.0.1:{port}"}}}))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:  # the server answers once its prior is built (warm start)
+            if process.poll() is not None:
+                raise RuntimeError(f"guidance server exited with {process.returncode}; see {log.name}")
+            try:
+                client.prior_info(name, timeout_s=5.0)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        yield client, f"http://127.0.0.1:{metrics_port}/metrics"
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def scrape_gpu_peak(metrics_url: str) -> int | None:
+    """magic3d_gpu_memory_peak_allocated_bytes of device 0 from a service's /metrics (None without CUDA)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("magic3d_gpu_memory_peak_allocated_bytes{"):
+                return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- stages
+def _replace(config, **changes):
+    """A changed copy of a pydantic model or a dataclass."""
+    return config.model_copy(update=changes) if hasattr(config, "model_copy") else dataclasses.replace(config, **changes)
+
+
+def preset_configs(settings: SuiteSettings) -> tuple[CoarseConfig, FineConfig]:
+    """The `magic3d` preset's stage configs as the scene service would parse them, with the suite's overrides."""
+    plan = plan_job(PresetBook.load(PRESETS), "magic3d", [], PROMPT, "", 0)
+    common = {"guidance_transfer_dtype": "float16" if settings.device != "cpu" else "float32"}
+    coarse = coarse_config_from_proto(plan.stage("coarse").config, CoarseConfig(prompt=PROMPT, **common))
+    fine = fine_config_from_proto(plan.stage("fine").config, FineConfig(prompt=PROMPT, **common))
+    backend = "auto" if settings.device != "cpu" else "torch"
+    coarse = _replace(coarse, field=_replace(coarse.field, backend=backend), **settings.coarse_overrides)
+    fine = _replace(fine, field=_replace(fine.field, backend=backend), **settings.fine_overrides)
+    if settings.device == "cpu":  # the smoke run: a small table and grid
+        coarse = _replace(
+            coarse,
+            field=_replace(coarse.field, encoding=settings.hash_grid),
+            renderer=_replace(coarse.renderer, num_samples_per_ray=16),
+            occupancy=_replace(coarse.occupancy, resolution=16),
+        )
+        fine = _replace(fine, field=_replace(fine.field, encoding=settings.hash_grid), dmtet=_replace(fine.dmtet, grid_cells=16))
+    return coarse, fine
+
+
+def fitted_coarse_state(config: CoarseConfig, settings: SuiteSettings) -> dict:
+    """A coarse field fitted to the torus by the analytic prior: real geometry for the timed steps."""
+    fit = _replace(
+        config,
+        priors=(PriorTerm(prior="analytic"),),
+        batch_size=4,
+        guidance_transfer_dtype="float32",
+        # The cpu-demo preset's weights, with which the analytic prior fits the torus.
+        loss_weights={
+            **config.loss_weights, "orientation": Schedule.linear(0, 1.0, 1000, 100.0), "sparsity": Schedule.constant(0.1)
+        },
+    )
+    guidance = InProcessGuidance(GuidanceEngine(guidance_config(settings, "analytic", config.resolution)))
+    try:
+        stage = CoarseStage(fit, guidance, "bench-fit", device=settings.device)
+        for _ in range(settings.fit_steps):
+            stage.step()
+        occupied = float(stage.occupancy.occupancy.float().mean())
+        print(json.dumps({"fit": {"steps": settings.fit_steps, "occupied_fraction": occupied}}), flush=True)
+        return {k: v for k, v in stage.state_dict().items() if k in ("field", "background", "occupancy")}
+    finally:
+        guidance.close()
+
+
+def make_stage(stage: str, config, guidance, settings: SuiteSettings, fitted: dict | None):
+    if stage == "coarse":
+        scene = CoarseStage(config, guidance, "bench", device=settings.device)
+        scene.field.load_state_dict(fitted["field"])
+        scene.background.load_state_dict(fitted["background"])
+        scene.occupancy.load_state_dict(fitted["occupancy"])
+        return scene
+    scene = FineStage(config, guidance, "bench", settings.device)
+    with torch.no_grad():
+        scene.geometry.sdf.copy_(torus_sdf(scene.geometry.rest_positions))
+    return scene
+
+
+ENCODING_LABEL = "field.encoding"
+ENCODING_BACKWARD_KERNELS = ("_encode_bwd", "_input_vjp_bwd")  # Triton kernel names (services/scene/field)
+
+
+def encoding_ms(profiler, steps: int, on_gpu: bool) -> dict[str, float | None]:
+    """Hash-grid encoding time per step: kernels under the forward's profiler range, and the Triton backward kernels
+    by name (the PyTorch backend's backward is generic autograd kernels, not attributable: None)."""
+    forward = backward = 0.0
+    found_backward = False
+    for event in profiler.key_averages():
+        time_us = event.device_time_total if on_gpu else event.cpu_time_total
+        if event.key == ENCODING_LABEL:
+            forward += time_us
+        elif on_gpu and any(name in event.key for name in ENCODING_BACKWARD_KERNELS):
+            backward += event.device_time_total
+            found_backward = True
+    return {"forward": forward / 1e3 / steps, "backward": backward / 1e3 / steps if found_backward else None}
+
+
+def time_steps(scene, settings: SuiteSettings) -> dict:
+    """Median phase times over the timed steps, the encoding's share, and this process's peak GPU memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(settings.warmup_steps):
+        scene.step()
+    on_gpu = scene.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    reports, totals = [], []
+    for _ in range(settings.timed_steps):
+        start = time.perf_counter()
+        reports.append(scene.step())
+        totals.append(time.perf_counter() - start)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    profiled = min(5, settings.timed_steps)
+    with profile(activities=activities) as profiler:
+        for _ in range(profiled):
+            scene.step()
+    phases = {k: 1e3 * statistics.median(r.phase_seconds.get(k, 0.0) for r in reports) for k in reports[0].phase_seconds}
+    return {
+        "step_ms": 1e3 * statistics.median(totals),
+        "phases_ms": phases,
+        "encoding_ms": encoding_ms(profiler, profiled, on_gpu),
+        "scene_peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+    }
+
+
+def bench_stage(stage: str, batch: int, config, settings: SuiteSettings, fitted: dict | None, workdir: Path) -> list[dict]:
+    """The same step with the guidance behind gRPC in its own process, then in this process."""
+    config = _replace(config, batch_size=batch)
+    kind = "pixel" if stage == "coarse" else "latent"
+    gconfig = guidance_config(settings, kind, config.resolution)
+    rows = []
+    with standalone_guidance(gconfig, workdir) as (client, metrics_url):
+        row = time_steps(make_stage(stage, config, client, settings, fitted), settings)
+        row["guidance_peak_bytes"] = scrape_gpu_peak(metrics_url)
+        rows.append({"stage": stage, "batch": batch, "path": "standalone gRPC", **row})
+        print(json.dumps(rows[-1]), flush=True)
+    guidance = InProcessGuidance(GuidanceEngine(gconfig))
+    try:
+        row = time_steps(make_stage(stage, config, guidance, settings, fitted), settings)
+        rows.append({"stage": stage, "batch": batch, "path": "in-process", **row})
+        print(json.dumps(rows[-1]), flush=True)
+    finally:
+        guidance.close()
+        del guidance
+        if settings.device != "cpu":
+            torch.cuda.empty_cache()
+    return rows
+
+
+# -------------------------------------------------------------------------------------------------- report
+PHASE_GROUPS = {
+    "render": ("render", "marching_tets", "rasterize", "texture", "shade"),
+    "guidance": ("guidance",),
+    "backward": ("backward",),
+    "optimizer": ("optimizer",),
+}
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.0f}"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    if results.get("hash_grid"):
+        lines += ["| points | PyTorch fwd+bwd ms | Triton fwd+bwd ms | speed-up | max abs diff |", "|---:|---:|---:|---:|---:|"]
+        for r in results["hash_grid"]:
+            lines.append(
+                f"| 2^{r['points'].bit_length() - 1} | {_ms(r.get('torch_ms'))} | {_ms(r.get('triton_ms'))} | "
+                f"{r['speedup']:.1f}x | {r['max_abs_diff']:.1e} |" if "speedup" in r else
+                f"| 2^{r['points'].bit_length() - 1} | {_ms(r['torch_ms'])} | n/a | n/a | n/a |"
+            )
+        lines.append("")
+    if results.get("steps"):
+        lines += [
+            "| stage | batch | guidance path | render | (encoding fwd / bwd) | guidance | backward | optimiser | step ms"
+            " | scene peak MiB | guidance peak MiB |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in results["steps"]:
+            groups = {g: sum(r["phases_ms"].get(k, 0.0) for k in keys) for g, keys in PHASE_GROUPS.items()}
+            enc = r["encoding_ms"]
+            lines.append(
+                f"| {r['stage']} | {r['batch']} | {r['path']} | {groups['render']:.1f} | {_ms(enc['forward'])} / "
+                f"{_ms(enc['backward'])} | {groups['guidance']:.1f} | {groups['backward']:.1f} | "
+                f"{groups['optimizer']:.1f} | **{r['step_ms']:.1f}** | {_mib(r['scene_peak_bytes'])} | "
+                f"{_mib(r.get('guidance_peak_bytes'))} |"
+            )
+        lines += ["", "| stage | batch | standalone / in-process step time |", "|---|---:|---:|"]
+        by_key = {(r["stage"], r["batch"], r["path"]): r["step_ms"] for r in results["steps"]}
+        for (stage, batch, path), value in by_key.items():
+            if path == "standalone gRPC" and (stage, batch, "in-process") in by_key:
+                lines.append(f"| {stage} | {batch} | {value / by_key[(stage, batch, 'in-process')]:.3f} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument("--sections", default="hash_grid,coarse,fine")
+    parser.add_argument("--smoke", action="store_true", help="CPU sizes, tiny priors: checks the suite runs")
+    args = parser.parse_args(argv)
+    settings = SMOKE if args.smoke else GPU
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on the GPU machine, or pass --smoke")
+    project_logging.configure("WARNING")  # per-request service logs would drown the table
+    sections = args.sections.split(",")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results: dict = {"machine": machine(), "commit": commit or os.environ.get("MAGIC3D_COMMIT", "unknown"),
+                     "date": time.strftime("%Y-%m-%d"), "settings": dataclasses.asdict(settings), "steps": []}
+    if "hash_grid" in sections:
+        results["hash_grid"] = bench_hash_grid(settings)
+    coarse, fine = preset_configs(settings)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if "coarse" in sections:
+            fitted = fitted_coarse_state(coarse, settings)
+            for batch in settings.coarse_batches:
+                results["steps"] += bench_stage("coarse", batch, coarse, settings, fitted, workdir)
+        if "fine" in sections:
+            results["steps"] += bench_stage("fine", fine.batch_size, fine, settings, None, workdir)
+    table = markdown(results)
+    print(f"\nmachine: {results['machine']}; commit {results['commit']}; {results['date']}\n\n{table}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_suite.json").write_text(json.dumps(results, indent=1, default=str))
+    (args.out / "gpu_suite.md").write_text(table + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

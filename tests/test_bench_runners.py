@@ -1,0 +1,33 @@
+"""The GPU benchmark runners run end to end at CPU sizes (--smoke) so they cannot rot between GPU sessions; their
+figures mean nothing here. Checked: every section's rows, the standalone guidance service in its own process, and
+a schedule stopped by its time budget then resumed from its checkpoint to the end."""
+
+from __future__ import annotations
+
+import json
+
+from bench import gpu_suite, schedule
+
+
+def test_suite_smoke_rows_and_files(tmp_path):
+    results = gpu_suite.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["points"] for r in results["hash_grid"]] == [1024]
+    paths = {(r["stage"], r["batch"], r["path"]) for r in results["steps"]}
+    assert paths == {(stage, 2, path) for stage in ("coarse", "fine") for path in ("in-process", "standalone gRPC")}
+    for row in results["steps"]:
+        assert row["step_ms"] > 0 and row["phases_ms"]["guidance"] > 0 and row["encoding_ms"]["forward"] > 0
+    assert json.loads((tmp_path / "gpu_suite.json").read_text())["steps"] == json.loads(json.dumps(results["steps"]))
+    table = (tmp_path / "gpu_suite.md").read_text()
+    assert "| coarse | 2 | standalone gRPC |" in table and "standalone / in-process" in table
+
+
+def test_schedule_stops_within_budget_and_resumes(tmp_path):
+    def run(state, *args):
+        return schedule.main(["--stage", "coarse", "--state", str(tmp_path / state), "--smoke", *args])
+
+    assert run("a", "--steps", "2")["steps_done"] == 2
+    resumed = run("a", "--steps", "4", "--log-every", "1")  # the same job, more steps: continues from step 2
+    assert resumed["done"] and resumed["segments"] == 2 and resumed["steps_done"] == 4
+    assert resumed["last"]["step_start"] == 2 and resumed["stepping_s"] > 0
+    stopped = run("b", "--steps", "4", "--budget-s", "0")  # out of time before the first step: checkpoint, not done
+    assert not stopped["done"] and stopped["steps_done"] == 0 and (tmp_path / "b" / "coarse.ckpt").exists()
