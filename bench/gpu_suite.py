@@ -308,22 +308,27 @@ def time_steps(scene, settings: SuiteSettings) -> dict:
     }
 
 
-def bench_stage(stage: str, batch: int, config, settings: SuiteSettings, fitted: dict | None, workdir: Path) -> list[dict]:
-    """The same step with the guidance behind gRPC in its own process, then in this process."""
-    config = _replace(config, batch_size=batch)
+def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSettings, fitted: dict | None,
+                workdir: Path) -> list[dict]:
+    """The same steps with the guidance behind gRPC in its own process, then in this process (each prior built once
+    per path: building IF-I-XL takes longer than timing it)."""
     kind = "pixel" if stage == "coarse" else "latent"
     gconfig = guidance_config(settings, kind, config.resolution)
     rows = []
+
+    def run(guidance, path: str, extra=dict) -> None:
+        for batch in batches:
+            scene = make_stage(stage, _replace(config, batch_size=batch), guidance, settings, fitted)
+            row = time_steps(scene, settings)
+            del scene
+            rows.append({"stage": stage, "batch": batch, "path": path, **row, **extra()})
+            print(json.dumps(rows[-1]), flush=True)
+
     with standalone_guidance(gconfig, workdir) as (client, metrics_url):
-        row = time_steps(make_stage(stage, config, client, settings, fitted), settings)
-        row["guidance_peak_bytes"] = scrape_gpu_peak(metrics_url)
-        rows.append({"stage": stage, "batch": batch, "path": "standalone gRPC", **row})
-        print(json.dumps(rows[-1]), flush=True)
+        run(client, "standalone gRPC", lambda: {"guidance_peak_bytes": scrape_gpu_peak(metrics_url)})
     guidance = InProcessGuidance(GuidanceEngine(gconfig))
     try:
-        row = time_steps(make_stage(stage, config, guidance, settings, fitted), settings)
-        rows.append({"stage": stage, "batch": batch, "path": "in-process", **row})
-        print(json.dumps(rows[-1]), flush=True)
+        run(guidance, "in-process")
     finally:
         guidance.close()
         del guidance
@@ -332,7 +337,6 @@ def bench_stage(stage: str, batch: int, config, settings: SuiteSettings, fitted:
     return rows
 
 
-# -------------------------------------------------------------------------------------------------- report
 PHASE_GROUPS = {
     "render": ("render", "marching_tets", "rasterize", "texture", "shade"),
     "guidance": ("guidance",),
@@ -363,7 +367,7 @@ def markdown(results: dict) -> str:
     if results.get("steps"):
         lines += [
             "| stage | batch | guidance path | render | (encoding fwd / bwd) | guidance | backward | optimiser | step ms"
-            " | scene peak MiB | guidance peak MiB |",
+            " | scene process peak MiB | guidance process peak MiB |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results["steps"]:
@@ -410,10 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         if "coarse" in sections:
             fitted = fitted_coarse_state(coarse, settings)
-            for batch in settings.coarse_batches:
-                results["steps"] += bench_stage("coarse", batch, coarse, settings, fitted, workdir)
+            results["steps"] += bench_stage("coarse", settings.coarse_batches, coarse, settings, fitted, workdir)
         if "fine" in sections:
-            results["steps"] += bench_stage("fine", fine.batch_size, fine, settings, None, workdir)
+            results["steps"] += bench_stage("fine", (fine.batch_size,), fine, settings, None, workdir)
     table = markdown(results)
     print(f"\nmachine: {results['machine']}; commit {results['commit']}; {results['date']}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
