@@ -182,7 +182,7 @@ def standalone_guidance(config: GuidanceConfig, workdir: Path, timeout_s: float 
         client.close()
         process.terminate()
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
@@ -404,8 +404,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("no CUDA device: run on the GPU machine, or pass --smoke")
     project_logging.configure("WARNING")  # per-request service logs would drown the table
     sections = args.sections.split(",")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    results: dict = {"machine": machine(), "commit": commit or os.environ.get("MAGIC3D_COMMIT", "unknown"),
+    # The GPU machine gets a copy of the working tree whose .git may lag: the caller names the commit there.
+    commit = os.environ.get("MAGIC3D_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    results: dict = {"machine": machine(), "commit": commit or "unknown",
                      "date": time.strftime("%Y-%m-%d"), "settings": dataclasses.asdict(settings), "steps": []}
     if "hash_grid" in sections:
         results["hash_grid"] = bench_hash_grid(settings)

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
             record["occupied_fraction"] = float(scene.occupancy.occupancy.float().mean())
         else:
             record["faces"] = int(scene.extract_mesh()[1].shape[0])
-    records.append(record)
-    records_path.write_text(json.dumps(records, indent=1))
+        records.append(record)  # before the guidance service's shutdown: a command killed there keeps the record
+        records_path.write_text(json.dumps(records, indent=1))
     result = {"stage": args.stage, "done": records[-1]["step_end"] >= total, **summary(records, total), "last": record}
     print(json.dumps(result), flush=True)
     return result

@@ -102,7 +102,9 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
             )
     if not images.is_floating_point():
         raise InvalidArgument(f"images must be floating point, got {images.dtype}", "images.dtype")
-    if not torch.isfinite(images).all():
+    # One float64 sum carries any NaN/Inf through (and cannot overflow for images): a fraction of the cost of an
+    # elementwise isfinite over a 4 x 3 x 512 x 512 batch on the host.
+    if not torch.isfinite(images.sum(dtype=torch.float64)):
         raise InvalidArgument("images contain NaN or Inf", "images.data")
     if prior.info.requires_cameras and not request.cameras:
         raise InvalidArgument(f"prior {prior.info.name!r} needs one camera per image", "cameras")
@@ -150,7 +152,9 @@ def compute_sds(prior: DiffusionPrior, requests: list[SdsRequest]) -> list[SdsRe
     with torch.enable_grad():
         for request in requests:
             generator = torch.Generator().manual_seed(request.seed)
-            images = request.images.detach().float().requires_grad_(True)
+            # On the prior's device before the graph starts: the gradient w.r.t. the images, its finite check and
+            # its cast then run there, and one cast tensor crosses back to the host.
+            images = request.images.detach().to(prior.device, torch.float32).requires_grad_(True)
             request_conditions = conditions_for(request)
             z0 = prior.encode(images, request_conditions)
             t = draw_times(request, prior.info.default_time_range, generator)
@@ -208,7 +212,7 @@ def _finish(
     loss = 0.5 * flat.float().pow(2).sum(dim=1)
     loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
     return SdsResult(
-        grad=grad_images.detach().to("cpu", request.grad_dtype),
+        grad=grad_images.detach().to(request.grad_dtype).cpu(),
         t=(timesteps.float() / prior.num_train_timesteps).tolist(),
         loss=loss.cpu().tolist(),
         finite=finite.cpu().tolist(),

@@ -84,7 +84,7 @@ def guidance_gradient(
     transfer_dtype = getattr(torch, config.guidance_transfer_dtype)
     detached = images.detach().to("cpu", transfer_dtype)
     t_range = (config.t_min(step), config.t_max(step))
-    total = torch.zeros(detached.shape, dtype=torch.float32)
+    total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     losses: list[float] = []
     for index, term in enumerate(config.priors):
         info = prior_infos(term.prior, config.guidance_timeout_s)
@@ -105,8 +105,8 @@ def guidance_gradient(
         )
         result = guidance.compute_sds(request, timeout_s=config.guidance_timeout_s)
         losses.append(float(np.mean(result.loss)) if all(result.finite) else float("nan"))
-        total += term.weight * result.grad.float()
-    return total.to(images.device), losses
+        total += term.weight * result.grad.to(images.device).float()
+    return total, losses
 
 
 def _cameras_for(info: PriorInfo, cameras: list[Camera], backgrounds: torch.Tensor) -> list[Camera]:
