@@ -188,13 +188,19 @@ def standalone_guidance(config: GuidanceConfig, workdir: Path, timeout_s: float 
         log.close()
 
 
-def scrape_gpu_peak(metrics_url: str) -> int | None:
-    """magic3d_gpu_memory_peak_allocated_bytes of device 0 from a service's /metrics (None without CUDA)."""
+def scrape_metric(metrics_url: str, name: str) -> float | None:
+    """The first sample of `name` on a service's /metrics (None if it has none)."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith("magic3d_gpu_memory_peak_allocated_bytes{"):
-                return int(float(line.rsplit(" ", 1)[1]))
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def scrape_gpu_peak(metrics_url: str) -> int | None:
+    """Peak bytes held by live tensors in a service's process, from its /metrics (None without CUDA)."""
+    value = scrape_metric(metrics_url, "magic3d_gpu_memory_peak_allocated_bytes")
+    return None if value is None else int(value)
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -337,6 +343,48 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
     return rows
 
 
+def bench_concurrent(config, settings: SuiteSettings, fitted: dict, workdir: Path, jobs: int = 2) -> list[dict]:
+    """Overlap on one GPU: 1 then `jobs` coarse jobs at once against one guidance service with its default dynamic
+    batching (requests arriving within 5 ms share one denoiser call). Each job steps in its own thread."""
+    import threading
+
+    gconfig = guidance_config(settings, "pixel", config.resolution)
+    gconfig = gconfig.model_copy(update={"batching": type(gconfig.batching)()})
+    rows = []
+    with standalone_guidance(gconfig, workdir) as (client, metrics_url):
+        for count in (1, jobs):
+            scenes = [make_stage("coarse", config, client, settings, fitted) for _ in range(count)]
+            times: list[list[float]] = [[] for _ in scenes]
+
+            def run(index: int) -> None:
+                for step in range(settings.warmup_steps + settings.timed_steps):
+                    start = time.perf_counter()
+                    scenes[index].step()
+                    if step >= settings.warmup_steps:
+                        times[index].append(time.perf_counter() - start)
+
+            calls_before = scrape_metric(metrics_url, "magic3d_guidance_denoiser_calls_total") or 0.0
+            images_before = scrape_metric(metrics_url, "magic3d_guidance_images_total") or 0.0
+            began = time.perf_counter()
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            wall = time.perf_counter() - began
+            steps = count * (settings.warmup_steps + settings.timed_steps)
+            rows.append({
+                "stage": "coarse", "batch": config.batch_size, "jobs": count,
+                "step_ms_per_job": 1e3 * statistics.median(t for job in times for t in job),
+                "steps_per_s": steps / wall,
+                "images_per_denoiser_call": (scrape_metric(metrics_url, "magic3d_guidance_images_total") - images_before)
+                / (scrape_metric(metrics_url, "magic3d_guidance_denoiser_calls_total") - calls_before),
+            })
+            print(json.dumps({"concurrent": rows[-1]}), flush=True)
+            del scenes
+    return rows
+
+
 PHASE_GROUPS = {
     "render": ("render", "marching_tets", "rasterize", "texture", "shade"),
     "guidance": ("guidance",),
@@ -384,6 +432,12 @@ def markdown(results: dict) -> str:
         for (stage, batch, path), value in by_key.items():
             if path == "standalone gRPC" and (stage, batch, "in-process") in by_key:
                 lines.append(f"| {stage} | {batch} | {value / by_key[(stage, batch, 'in-process')]:.3f} |")
+    if results.get("concurrent"):
+        lines += ["", "| stage | batch | jobs at once | step ms per job | steps/s, all jobs | images per denoiser call |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in results["concurrent"]:
+            lines.append(f"| {r['stage']} | {r['batch']} | {r['jobs']} | {r['step_ms_per_job']:.1f} | "
+                         f"{r['steps_per_s']:.2f} | {r['images_per_denoiser_call']:.1f} |")
     return "\n".join(lines)
 
 
@@ -418,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "coarse" in sections:
             fitted = fitted_coarse_state(coarse, settings)
             results["steps"] += bench_stage("coarse", settings.coarse_batches, coarse, settings, fitted, workdir)
+            results["concurrent"] = bench_concurrent(coarse, settings, fitted, workdir)
         if "fine" in sections:
             results["steps"] += bench_stage("fine", (fine.batch_size,), fine, settings, None, workdir)
     table = markdown(results)

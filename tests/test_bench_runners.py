@@ -1,6 +1,6 @@
 """The GPU benchmark runners run end to end at CPU sizes (--smoke) so they cannot rot between GPU sessions; their
-figures mean nothing here. Checked: every section's rows, the standalone guidance service in its own process, and
-a schedule stopped by its time budget then resumed from its checkpoint to the end."""
+figures mean nothing here. Checked: every section's rows (concurrent jobs included), the standalone guidance service
+in its own process, and a schedule resumed from its checkpoint, and one stopped by its time budget."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def test_suite_smoke_rows_and_files(tmp_path):
     assert paths == {(stage, 2, path) for stage in ("coarse", "fine") for path in ("in-process", "standalone gRPC")}
     for row in results["steps"]:
         assert row["step_ms"] > 0 and row["phases_ms"]["guidance"] > 0 and row["encoding_ms"]["forward"] > 0
+    assert [r["jobs"] for r in results["concurrent"]] == [1, 2]
+    assert all(r["steps_per_s"] > 0 and r["images_per_denoiser_call"] >= 2 for r in results["concurrent"])
     assert json.loads((tmp_path / "gpu_suite.json").read_text())["steps"] == json.loads(json.dumps(results["steps"]))
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| coarse | 2 | standalone gRPC |" in table and "standalone / in-process" in table
