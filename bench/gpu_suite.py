@@ -212,9 +212,8 @@ def _replace(config, **changes):
 def preset_configs(settings: SuiteSettings) -> tuple[CoarseConfig, FineConfig]:
     """The `magic3d` preset's stage configs as the scene service would parse them, with the suite's overrides."""
     plan = plan_job(PresetBook.load(PRESETS), "magic3d", [], PROMPT, "", 0)
-    common = {"guidance_transfer_dtype": "float16" if settings.device != "cpu" else "float32"}
-    coarse = coarse_config_from_proto(plan.stage("coarse").config, CoarseConfig(prompt=PROMPT, **common))
-    fine = fine_config_from_proto(plan.stage("fine").config, FineConfig(prompt=PROMPT, **common))
+    coarse = coarse_config_from_proto(plan.stage("coarse").config, CoarseConfig(prompt=PROMPT))
+    fine = fine_config_from_proto(plan.stage("fine").config, FineConfig(prompt=PROMPT))
     backend = "auto" if settings.device != "cpu" else "torch"
     coarse = _replace(coarse, field=_replace(coarse.field, backend=backend), **settings.coarse_overrides)
     fine = _replace(fine, field=_replace(fine.field, backend=backend), **settings.fine_overrides)
@@ -235,7 +234,6 @@ def fitted_coarse_state(config: CoarseConfig, settings: SuiteSettings) -> dict:
         config,
         priors=(PriorTerm(prior="analytic"),),
         batch_size=4,
-        guidance_transfer_dtype="float32",
         # The cpu-demo preset's weights, with which the analytic prior fits the torus.
         loss_weights={
             **config.loss_weights, "orientation": Schedule.linear(0, 1.0, 1000, 100.0), "sparsity": Schedule.constant(0.1)

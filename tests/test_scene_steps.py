@@ -61,3 +61,14 @@ def test_transfer_dtype_and_backgrounds_only_where_used():
     for i, camera in enumerate(analytic.cameras):
         assert camera.background_image.shape == (32, 32, 3)
         torch.testing.assert_close(camera.background(32, 32), expected[i].permute(1, 2, 0))
+
+
+def test_auto_transfer_dtype_is_half_on_gpus_only():
+    from services.scene.steps import transfer_dtype_for
+
+    config = FineConfig(prompt="a red torus")
+    assert config.guidance_transfer_dtype == "auto"
+    assert transfer_dtype_for(config, torch.device("cpu")) == torch.float32
+    assert transfer_dtype_for(config, torch.device("cuda")) == torch.float16
+    pinned = FineConfig(prompt="a red torus", guidance_transfer_dtype="float32")
+    assert transfer_dtype_for(pinned, torch.device("cuda")) == torch.float32

@@ -57,8 +57,9 @@ class GuidedStageConfig(BaseModel):
     guidance_timeout_s: float = Field(default=60.0, gt=0)
     # Precision of the images sent to the guidance tier and of the gradients it returns. float16 halves the bytes
     # (a 4 x 512x512 fine-stage batch: 12 MiB each way in float32), which is what the gRPC hop costs; priors compute
-    # in their own dtype either way. float32 keeps CPU runs bit-for-bit reproducible.
-    guidance_transfer_dtype: Literal["float32", "float16"] = "float32"
+    # in their own dtype either way. "auto": float16 when the scene renders on a GPU, float32 on CPU (where runs
+    # stay bit-for-bit reproducible and the bytes matter less than the host's float16 conversions).
+    guidance_transfer_dtype: Literal["auto", "float32", "float16"] = "auto"
 
     @field_validator("loss_weights", check_fields=False)
     @classmethod

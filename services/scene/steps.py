@@ -64,6 +64,12 @@ class PhaseTimer:
         self._clock = now
 
 
+def transfer_dtype_for(config: GuidedStageConfig, device: torch.device) -> torch.dtype:
+    if config.guidance_transfer_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.guidance_transfer_dtype)
+
+
 def guidance_gradient(
     guidance: Guidance,
     prior_infos: PriorInfoCache,
@@ -81,7 +87,7 @@ def guidance_gradient(
     `requires_cameras`) get each camera's background, at the prior's own resolution (it renders at that size and
     would resize a larger one to it): for a learned prior at 512x512 the backgrounds would double the bytes sent.
     """
-    transfer_dtype = getattr(torch, config.guidance_transfer_dtype)
+    transfer_dtype = transfer_dtype_for(config, images.device)
     detached = images.detach().to("cpu", transfer_dtype)
     t_range = (config.t_min(step), config.t_max(step))
     total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
