@@ -11,7 +11,7 @@ Sections:
 * fine: a step of the preset's fine stage (512x512, batch 4, 128-cell DMTet grid) on the exact SDF of the same torus,
   guided by a random-weight prior of SD 2.1-base's architecture.
 Each step is run with the guidance in this process and through a standalone guidance service in its own process
-(gRPC on 127.0.0.1, float16 traffic), split into render, encoding, guidance, backward and optimiser, with the peak GPU
+(gRPC on 127.0.0.1; float16 traffic from a GPU scene), split into render, encoding, guidance, backward and optimiser, with the peak GPU
 memory of the scene (this process) and of each guidance service (read from its /metrics).
 
 --smoke runs the same code at CPU sizes with tiny random priors (CI runs it: the numbers mean nothing there).

@@ -6,7 +6,7 @@
 
 Each stage runs the preset's steps (5,000 coarse, 3,000 fine at batch 4) as the services run them: the scene here,
 the guidance (random weights of IF-I-XL's / SD 2.1-base's architecture) in a standalone gRPC service in its own
-process, float16 traffic. A command stops before --budget-s, writes a checkpoint to --state and a JSON record of
+process, float16 traffic from a GPU scene. A command stops before --budget-s, writes a checkpoint to --state and a JSON record of
 the segment; the next command resumes from it (a device command may run 10 minutes; the coarse stage needs more).
 The coarse stage starts from an empty field, as a job does; the fine stage starts from the exact SDF of a torus
 (a random-weight prior gives the coarse stage no shape to convert). Totals add the segments' stepping time and,

@@ -476,7 +476,8 @@ def test_scene_configmap_is_the_local_scene_config_with_cluster_values():
     assert str(cluster.registry_path) == "/etc/magic3d/registry.yaml"
     local = yaml.safe_load((CONFIG / "scene.yaml").read_text())
     deployed = yaml.safe_load(text)
-    cluster_only = {"host", "device", "store_uri", "registry_path"}
+    assert cluster.metrics_port == port_numbers(container_of("StatefulSet", "scene"))["metrics"]
+    cluster_only = {"host", "device", "store_uri", "registry_path", "metrics_port"}
     assert {k: v for k, v in deployed.items() if k not in cluster_only} == {
         k: v for k, v in local.items() if k not in cluster_only
     }

@@ -307,3 +307,29 @@ def test_shutdown_checkpoints_every_scene(guidance_server, tmp_path):
         running.stop(grace=None)
         client.close()
     assert (tmp_path / "jobs/job-drain/coarse/step-0000001.ckpt").is_file()
+
+
+def test_metrics_report_scenes_and_budget(guidance_server, tmp_path):
+    """A replica's /metrics: scenes held against its capacity and memory budget (and, on GPUs, its CUDA memory)."""
+    import urllib.request
+
+    config = SceneServiceConfig(
+        port=0, metrics_port=0, capacity=3, device="cpu", store_uri=str(tmp_path / "store"),
+        coarse_defaults=TINY_DEFAULTS, fine_defaults=TINY_FINE_DEFAULTS, memory_budget_bytes=2**30,
+    )
+    client = GuidanceClient(registry_for(guidance_server.address))
+    running = scene_server.start(config, guidance=client)
+    channel = insecure_channel(running.address)
+    try:
+        stub = scene_pb2_grpc.SceneServiceStub(channel)
+        stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="metrics", config=scene_pb2.StageConfig(prompt="a red torus")))
+        with urllib.request.urlopen(f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10) as response:
+            samples = dict(
+                line.rsplit(" ", 1) for line in response.read().decode().splitlines() if line and not line.startswith("#")
+            )
+        assert float(samples["magic3d_scene_scenes"]) == 1 and float(samples["magic3d_scene_capacity"]) == 3
+        assert 0 < float(samples["magic3d_scene_training_state_bytes"]) <= float(samples["magic3d_scene_memory_budget_bytes"])
+    finally:
+        channel.close()
+        running.stop(grace=None)
+        client.close()

@@ -39,7 +39,7 @@ RUN pip install ".${EXTRAS:+[$EXTRAS]}" \
  && chown -R magic3d /app
 
 USER 1000
-EXPOSE 50061
+EXPOSE 50061 9090
 # The Kubernetes manifest passes its own config (/etc/magic3d/scene.yaml, from the scene-config ConfigMap); this
 # default runs the loopback development config on every interface of the container.
 CMD ["python", "-m", "services.scene.server", "--config", "deploy/config/scene.yaml", "--host", "0.0.0.0", "--port", "50061"]

@@ -35,6 +35,18 @@ def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
 RANDOM_SOURCE_PREFIX = "random:"
 
 
+def _text_prior_settings(spec: PriorSpec) -> dict:
+    """What every text-conditioned prior is built with, whether its weights are loaded or random."""
+    return {
+        "name": spec.name,
+        "device": spec.device,
+        "dtype": spec.dtype,
+        "embedding_cache_size": spec.embedding_cache_size,
+        "checkpoint_ids": spec.checkpoint_ids,
+        **_tuning(spec),
+    }
+
+
 def _build_random_prior(spec: PriorSpec, source: str) -> DiffusionPrior:
     """`random:<size>` (e.g. `random:sd21-base`, `random:if-i-xl`, `random:tiny`): the published architecture on
     random weights, built on the device. For benchmarks and GPU smoke tests of a deployment, never for results."""
@@ -45,30 +57,14 @@ def _build_random_prior(spec: PriorSpec, source: str) -> DiffusionPrior:
     if size not in sizes:
         raise NotFound(f"prior {spec.name!r}: no random architecture {size!r}; known: {', '.join(sizes)}", "source")
     build = random_init.build_random_pixel_prior if spec.kind == PriorKind.PIXEL else random_init.build_random_latent_prior
-    return build(
-        size,
-        device=spec.device,
-        dtype=spec.dtype,
-        name=spec.name,
-        embedding_cache_size=spec.embedding_cache_size,
-        checkpoint_ids=spec.checkpoint_ids,
-        **_tuning(spec),
-    )
+    return build(size, **_text_prior_settings(spec))
 
 
 def _build_text_prior(prior_class, spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     source = spec.checkpoint_source(checkpoint_id)
     if source and source.startswith(RANDOM_SOURCE_PREFIX):
         return _build_random_prior(spec, source)
-    return prior_class.from_pretrained(
-        source,
-        name=spec.name,
-        device=spec.device,
-        dtype=spec.dtype,
-        embedding_cache_size=spec.embedding_cache_size,
-        checkpoint_ids=spec.checkpoint_ids,
-        **_tuning(spec),
-    )
+    return prior_class.from_pretrained(source, **_text_prior_settings(spec))
 
 
 def build_latent(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:

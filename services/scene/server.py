@@ -30,6 +30,7 @@ from services.scene.export import ExportSettings, export_textured_mesh
 from services.scene.fine import FineStage
 from services.scene.guidance import Guidance
 from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
+from services.scene.metrics import start_metrics
 from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
@@ -70,6 +71,8 @@ class SceneServiceConfig(BaseModel):
     max_workers: int = Field(default=16, ge=2)
     # On shutdown (SIGTERM), save every scene's checkpoint to the store; the orchestrator resumes from the newest.
     checkpoint_on_shutdown: bool = True
+    # Prometheus /metrics (scenes held, their budget, this process's GPU memory); None: not served, 0: any free port.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     @classmethod
     def load(cls, path: str | Path) -> "SceneServiceConfig":
@@ -407,15 +410,25 @@ def start(
 ) -> RunningServer:
     guidance = guidance or GuidanceClient(Registry.load(config.registry_path))
     servicer = SceneServicer(config, guidance, store or open_store(config.store_uri))
-    return start_server(
+    metrics = start_metrics(servicer.scenes, config.host, config.metrics_port) if config.metrics_port is not None else None
+
+    def on_stop() -> None:
+        if config.checkpoint_on_shutdown:
+            servicer.checkpoint_all()
+        if metrics is not None:
+            metrics.shutdown()
+
+    running = start_server(
         servicer,
         scene_pb2_grpc.add_SceneServiceServicer_to_server,
         SERVICE_NAME,
         f"{config.host}:{config.port}",
         max_workers=config.max_workers,
         max_message_bytes=config.max_message_bytes,
-        on_stop=servicer.checkpoint_all if config.checkpoint_on_shutdown else None,
+        on_stop=on_stop,
     )
+    running.metrics_port = metrics.port if metrics is not None else None
+    return running
 
 
 def main() -> None:
@@ -429,7 +442,9 @@ def main() -> None:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     config = config.model_copy(update=overrides)
     running = start(config)
-    log.info("scene_serving", address=f"{config.host}:{running.port}", capacity=config.capacity)
+    log.info(
+        "scene_serving", address=f"{config.host}:{running.port}", capacity=config.capacity, metrics_port=running.metrics_port
+    )
     serve_until_signalled(running)
 
 
