@@ -73,6 +73,9 @@ class SuiteSettings:
     fit_steps: int  # analytic-prior steps that give the coarse field its torus
     warmup_steps: int
     timed_steps: int
+    # The GPU the standalone guidance services use (CUDA_VISIBLE_DEVICES of their process); None: the scene's.
+    # On a 2-GPU machine, 1 puts guidance and scene on separate GPUs, as a deployment does.
+    guidance_gpu: int | None = None
 
 
 GPU = SuiteSettings(
@@ -153,8 +156,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def standalone_guidance(config: GuidanceConfig, workdir: Path, timeout_s: float = 600.0):
-    """A guidance server in its own process (as deployed: its own CUDA context); yields (client, metrics_url)."""
+def standalone_guidance(config: GuidanceConfig, workdir: Path, gpu: int | None = None, timeout_s: float = 600.0):
+    """A guidance server in its own process (as deployed: its own CUDA context), on GPU `gpu` if given; yields
+    (client, metrics_url)."""
     port, metrics_port = free_port(), free_port()
     path = workdir / f"guidance-{config.priors[0].name}.yaml"
     path.write_text(json.dumps(config.model_copy(update={"metrics_port": metrics_port}).model_dump(mode="json")))
@@ -162,6 +166,7 @@ def standalone_guidance(config: GuidanceConfig, workdir: Path, timeout_s: float 
     process = subprocess.Popen(
         [sys.executable, "-m", "services.guidance.standalone", "--config", str(path), "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})},
     )
     name = config.priors[0].name
     client = GuidanceClient(Registry.model_validate({"priors": {name: {"kind": "standalone", "address": f"127.0.0.1:{port}"}}}))
@@ -328,7 +333,7 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
             rows.append({"stage": stage, "batch": batch, "path": path, **row, **extra()})
             print(json.dumps(rows[-1]), flush=True)
 
-    with standalone_guidance(gconfig, workdir) as (client, metrics_url):
+    with standalone_guidance(gconfig, workdir, settings.guidance_gpu) as (client, metrics_url):
         run(client, "standalone gRPC", lambda: {"guidance_peak_bytes": scrape_gpu_peak(metrics_url)})
     guidance = InProcessGuidance(GuidanceEngine(gconfig))
     try:
@@ -349,7 +354,7 @@ def bench_concurrent(config, settings: SuiteSettings, fitted: dict, workdir: Pat
     gconfig = guidance_config(settings, "pixel", config.resolution)
     gconfig = gconfig.model_copy(update={"batching": type(gconfig.batching)()})
     rows = []
-    with standalone_guidance(gconfig, workdir) as (client, metrics_url):
+    with standalone_guidance(gconfig, workdir, settings.guidance_gpu) as (client, metrics_url):
         for count in (1, jobs):
             scenes = [make_stage("coarse", config, client, settings, fitted) for _ in range(count)]
             times: list[list[float]] = [[] for _ in scenes]
@@ -441,7 +446,7 @@ def markdown(results: dict) -> str:
 
 def machine() -> str:
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     return f"CPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
@@ -450,8 +455,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--sections", default="hash_grid,coarse,fine")
     parser.add_argument("--smoke", action="store_true", help="CPU sizes, tiny priors: checks the suite runs")
+    parser.add_argument("--guidance-gpu", type=int, default=None, help="GPU index for the guidance services")
     args = parser.parse_args(argv)
-    settings = SMOKE if args.smoke else GPU
+    settings = dataclasses.replace(SMOKE if args.smoke else GPU, guidance_gpu=args.guidance_gpu)
     if settings.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on the GPU machine, or pass --smoke")
     project_logging.configure("WARNING")  # per-request service logs would drown the table

@@ -16,6 +16,7 @@ separately, the set-up (service start, model build, checkpoint load) that a sing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -62,9 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--smoke", action="store_true", help="CPU sizes, tiny priors: checks the runner works")
+    parser.add_argument("--guidance-gpu", type=int, default=None, help="GPU index for the guidance service")
     args = parser.parse_args(argv)
     began = time.perf_counter()
-    settings = SMOKE if args.smoke else GPU
+    settings = dataclasses.replace(SMOKE if args.smoke else GPU, guidance_gpu=args.guidance_gpu)
     project_logging.configure("WARNING")
     args.state.mkdir(parents=True, exist_ok=True)
     coarse, fine = preset_configs(settings)
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result), flush=True)
         return result
     kind = "pixel" if args.stage == "coarse" else "latent"
-    with standalone_guidance(guidance_config(settings, kind, config.resolution), args.state) as (client, _):
+    guidance = guidance_config(settings, kind, config.resolution)
+    with standalone_guidance(guidance, args.state, settings.guidance_gpu) as (client, _):
         scene = load_or_start(args.stage, config, client, settings, args.state)
         start_step = scene.step_count
         setup_s = time.perf_counter() - began

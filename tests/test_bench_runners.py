@@ -31,5 +31,5 @@ def test_schedule_stops_within_budget_and_resumes(tmp_path):
     resumed = run("a", "--steps", "4", "--log-every", "1")  # the same job, more steps: continues from step 2
     assert resumed["done"] and resumed["segments"] == 2 and resumed["steps_done"] == 4
     assert resumed["last"]["step_start"] == 2 and resumed["stepping_s"] > 0
-    stopped = run("b", "--steps", "4", "--budget-s", "0")  # out of time before the first step: checkpoint, not done
+    stopped = run("b", "--steps", "4", "--budget-s", "0", "--guidance-gpu", "0")  # out of time before the first step: checkpoint, not done
     assert not stopped["done"] and stopped["steps_done"] == 0 and (tmp_path / "b" / "coarse.ckpt").exists()
