@@ -16,6 +16,7 @@ from services.guidance.priors.base import PriorInfo, SdsRequest
 from services.scene.config import GuidedStageConfig
 from services.scene.guidance import Guidance, PriorInfoCache
 from shared.cameras import Camera
+from shared.devices import resolve_dtype
 from shared.errors import FailedPrecondition
 
 
@@ -65,9 +66,8 @@ class PhaseTimer:
 
 
 def transfer_dtype_for(config: GuidedStageConfig, device: torch.device) -> torch.dtype:
-    if config.guidance_transfer_dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, config.guidance_transfer_dtype)
+    """The dtype of guidance traffic: the project's device rule for "auto" (float16 on CUDA, float32 elsewhere)."""
+    return resolve_dtype(config.guidance_transfer_dtype, device)
 
 
 def guidance_gradient(
