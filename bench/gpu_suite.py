@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from services.scene.fine import FineStage
 from services.scene.guidance import InProcessGuidance
 from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
 from shared import logging as project_logging
+from shared.grpcio import free_port
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 from shared.schedules import Schedule
@@ -147,12 +147,6 @@ def guidance_config(settings: SuiteSettings, kind: str, resolution: int) -> Guid
             resolution=settings.latent_resolution,
         )
     return GuidanceConfig(priors=[spec], batching={"wait_s": 0.0}, port=0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -359,17 +353,17 @@ def bench_concurrent(config, settings: SuiteSettings, fitted: dict, workdir: Pat
             scenes = [make_stage("coarse", config, client, settings, fitted) for _ in range(count)]
             times: list[list[float]] = [[] for _ in scenes]
 
-            def run(index: int) -> None:
+            def run(scene, job_times: list[float]) -> None:
                 for step in range(settings.warmup_steps + settings.timed_steps):
                     start = time.perf_counter()
-                    scenes[index].step()
+                    scene.step()
                     if step >= settings.warmup_steps:
-                        times[index].append(time.perf_counter() - start)
+                        job_times.append(time.perf_counter() - start)
 
             calls_before = scrape_metric(metrics_url, "magic3d_guidance_denoiser_calls_total") or 0.0
             images_before = scrape_metric(metrics_url, "magic3d_guidance_images_total") or 0.0
             began = time.perf_counter()
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+            threads = [threading.Thread(target=run, args=(scene, job_times)) for scene, job_times in zip(scenes, times)]
             for thread in threads:
                 thread.start()
             for thread in threads:

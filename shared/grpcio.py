@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -116,3 +117,10 @@ def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
     stopped.wait()
     running.stop(grace=grace)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now (the OS's pick), for servers whose port must be known before they start."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -35,7 +35,6 @@ import asyncio
 import importlib
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -54,7 +53,7 @@ from services.guidance.engine import EngineStats, check_prompt
 from services.guidance.pool import BUILDERS, PriorBuilder, PriorPool
 from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest, SdsResult
 from shared.errors import InvalidArgument, NotFound, ServiceError
-from shared.grpcio import DEFAULT_MAX_MESSAGE_BYTES
+from shared.grpcio import DEFAULT_MAX_MESSAGE_BYTES, free_port
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -384,12 +383,6 @@ def build_app(args: dict) -> serve.Application:
 
 
 # -- local Ray + Serve, loopback only ----------------------------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
