@@ -1,0 +1,156 @@
+"""Where a prior's SDS time goes, and what cuDNN autotuning and channels-last memory layout buy.
+
+GPU (random weights of SD 2.1-base's and IF-I-XL's architectures, fp16):
+    python -m bench.prior_speed --out out/bench
+CPU smoke (tiny models, checks that the runner works; the times mean nothing):
+    python -m bench.prior_speed --smoke --out out/bench
+
+For each prior and each layout variant it times, as medians after warm-up calls:
+  - the UNet with classifier-free guidance (2B rows), no grad;
+  - for the latent prior, the VAE encoder forward alone and forward + backward (the SDS chain rule needs both);
+  - one whole `compute_sds` call of B images, gradient copied to the host, as the guidance service runs it.
+Writes `prior_speed.json` and prints a markdown table. Not a test: no assertions on speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from services.guidance import sds
+from services.guidance.priors import random_init
+from services.guidance.priors.base import DiffusionPrior, SdsRequest, ViewCondition
+from services.guidance.priors.layout import apply_layout
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "latent" | "pixel"
+    size: str
+    batch: int
+    image_side: int  # what the scene sends: 512 for the fine stage, 64 for the coarse one
+
+
+GPU_CASES = (Case("latent", "sd21-base", 4, 512), Case("pixel", "if-i-xl", 4, 64))
+SMOKE_CASES = (Case("latent", "tiny", 2, 64), Case("pixel", "tiny", 2, 32))
+VARIANTS = {  # name -> (cudnn.benchmark, channels_last)
+    "default": (False, False),
+    "cudnn-autotune": (True, False),
+    "channels-last": (False, True),
+    "both": (True, True),
+}
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall milliseconds of fn(), synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def build(case: Case, device: str) -> DiffusionPrior:
+    builder = random_init.build_random_latent_prior if case.kind == "latent" else random_init.build_random_pixel_prior
+    return builder(case.size, device=device, dtype="auto")
+
+
+def component_timers(prior: DiffusionPrior, case: Case) -> dict[str, Callable[[], object]]:
+    device = prior.device
+    images = torch.rand(case.batch, 3, case.image_side, case.image_side, device=device)
+    conditions = [ViewCondition(prompt="a red torus", negative_prompt="")] * case.batch
+    z0 = prior.encode(images, conditions).detach()
+    steps = torch.full((case.batch,), 500, device=device)
+
+    def unet() -> object:
+        return prior.predict_noise(z0, steps, conditions)
+
+    def sds_call() -> object:
+        request = SdsRequest(job_id="bench", prior=prior.info.name, images=images.cpu(), prompt="a red torus",
+                             grad_dtype=torch.float16)
+        return sds.compute_sds(prior, [request])
+
+    timers: dict[str, Callable[[], object]] = {"unet_cfg": unet}
+    if case.kind == "latent":
+        def encode_forward() -> object:
+            with torch.no_grad():
+                return prior.encode(images, conditions)
+
+        def encode_forward_backward() -> object:
+            x = images.detach().requires_grad_(True)
+            latents = prior.encode(x, conditions)
+            (grad,) = torch.autograd.grad(latents, x, torch.ones_like(latents))
+            return grad
+
+        timers["vae_forward"] = encode_forward
+        timers["vae_forward_backward"] = encode_forward_backward
+    timers["compute_sds"] = sds_call
+    return timers
+
+
+def run_case(case: Case, device: str, repeats: int, warmup: int) -> list[dict]:
+    prior = build(case, device)
+    rows = []
+    for variant, (autotune, channels_last) in VARIANTS.items():
+        torch.backends.cudnn.benchmark = autotune
+        apply_layout(prior, channels_last=channels_last)
+        row = {"prior": case.kind, "model": case.size, "batch": case.batch, "image_side": case.image_side,
+               "variant": variant}
+        for name, fn in component_timers(prior, case).items():
+            row[f"{name}_ms"] = round(timed(fn, prior.device, repeats, warmup), 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    torch.backends.cudnn.benchmark = False
+    del prior
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    columns = ["unet_cfg_ms", "vae_forward_ms", "vae_forward_backward_ms", "compute_sds_ms"]
+    lines = ["| prior | batch x side | variant | UNet+CFG | VAE fwd | VAE fwd+bwd | compute_sds |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        cells = [f"{row[c]:.1f}" if c in row else "-" for c in columns]
+        lines.append(f"| {row['prior']} ({row['model']}) | {row['batch']} x {row['image_side']} | {row['variant']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (checks the runner only)")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    device = "cpu" if args.smoke else "cuda"
+    repeats = args.repeats or (2 if args.smoke else 20)
+    warmup = 1 if args.smoke else 5
+    rows = []
+    for case in SMOKE_CASES if args.smoke else GPU_CASES:
+        rows.extend(run_case(case, device, repeats, warmup))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "prior_speed.json").write_text(json.dumps(rows, indent=1))
+    table = markdown(rows)
+    (args.out / "prior_speed.md").write_text(table + "\n")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
