@@ -1,11 +1,12 @@
-"""Where a prior's SDS time goes, and what cuDNN autotuning and channels-last memory layout buy.
+"""Where a prior's SDS time goes, and what the weights' memory layout and the VAE's attention kernel change.
 
 GPU (random weights of SD 2.1-base's and IF-I-XL's architectures, fp16):
     python -m bench.prior_speed --out out/bench
 CPU smoke (tiny models, checks that the runner works; the times mean nothing):
     python -m bench.prior_speed --smoke --out out/bench
 
-For each prior and each layout variant it times, as medians after warm-up calls:
+For each prior and each variant (the service's default build, the other memory layout, and for the latent prior
+the VAE attention kernel PyTorch would pick) it times, as medians after warm-up calls:
   - the UNet with classifier-free guidance (2B rows), no grad;
   - for the latent prior, the VAE encoder forward alone and forward + backward (the SDS chain rule needs both);
   - one whole `compute_sds` call of B images, gradient copied to the host, as the guidance service runs it.
@@ -27,6 +28,7 @@ import torch
 from services.guidance import sds
 from services.guidance.priors import random_init
 from services.guidance.priors.base import DiffusionPrior, SdsRequest, ViewCondition
+from services.guidance.priors.latent import ANY_ATTENTION_KERNEL, vae_attention_backends
 from services.guidance.priors.layout import apply_layout
 
 
@@ -40,12 +42,30 @@ class Case:
 
 GPU_CASES = (Case("latent", "sd21-base", 4, 512), Case("pixel", "if-i-xl", 4, 64))
 SMOKE_CASES = (Case("latent", "tiny", 2, 64), Case("pixel", "tiny", 2, 32))
-VARIANTS = {  # name -> (cudnn.benchmark, channels_last)
-    "default": (False, False),
-    "cudnn-autotune": (True, False),
-    "channels-last": (False, True),
-    "both": (True, True),
-}
+
+
+def variants(prior: DiffusionPrior) -> dict[str, Callable[[], None]]:
+    """name -> a function that puts the prior in that variant. The first is what the service builds by default."""
+    default_layout = prior.channels_last
+
+    def service_default() -> None:
+        apply_layout(prior, channels_last=default_layout)
+        if hasattr(prior, "vae_attention_backends"):
+            prior.vae_attention_backends = vae_attention_backends(prior.device)
+
+    def other_layout() -> None:
+        service_default()
+        apply_layout(prior, channels_last=not default_layout)
+
+    chosen = {"service default": service_default,
+              "contiguous" if default_layout else "channels-last": other_layout}
+    if hasattr(prior, "vae_attention_backends"):
+        def any_attention_kernel() -> None:  # what PyTorch picks when free to: the memory-efficient kernel
+            service_default()
+            prior.vae_attention_backends = list(ANY_ATTENTION_KERNEL)
+
+        chosen["VAE attention: PyTorch's pick"] = any_attention_kernel
+    return chosen
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
@@ -105,20 +125,39 @@ def component_timers(prior: DiffusionPrior, case: Case) -> dict[str, Callable[[]
 def run_case(case: Case, device: str, repeats: int, warmup: int) -> list[dict]:
     prior = build(case, device)
     rows = []
-    for variant, (autotune, channels_last) in VARIANTS.items():
-        torch.backends.cudnn.benchmark = autotune
-        apply_layout(prior, channels_last=channels_last)
+    for variant, apply_variant in variants(prior).items():
+        apply_variant()
         row = {"prior": case.kind, "model": case.size, "batch": case.batch, "image_side": case.image_side,
                "variant": variant}
         for name, fn in component_timers(prior, case).items():
             row[f"{name}_ms"] = round(timed(fn, prior.device, repeats, warmup), 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    torch.backends.cudnn.benchmark = False
     del prior
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
+
+
+def profile_sds(case: Case, device: str, out: Path, calls: int = 3) -> None:
+    """torch.profiler over a few compute_sds calls (default layout): where the time beyond the components goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prior = build(case, device)
+    sds_call = component_timers(prior, case)["compute_sds"]
+    for _ in range(3):
+        sds_call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            sds_call()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    text = (averages.table(sort_by="self_cpu_time_total", row_limit=30)
+            + "\n" + averages.table(sort_by="self_device_time_total", row_limit=30))
+    (out / f"prior_profile_{case.kind}.txt").write_text(text)
+    prof.export_chrome_trace(str(out / f"prior_profile_{case.kind}.json"))
+    print(text)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -137,10 +176,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU (checks the runner only)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--profile", choices=("latent", "pixel"), help="only profile this prior's compute_sds")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     repeats = args.repeats or (2 if args.smoke else 20)
     warmup = 1 if args.smoke else 5
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile_sds(next(c for c in GPU_CASES if c.kind == args.profile), device, args.out)
+        return []
     rows = []
     for case in SMOKE_CASES if args.smoke else GPU_CASES:
         rows.extend(run_case(case, device, repeats, warmup))

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from magic3d.v1 import common_pb2
 
+from shared.devices import to_host
 from shared.errors import InvalidArgument
 
 _TORCH_BY_PROTO = {
@@ -44,7 +45,7 @@ def torch_dtype(scalar_type: int, field: str = "dtype") -> torch.dtype:
 
 
 def to_proto(tensor: torch.Tensor) -> common_pb2.Tensor:
-    tensor = tensor.detach().to("cpu").contiguous()
+    tensor = to_host(tensor.detach()).contiguous()
     carrier = _NUMPY_CARRIER[tensor.dtype]
     words = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
     data = words.numpy().astype(carrier, copy=False).tobytes()

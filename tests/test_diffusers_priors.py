@@ -389,3 +389,38 @@ def test_random_source_builds_the_architecture_through_the_pool(pixel):
     with pytest.raises(NotFound) as error:
         build_pixel(spec.model_copy(update={"source": "random:if-i-xxl"}), "default")
     assert error.value.field == "source"
+
+
+def _weights_channels_last(module: torch.nn.Module) -> bool:
+    convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    return all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
+def test_memory_format_setting_lays_out_the_weights_and_keeps_the_gradient(pixel):
+    """`memory_format` reaches the prior through the pool; channels-last changes the layout, not the SDS result.
+    "auto" is contiguous on the CPU (channels-last is only chosen on CUDA, where it was measured)."""
+    from services.guidance.config import PriorSpec
+    from services.guidance.pool import build_latent, build_pixel
+    from services.guidance.priors.base import PriorKind
+    from services.guidance.priors.layout import resolve_channels_last
+
+    spec = PriorSpec(name="if", kind=PriorKind.PIXEL, source="random:tiny", device="cpu", dtype="float32",
+                     memory_format="channels_last")
+    nhwc = build_pixel(spec, "default")
+    assert nhwc.channels_last and _weights_channels_last(nhwc.unet)
+    assert not pixel.channels_last and not _weights_channels_last(pixel.unet)
+    request = SdsRequest(job_id="t", prior="if", images=_images(2, 64), prompt=PROMPT, seed=7)
+    ours, theirs = compute_sds(nhwc, [request])[0].grad, compute_sds(pixel, [request])[0].grad
+    # Convolutions sum in another order in NHWC: equal up to float32 rounding relative to the gradient's scale.
+    torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3 * float(theirs.abs().max()))
+
+    latent = build_latent(spec.model_copy(update={"name": "sd", "kind": PriorKind.LATENT}), "default")
+    assert _weights_channels_last(latent.unet) and _weights_channels_last(latent.vae)
+
+    assert resolve_channels_last("auto", torch.device("cuda"), helps=True)
+    assert not resolve_channels_last("auto", torch.device("cuda"), helps=False)
+    assert not resolve_channels_last("auto", torch.device("cpu"), helps=True)
+    with pytest.raises(ValueError, match="memory_format"):
+        resolve_channels_last("nhwc", torch.device("cpu"), helps=True)
+    with pytest.raises(ValueError):
+        PriorSpec(name="if", kind=PriorKind.PIXEL, source="random:tiny", memory_format="nhwc")

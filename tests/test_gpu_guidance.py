@@ -44,3 +44,43 @@ def test_bfloat16_runs():
     prior = random_init.build_random_pixel_prior("tiny", device="cuda", dtype="bfloat16", seed=0)
     (result,) = sds.compute_sds(prior, [_request(prior)])
     assert all(result.finite) and result.grad.abs().sum() > 0
+
+
+def test_result_stays_on_the_device_and_reaches_the_host_pinned():
+    """The gradient stays on the prior's device (an in-process scene adds it there); the wire copy goes through
+    pinned memory and equals it; CPU-side images are accepted too."""
+    from shared.devices import to_device, to_host
+
+    prior = random_init.build_random_latent_prior("tiny", device="cuda", seed=0, resolution=64)
+    request = _request(prior)
+    (from_host,) = sds.compute_sds(prior, [request])
+    on_device = SdsRequest(**{**request.__dict__, "images": request.images.cuda()})
+    (from_device,) = sds.compute_sds(prior, [on_device])
+    assert from_host.grad.device.type == "cuda"
+    torch.testing.assert_close(from_host.grad, from_device.grad)
+    host = to_host(from_host.grad)
+    assert host.device.type == "cpu" and host.is_pinned()
+    torch.testing.assert_close(host, from_host.grad.cpu())
+    torch.testing.assert_close(to_device(host, torch.device("cuda")), from_host.grad)
+
+
+def test_vae_math_attention_matches_the_memory_efficient_kernel():
+    """The VAE encoder's attention runs as plain matmuls on CUDA (its backward at head width 512 is slow in the
+    memory-efficient kernel); latents and image gradients agree with that kernel's within fp16 tolerance."""
+    from services.guidance.priors.latent import ANY_ATTENTION_KERNEL
+
+    prior = random_init.build_random_latent_prior("tiny", device="cuda", seed=0, resolution=64)
+    images = torch.rand(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def latents_and_grad(backends):
+        prior.vae_attention_backends = backends
+        x = images.clone().requires_grad_(True)
+        z = prior.encode(x, [])
+        (grad,) = torch.autograd.grad(z, x, torch.ones_like(z))
+        return z.float(), grad.float()
+
+    z_math, g_math = latents_and_grad([torch.nn.attention.SDPBackend.MATH])
+    z_any, g_any = latents_and_grad(list(ANY_ATTENTION_KERNEL))
+    torch.testing.assert_close(z_math, z_any, rtol=2e-2, atol=2e-2)
+    cosine = torch.nn.functional.cosine_similarity(g_math.flatten(), g_any.flatten(), dim=0)
+    assert cosine > 0.999, f"image gradient cosine {cosine:.5f}"

@@ -46,6 +46,9 @@ class PriorSpec(BaseModel):
     weighting: Weighting | None = None
     max_batch_size: int = Field(default=8, ge=1, le=64)
     embedding_cache_size: int = Field(default=256, ge=1)
+    # Layout of the UNet (and VAE) weights: "auto" is channels-last on CUDA for pixel priors only, where it was
+    # measured faster (services/guidance/priors/layout.py).
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
     analytic: AnalyticOptions = AnalyticOptions()
 
     @model_validator(mode="after")

@@ -43,6 +43,7 @@ def _text_prior_settings(spec: PriorSpec) -> dict:
         "dtype": spec.dtype,
         "embedding_cache_size": spec.embedding_cache_size,
         "checkpoint_ids": spec.checkpoint_ids,
+        "memory_format": spec.memory_format,
         **_tuning(spec),
     }
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from services.guidance.priors.base import DiffusionPrior, SdsRequest, SdsResult, ViewCondition, Weighting
+from shared.devices import to_device
 from shared.errors import InvalidArgument, NotFound
 
 MIN_IMAGE_SIDE = 16
@@ -153,8 +154,8 @@ def compute_sds(prior: DiffusionPrior, requests: list[SdsRequest]) -> list[SdsRe
         for request in requests:
             generator = torch.Generator().manual_seed(request.seed)
             # On the prior's device before the graph starts: the gradient w.r.t. the images, its finite check and
-            # its cast then run there, and one cast tensor crosses back to the host.
-            images = request.images.detach().to(prior.device, torch.float32).requires_grad_(True)
+            # its cast then run there, and the result stays there (the transport copies it to the host if it must).
+            images = to_device(request.images.detach(), prior.device).float().requires_grad_(True)
             request_conditions = conditions_for(request)
             z0 = prior.encode(images, request_conditions)
             t = draw_times(request, prior.info.default_time_range, generator)
@@ -212,7 +213,7 @@ def _finish(
     loss = 0.5 * flat.float().pow(2).sum(dim=1)
     loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
     return SdsResult(
-        grad=grad_images.detach().to(request.grad_dtype).cpu(),
+        grad=grad_images.detach().to(request.grad_dtype),
         t=(timesteps.float() / prior.num_train_timesteps).tolist(),
         loss=loss.cpu().tolist(),
         finite=finite.cpu().tolist(),

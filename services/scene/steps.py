@@ -16,7 +16,7 @@ from services.guidance.priors.base import PriorInfo, SdsRequest
 from services.scene.config import GuidedStageConfig
 from services.scene.guidance import Guidance, PriorInfoCache
 from shared.cameras import Camera
-from shared.devices import resolve_dtype
+from shared.devices import resolve_dtype, to_device
 from shared.errors import FailedPrecondition
 
 
@@ -88,7 +88,9 @@ def guidance_gradient(
     would resize a larger one to it): for a learned prior at 512x512 the backgrounds would double the bytes sent.
     """
     transfer_dtype = transfer_dtype_for(config, images.device)
-    detached = images.detach().to("cpu", transfer_dtype)
+    # On the scene's device: an in-process prior on the same GPU takes it without a host round trip; a gRPC client
+    # copies it to the host through pinned memory when it serialises it (shared.tensors.to_proto).
+    detached = images.detach().to(transfer_dtype)
     t_range = (config.t_min(step), config.t_max(step))
     total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     losses: list[float] = []
@@ -111,7 +113,7 @@ def guidance_gradient(
         )
         result = guidance.compute_sds(request, timeout_s=config.guidance_timeout_s)
         losses.append(float(np.mean(result.loss)) if all(result.finite) else float("nan"))
-        total += term.weight * result.grad.to(images.device).float()
+        total += term.weight * to_device(result.grad, images.device).float()
     return total, losses
 
 

@@ -69,7 +69,7 @@ class ViewCondition:
 
 @dataclass
 class SdsRequest:
-    """One ComputeSds call, validated and decoded. Images are (B, 3, H, W) float in [0, 1]."""
+    """One ComputeSds call, validated and decoded. Images are (B, 3, H, W) float in [0, 1], on any device."""
 
     job_id: str
     prior: str
@@ -89,7 +89,7 @@ class SdsRequest:
 
 @dataclass
 class SdsResult:
-    grad: torch.Tensor  # same shape as the request's images
+    grad: torch.Tensor  # same shape as the request's images, in its grad_dtype, on the prior's device
     t: list[float]
     loss: list[float]
     finite: list[bool]

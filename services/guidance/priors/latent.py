@@ -18,8 +18,10 @@ import os
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from services.guidance.priors.base import PriorKind, ViewCondition
+from services.guidance.priors.layout import apply_layout
 from services.guidance.priors.text_conditioned import (
     _as_device,
     _as_dtype,
@@ -27,6 +29,22 @@ from services.guidance.priors.text_conditioned import (
     _TextConditionedPrior,
     load_component,
 )
+
+
+def vae_attention_backends(device: torch.device) -> list[SDPBackend]:
+    """Attention kernels for the VAE encoder's one self-attention (one head of width 512 over 64x64 tokens).
+
+    Flash and cuDNN attention stop at head width 256, so on CUDA PyTorch would pick the memory-efficient kernel,
+    whose backward at width 512 took 15 ms of a 122 ms fine-stage SDS call on the H200 (bench/prior_speed.py
+    --profile latent). The plain matmul-softmax-matmul form needs 4 x 4096 x 4096 scores (128 MiB in fp16) and
+    runs forward and backward on tensor cores in about a millisecond.
+    """
+    return [SDPBackend.MATH] if device.type == "cuda" else list(ANY_ATTENTION_KERNEL)
+
+
+#: No restriction: PyTorch picks among all its kernels (the memory-efficient one for the VAE on CUDA).
+ANY_ATTENTION_KERNEL = (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                        SDPBackend.CUDNN_ATTENTION)
 
 
 class LatentPrior(_TextConditionedPrior):
@@ -55,10 +73,12 @@ class LatentPrior(_TextConditionedPrior):
         )
         self.vae_dtype = self.dtype if vae_dtype == "auto" else _as_dtype(vae_dtype, self.device)
         self.vae = _freeze(vae, self.device, self.vae_dtype)
+        apply_layout(self, channels_last=self.channels_last)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.resolution % factor:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE's factor {factor}")
         self.latent_resolution = self.resolution // factor
+        self.vae_attention_backends = vae_attention_backends(self.device)
 
     @classmethod
     def from_components(cls, **kwargs: Any) -> "LatentPrior":
@@ -100,7 +120,8 @@ class LatentPrior(_TextConditionedPrior):
 
     def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:
         x = self.resize(images.to(self.device, torch.float32)) * 2.0 - 1.0
-        latents = self.vae.encode(x.to(self.vae_dtype)).latent_dist.mean
+        with sdpa_kernel(self.vae_attention_backends):
+            latents = self.vae.encode(x.to(self.vae_dtype)).latent_dist.mean
         shift = getattr(self.vae.config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift

@@ -29,6 +29,7 @@ class PixelPrior(_TextConditionedPrior):
 
     kind = PriorKind.PIXEL
     text_length_cap = IF_TEXT_TOKENS
+    channels_last_helps = True  # its UNet has no VAE around it; see services/guidance/priors/layout.py
 
     def __init__(
         self,

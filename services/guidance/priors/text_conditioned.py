@@ -31,6 +31,7 @@ from services.guidance.priors.base import (
     ViewCondition,
     Weighting,
 )
+from services.guidance.priors.layout import apply_layout, resolve_channels_last
 from shared.devices import resolve_device, resolve_dtype
 from shared.errors import InvalidArgument
 
@@ -73,6 +74,8 @@ class _TextConditionedPrior(DiffusionPrior):
     kind: PriorKind
     #: Hard cap on the text length the family was trained with (IF: 77 T5 tokens, hard-coded in IFPipeline).
     text_length_cap: int | None = None
+    #: Whether memory_format "auto" picks channels-last on CUDA (measured per family in bench/prior_speed.py).
+    channels_last_helps: bool = False
 
     def __init__(
         self,
@@ -91,6 +94,7 @@ class _TextConditionedPrior(DiffusionPrior):
         max_batch_size: int = 8,
         embedding_cache_size: int = 256,
         checkpoint_ids: Sequence[str] = ("default",),
+        memory_format: str = "auto",
     ) -> None:
         self._device = _as_device(device)
         self.dtype = _as_dtype(dtype, self._device)
@@ -99,6 +103,8 @@ class _TextConditionedPrior(DiffusionPrior):
         self.text_encoder = _freeze(text_encoder, self._device, self.dtype)
         self.unet = _freeze(unet, self._device, self.dtype)
         self.scheduler = scheduler
+        self.channels_last = resolve_channels_last(memory_format, self._device, self.channels_last_helps)
+        apply_layout(self, channels_last=self.channels_last)
         self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
