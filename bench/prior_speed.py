@@ -5,7 +5,7 @@ GPU (random weights of SD 2.1-base's and IF-I-XL's architectures, fp16):
 CPU smoke (tiny models, checks that the runner works; the times mean nothing):
     python -m bench.prior_speed --smoke --out out/bench
 
-For each prior and each variant (the service's default build, the other memory layout, and for the latent prior
+Variants are timed in interleaved rounds (medians and minima over all rounds). For each prior and each variant (the service's default build, the other memory layout, and for the latent prior
 the VAE attention kernel PyTorch would pick) it times, as medians after warm-up calls:
   - the UNet with classifier-free guidance (2B rows), no grad;
   - for the latent prior, the VAE encoder forward alone and forward + backward (the SDS chain rule needs both);
@@ -68,8 +68,8 @@ def variants(prior: DiffusionPrior) -> dict[str, Callable[[], None]]:
     return chosen
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall milliseconds of fn(), synchronising the device around each call."""
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Wall milliseconds of each of `repeats` calls of fn() after `warmup` calls, synchronising around each call."""
     for _ in range(warmup):
         fn()
     times = []
@@ -81,7 +81,7 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def build(case: Case, device: str) -> DiffusionPrior:
@@ -122,15 +122,24 @@ def component_timers(prior: DiffusionPrior, case: Case) -> dict[str, Callable[[]
     return timers
 
 
-def run_case(case: Case, device: str, repeats: int, warmup: int) -> list[dict]:
+def run_case(case: Case, device: str, repeats: int, warmup: int, rounds: int) -> list[dict]:
+    """Variants are timed in interleaved rounds, so that a drift of the machine's speed during the run (seen on the
+    lent GPUs: the same UNet call at 30 and at 57 ms in two runs) falls on every variant alike."""
     prior = build(case, device)
+    chosen = variants(prior)
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in chosen}
+    for _ in range(rounds):
+        for variant, apply_variant in chosen.items():
+            apply_variant()
+            for name, fn in component_timers(prior, case).items():
+                samples[variant].setdefault(name, []).extend(timed(fn, prior.device, repeats, warmup))
     rows = []
-    for variant, apply_variant in variants(prior).items():
-        apply_variant()
+    for variant, by_component in samples.items():
         row = {"prior": case.kind, "model": case.size, "batch": case.batch, "image_side": case.image_side,
-               "variant": variant}
-        for name, fn in component_timers(prior, case).items():
-            row[f"{name}_ms"] = round(timed(fn, prior.device, repeats, warmup), 2)
+               "variant": variant, "rounds": rounds}
+        for name, times in by_component.items():
+            row[f"{name}_ms"] = round(statistics.median(times), 2)
+            row[f"{name}_min_ms"] = round(min(times), 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     del prior
@@ -179,15 +188,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--profile", choices=("latent", "pixel"), help="only profile this prior's compute_sds")
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
-    repeats = args.repeats or (2 if args.smoke else 20)
-    warmup = 1 if args.smoke else 5
+    repeats = args.repeats or (2 if args.smoke else 8)
+    warmup = 1 if args.smoke else 3
+    rounds = 1 if args.smoke else 3
     args.out.mkdir(parents=True, exist_ok=True)
     if args.profile:
         profile_sds(next(c for c in GPU_CASES if c.kind == args.profile), device, args.out)
         return []
     rows = []
     for case in SMOKE_CASES if args.smoke else GPU_CASES:
-        rows.extend(run_case(case, device, repeats, warmup))
+        rows.extend(run_case(case, device, repeats, warmup, rounds))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prior_speed.json").write_text(json.dumps(rows, indent=1))
     table = markdown(rows)
