@@ -5,8 +5,8 @@ GPU (random weights of SD 2.1-base's and IF-I-XL's architectures, fp16):
 CPU smoke (tiny models, checks that the runner works; the times mean nothing):
     python -m bench.prior_speed --smoke --out out/bench
 
-Variants are timed in interleaved rounds (medians and minima over all rounds). For each prior and each variant (the service's default build, the other memory layout, and for the latent prior
-the VAE attention kernel PyTorch would pick) it times, as medians after warm-up calls:
+Variants are timed in interleaved rounds (medians and minima over all rounds). For each prior and each variant (the service's default build, the other memory layout, the UNet without its CUDA graph,
+and for the latent prior the VAE attention kernel PyTorch would pick) it times, as medians after warm-up calls:
   - the UNet with classifier-free guidance (2B rows), no grad;
   - for the latent prior, the VAE encoder forward alone and forward + backward (the SDS chain rule needs both);
   - one whole `compute_sds` call of B images, gradient copied to the host, as the guidance service runs it.
@@ -47,9 +47,11 @@ SMOKE_CASES = (Case("latent", "tiny", 2, 64), Case("pixel", "tiny", 2, 32))
 def variants(prior: DiffusionPrior) -> dict[str, Callable[[], None]]:
     """name -> a function that puts the prior in that variant. The first is what the service builds by default."""
     default_layout = prior.channels_last
+    default_graph = prior.denoiser_graph
 
     def service_default() -> None:
         apply_layout(prior, channels_last=default_layout)
+        prior.denoiser_graph = default_graph
         if hasattr(prior, "vae_attention_backends"):
             prior.vae_attention_backends = vae_attention_backends(prior.device)
 
@@ -59,6 +61,12 @@ def variants(prior: DiffusionPrior) -> dict[str, Callable[[], None]]:
 
     chosen = {"service default": service_default,
               "contiguous" if default_layout else "channels-last": other_layout}
+    if default_graph is not None:
+        def eager_unet() -> None:
+            service_default()
+            prior.denoiser_graph = None
+
+        chosen["UNet eager (no CUDA graph)"] = eager_unet
     if hasattr(prior, "vae_attention_backends"):
         def any_attention_kernel() -> None:  # what PyTorch picks when free to: the memory-efficient kernel
             service_default()

@@ -424,3 +424,18 @@ def test_memory_format_setting_lays_out_the_weights_and_keeps_the_gradient(pixel
         resolve_channels_last("nhwc", torch.device("cpu"), helps=True)
     with pytest.raises(ValueError):
         PriorSpec(name="if", kind=PriorKind.PIXEL, source="random:tiny", memory_format="nhwc")
+
+
+def test_cuda_graph_setting_is_checked_and_off_on_the_cpu(pixel):
+    from services.guidance.config import PriorSpec
+    from services.guidance.priors.base import PriorKind
+    from services.guidance.priors.cuda_graphs import resolve_cuda_graphs
+
+    assert pixel.denoiser_graph is None  # nothing to capture on the CPU
+    assert resolve_cuda_graphs("auto", torch.device("cuda")) and resolve_cuda_graphs("on", torch.device("cuda"))
+    assert not resolve_cuda_graphs("off", torch.device("cuda"))
+    assert not resolve_cuda_graphs("on", torch.device("cpu"))
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        resolve_cuda_graphs("yes", torch.device("cuda"))
+    with pytest.raises(ValueError):
+        PriorSpec(name="if", kind=PriorKind.PIXEL, source="random:tiny", cuda_graphs="yes")

@@ -49,6 +49,8 @@ class PriorSpec(BaseModel):
     # Layout of the UNet (and VAE) weights: "auto" is channels-last on CUDA for pixel priors only, where it was
     # measured faster (services/guidance/priors/layout.py).
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    # The UNet's forward replayed as a CUDA graph per batch shape ("auto": on CUDA; services/guidance/priors/cuda_graphs.py).
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     analytic: AnalyticOptions = AnalyticOptions()
 
     @model_validator(mode="after")

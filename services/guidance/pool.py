@@ -44,6 +44,7 @@ def _text_prior_settings(spec: PriorSpec) -> dict:
         "embedding_cache_size": spec.embedding_cache_size,
         "checkpoint_ids": spec.checkpoint_ids,
         "memory_format": spec.memory_format,
+        "cuda_graphs": spec.cuda_graphs,
         **_tuning(spec),
     }
 

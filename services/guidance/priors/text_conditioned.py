@@ -31,6 +31,7 @@ from services.guidance.priors.base import (
     ViewCondition,
     Weighting,
 )
+from services.guidance.priors.cuda_graphs import GraphedForward, resolve_cuda_graphs
 from services.guidance.priors.layout import apply_layout, resolve_channels_last
 from shared.devices import resolve_device, resolve_dtype
 from shared.errors import InvalidArgument
@@ -95,6 +96,7 @@ class _TextConditionedPrior(DiffusionPrior):
         embedding_cache_size: int = 256,
         checkpoint_ids: Sequence[str] = ("default",),
         memory_format: str = "auto",
+        cuda_graphs: str = "auto",
     ) -> None:
         self._device = _as_device(device)
         self.dtype = _as_dtype(dtype, self._device)
@@ -105,6 +107,8 @@ class _TextConditionedPrior(DiffusionPrior):
         self.scheduler = scheduler
         self.channels_last = resolve_channels_last(memory_format, self._device, self.channels_last_helps)
         apply_layout(self, channels_last=self.channels_last)
+        self.cuda_graphs = resolve_cuda_graphs(cuda_graphs, self._device)
+        self.denoiser_graph = GraphedForward(self._denoise) if self.cuda_graphs else None
         self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
@@ -206,6 +210,10 @@ class _TextConditionedPrior(DiffusionPrior):
         # "sample": the network predicts x0.
         return (noisy - abar.sqrt() * output) / (1.0 - abar).sqrt()
 
+    def _denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """One UNet call on rows that already hold [cond; uncond]; what the CUDA graph records."""
+        return self.unet(noisy, timesteps, return_dict=False, **self._unet_kwargs(hidden))[0]
+
     def predict_noise(
         self, noisy: torch.Tensor, timesteps: torch.Tensor, conditions: list[ViewCondition]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,13 +223,12 @@ class _TextConditionedPrior(DiffusionPrior):
         hidden = self.prompt_embeddings([c.prompt for c in conditions] + [c.negative_prompt for c in conditions])
         noisy = noisy.to(self._device)
         steps = timesteps.to(self._device).long()
-        with torch.no_grad():
-            output = self.unet(
-                torch.cat([noisy, noisy]).to(self.dtype),
-                torch.cat([steps, steps]),
-                return_dict=False,
-                **self._unet_kwargs(hidden),
-            )[0]
+        inputs = (torch.cat([noisy, noisy]).to(self.dtype), torch.cat([steps, steps]), hidden)
+        if self.denoiser_graph is not None:
+            output = self.denoiser_graph(*inputs)
+        else:
+            with torch.no_grad():
+                output = self._denoise(*inputs)
         # Learned-variance models (IF) output [eps, variance] along channels: the first `channels` are eps.
         output = output[:, :channels].float()
         eps = self._to_epsilon(output, torch.cat([noisy, noisy]).float(), torch.cat([steps, steps]))
