@@ -79,9 +79,23 @@ class GraphedForward:
                 output = self.forward(*static)
         except Exception as error:  # noqa: BLE001 -- any capture failure means: run this shape eagerly
             log.warning("cuda_graph_capture_failed", shapes=[list(t.shape) for t in static], error=repr(error))
-            torch.cuda.synchronize(static[0].device)
+            _reset_capture_state(static[0].device)
             return None
         if self._pool is None:
             self._pool = graph.pool()
         log.info("cuda_graph_captured", shapes=[list(t.shape) for t in static])
         return _Captured(graph, static, output)
+
+
+def _reset_capture_state(device: torch.device) -> None:
+    """Leaves the device usable after a failed capture.
+
+    A capture that fails inside the forward ends without closing the CUDA random generator's capture bookkeeping,
+    and every later CUDA random draw in the process then fails with "Offset increment outside graph capture"
+    (seen on the H200 in this project's GPU tests). One capture that succeeds closes it again.
+    """
+    torch.cuda.synchronize(device)
+    with torch.cuda.device(device):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+            torch.zeros(1, device=device).add_(1)
+    torch.cuda.synchronize(device)
