@@ -21,6 +21,8 @@ from services.guidance.priors.latent import LatentPrior
 from services.guidance.priors.pixel import PixelPrior
 from services.guidance.priors.random_init import (
     build_pixel_components,
+    build_random_latent_prior,
+    build_random_pixel_prior,
     latent_configs,
     pixel_configs,
     save_random_latent_prior,
@@ -439,3 +441,24 @@ def test_cuda_graph_setting_is_checked_and_off_on_the_cpu(pixel):
         resolve_cuda_graphs("yes", torch.device("cuda"))
     with pytest.raises(ValueError):
         PriorSpec(name="if", kind=PriorKind.PIXEL, source="random:tiny", cuda_graphs="yes")
+
+
+def test_a_prior_is_freed_without_the_cycle_collector():
+    """The pool evicts a prior by dropping it; its (GPU) memory must go at once, not when Python's cycle collector
+    next runs. Its CUDA-graph holder is attached as on CUDA, since it once closed a cycle through a bound method."""
+    import gc
+    import weakref
+
+    from services.guidance.priors.cuda_graphs import GraphedForward
+
+    for build in (build_random_latent_prior, build_random_pixel_prior):
+        prior = build("tiny", device="cpu", seed=0, resolution=64)
+        prior.denoiser_graph = GraphedForward()
+        prior.prompt_embeddings(["a red torus"])
+        alive = weakref.ref(prior)
+        gc.disable()
+        try:
+            del prior
+            assert alive() is None, build.__name__
+        finally:
+            gc.enable()

@@ -106,10 +106,28 @@ def test_a_forward_that_cannot_be_captured_runs_eagerly():
     def syncs(x):  # a host read inside the forward is illegal during capture
         return x * float(x.sum())
 
-    graphed = GraphedForward(syncs)
+    graphed = GraphedForward()
     x = torch.ones(4, device="cuda")
-    torch.testing.assert_close(graphed(x), x * 4)
-    torch.testing.assert_close(graphed(x), x * 4)
+    torch.testing.assert_close(graphed(syncs, x), x * 4)
+    torch.testing.assert_close(graphed(syncs, x), x * 4)
     assert graphed.captured_shapes == 0
     # The failed capture leaves CUDA random draws working (they failed in every later test before the reset).
     assert torch.rand(8, device="cuda").shape == (8,)
+
+
+def test_a_graphed_prior_is_freed_without_the_cycle_collector():
+    """No reference cycle between a prior and its graphs: dropping the last reference frees it (and its GPU memory)
+    at once, as the pool expects when it evicts a prior."""
+    import gc
+    import weakref
+
+    prior = random_init.build_random_latent_prior("tiny", device="cuda", seed=0, resolution=64)
+    sds.compute_sds(prior, [_request(prior)])
+    assert prior.denoiser_graph.captured_shapes == 1
+    alive = weakref.ref(prior)
+    gc.disable()
+    try:
+        del prior
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -36,10 +36,14 @@ class _Captured:
 
 
 class GraphedForward:
-    """Calls `forward(*tensors) -> tensor` (no autograd) through a CUDA graph per input shape and dtype."""
+    """Calls `forward(*tensors) -> tensor` (no autograd) through a CUDA graph per input shape and dtype.
 
-    def __init__(self, forward: Callable[..., torch.Tensor], warmup_calls: int = 2) -> None:
-        self.forward = forward
+    The forward is passed on every call rather than kept: a prior that holds its GraphedForward and a bound method of
+    itself inside it would form a reference cycle, and its GPU memory would wait for Python's cycle collector after
+    the pool drops it (seen in the GPU suite: an evicted IF-I-XL's 20 GB lingered into the next section).
+    """
+
+    def __init__(self, warmup_calls: int = 2) -> None:
         self.warmup_calls = warmup_calls
         self._graphs: dict[_ShapeKey, _Captured | None] = {}  # None: capture failed, run eagerly
         self._pool = None
@@ -49,34 +53,35 @@ class GraphedForward:
     def captured_shapes(self) -> int:
         return sum(entry is not None for entry in self._graphs.values())
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, forward: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """forward(*inputs), replayed from the graph captured for these shapes (captured now if new)."""
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         with self._lock:
             if key not in self._graphs:
-                self._graphs[key] = self._capture(inputs)
+                self._graphs[key] = self._capture(forward, inputs)
             captured = self._graphs[key]
             if captured is None:
                 with torch.no_grad():
-                    return self.forward(*inputs)
+                    return forward(*inputs)
             for static, value in zip(captured.inputs, inputs):
                 static.copy_(value)
             captured.graph.replay()
             # The output buffer is overwritten by the next replay (of any graph in the shared pool): hand out a copy.
             return captured.output.clone()
 
-    def _capture(self, inputs: tuple[torch.Tensor, ...]) -> _Captured | None:
+    def _capture(self, forward: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> _Captured | None:
         static = [t.detach().clone() for t in inputs]
         try:
             side = torch.cuda.Stream(device=static[0].device)  # warm-up (cuDNN/cuBLAS choices) off the main stream
             side.wait_stream(torch.cuda.current_stream(static[0].device))
             with torch.cuda.stream(side), torch.no_grad():
                 for _ in range(self.warmup_calls):
-                    self.forward(*static)
+                    forward(*static)
             torch.cuda.current_stream(static[0].device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: other threads (another prior, an in-process scene) may use the GPU meanwhile.
             with torch.no_grad(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                output = self.forward(*static)
+                output = forward(*static)
         except Exception as error:  # noqa: BLE001 -- any capture failure means: run this shape eagerly
             log.warning("cuda_graph_capture_failed", shapes=[list(t.shape) for t in static], error=repr(error))
             _reset_capture_state(static[0].device)

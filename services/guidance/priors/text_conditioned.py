@@ -108,7 +108,7 @@ class _TextConditionedPrior(DiffusionPrior):
         self.channels_last = resolve_channels_last(memory_format, self._device, self.channels_last_helps)
         apply_layout(self, channels_last=self.channels_last)
         self.cuda_graphs = resolve_cuda_graphs(cuda_graphs, self._device)
-        self.denoiser_graph = GraphedForward(self._denoise) if self.cuda_graphs else None
+        self.denoiser_graph = GraphedForward() if self.cuda_graphs else None
         self.prediction_type = str(scheduler.config.get("prediction_type", "epsilon"))
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
@@ -225,7 +225,7 @@ class _TextConditionedPrior(DiffusionPrior):
         steps = timesteps.to(self._device).long()
         inputs = (torch.cat([noisy, noisy]).to(self.dtype), torch.cat([steps, steps]), hidden)
         if self.denoiser_graph is not None:
-            output = self.denoiser_graph(*inputs)
+            output = self.denoiser_graph(self._denoise, *inputs)
         else:
             with torch.no_grad():
                 output = self._denoise(*inputs)
