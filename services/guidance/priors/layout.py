@@ -3,10 +3,10 @@
 cuDNN's fp16 convolutions on tensor cores work in NHWC; with NCHW weights each convolution pays a layout
 transpose on the way in and out. `channels_last` stores the UNet's (and the VAE's) weights in NHWC, and PyTorch
 then runs the convolutions in NHWC whatever the input's layout. It changes no value beyond floating-point
-summation order. Measured per family in `bench/prior_speed.py` (nvidia-h200, batch 4, fp16): IF-I-XL's UNet
-with CFG 88 -> 81 ms; SD 2.1's UNet 30 -> 50 ms and its VAE encoder forward + backward 62 -> 91 ms, because
-PyTorch's GroupNorm has no channels-last kernel and converts back and forth around every norm. So "auto" turns it
-on for pixel priors only.
+summation order. Measured per family in `bench/prior_speed.py` (nvidia-h200, batch 4, fp16; BENCHMARKS.md):
+IF-I-XL's UNet with CFG 88 -> 81 and 89 -> 80 ms in two runs, 75 -> 75 in a third; SD 2.1's VAE encoder forward +
+backward 56 -> 85 ms, because PyTorch's GroupNorm has no channels-last kernel and converts back and forth around
+every norm. So "auto" turns it on for pixel priors only.
 """
 
 from __future__ import annotations
