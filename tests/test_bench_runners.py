@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from bench import gpu_suite, schedule
+from bench import gpu_suite, prior_speed, schedule
 
 
 def test_suite_smoke_rows_and_files(tmp_path):
@@ -33,3 +33,18 @@ def test_schedule_stops_within_budget_and_resumes(tmp_path):
     assert resumed["last"]["step_start"] == 2 and resumed["stepping_s"] > 0
     stopped = run("b", "--steps", "4", "--budget-s", "0", "--guidance-gpu", "0")  # out of time before the first step: checkpoint, not done
     assert not stopped["done"] and stopped["steps_done"] == 0 and (tmp_path / "b" / "coarse.ckpt").exists()
+
+
+def test_prior_speed_smoke_times_every_variant(tmp_path):
+    """bench/prior_speed.py at CPU sizes: each prior's variants are timed and restored to the service default."""
+    rows = prior_speed.main(["--smoke", "--repeats", "1", "--out", str(tmp_path)])
+    variants = {(row["prior"], row["variant"]) for row in rows}
+    assert variants == {
+        ("latent", "service default"), ("latent", "channels-last"), ("latent", "VAE attention: PyTorch's pick"),
+        ("pixel", "service default"), ("pixel", "channels-last"),
+    }  # no CUDA graph variant on the CPU, where there is nothing to capture
+    for row in rows:
+        assert row["compute_sds_ms"] > 0 and row["unet_cfg_min_ms"] <= row["unet_cfg_ms"]
+        assert ("vae_forward_backward_ms" in row) == (row["prior"] == "latent")
+    assert json.loads((tmp_path / "prior_speed.json").read_text()) == rows
+    assert (tmp_path / "prior_speed.md").read_text().count("\n") == len(rows) + 2
