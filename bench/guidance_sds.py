@@ -19,12 +19,12 @@ import platform
 import statistics
 import subprocess
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from bench.timing import wall_ms
 from services.guidance import messages, sds
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest
@@ -85,12 +85,8 @@ def make_request(prior: DiffusionPrior, batch: int, seed: int) -> SdsRequest:
 
 
 def time_calls(call, repeats: int) -> tuple[float, float]:
-    call()  # warm-up: first-call allocations, prompt-embedding cache
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e3)
+    # One warm-up call: first-call allocations, prompt-embedding cache.
+    samples = wall_ms(call, repeats, warmup=1)
     return statistics.median(samples), min(samples)
 
 

@@ -5,11 +5,13 @@ GPU (random weights of SD 2.1-base's and IF-I-XL's architectures, fp16):
 CPU smoke (tiny models, checks that the runner works; the times mean nothing):
     python -m bench.prior_speed --smoke --out out/bench
 
-Variants are timed in interleaved rounds (medians and minima over all rounds). For each prior and each variant (the service's default build, the other memory layout, the UNet without its CUDA graph,
-and for the latent prior the VAE attention kernel PyTorch would pick) it times, as medians after warm-up calls:
+For each prior and each variant (the service's default build, the other memory layout, the UNet without its CUDA
+graph, and for the latent prior the VAE attention kernel PyTorch would pick) it times, in interleaved rounds after
+warm-up calls (medians and minima over all rounds):
   - the UNet with classifier-free guidance (2B rows), no grad;
   - for the latent prior, the VAE encoder forward alone and forward + backward (the SDS chain rule needs both);
-  - one whole `compute_sds` call of B images, gradient copied to the host, as the guidance service runs it.
+  - one whole `compute_sds` call of B images sent from the host, as the guidance service runs it (the gradient stays
+    on the prior's device: a transport copies it to the host, an in-process scene uses it where it is).
 Writes `prior_speed.json` and prints a markdown table. Not a test: no assertions on speed.
 """
 
@@ -18,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from bench.timing import wall_ms
 from services.guidance import sds
 from services.guidance.priors import random_init
 from services.guidance.priors.base import DiffusionPrior, SdsRequest, ViewCondition
@@ -48,11 +50,12 @@ def variants(prior: DiffusionPrior) -> dict[str, Callable[[], None]]:
     """name -> a function that puts the prior in that variant. The first is what the service builds by default."""
     default_layout = prior.channels_last
     default_graph = prior.denoiser_graph
+    has_vae_attention = hasattr(prior, "vae_attention_backends")  # latent priors
 
     def service_default() -> None:
         apply_layout(prior, channels_last=default_layout)
         prior.denoiser_graph = default_graph
-        if hasattr(prior, "vae_attention_backends"):
+        if has_vae_attention:
             prior.vae_attention_backends = vae_attention_backends(prior.device)
 
     def other_layout() -> None:
@@ -67,29 +70,13 @@ def variants(prior: DiffusionPrior) -> dict[str, Callable[[], None]]:
             prior.denoiser_graph = None
 
         chosen["UNet eager (no CUDA graph)"] = eager_unet
-    if hasattr(prior, "vae_attention_backends"):
+    if has_vae_attention:
         def any_attention_kernel() -> None:  # what PyTorch picks when free to: the memory-efficient kernel
             service_default()
             prior.vae_attention_backends = list(ANY_ATTENTION_KERNEL)
 
         chosen["VAE attention: PyTorch's pick"] = any_attention_kernel
     return chosen
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Wall milliseconds of each of `repeats` calls of fn() after `warmup` calls, synchronising around each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def build(case: Case, device: str) -> DiffusionPrior:
@@ -140,7 +127,7 @@ def run_case(case: Case, device: str, repeats: int, warmup: int, rounds: int) ->
         for variant, apply_variant in chosen.items():
             apply_variant()
             for name, fn in component_timers(prior, case).items():
-                samples[variant].setdefault(name, []).extend(timed(fn, prior.device, repeats, warmup))
+                samples[variant].setdefault(name, []).extend(wall_ms(fn, repeats, warmup, prior.device))
     rows = []
     for variant, by_component in samples.items():
         row = {"prior": case.kind, "model": case.size, "batch": case.batch, "image_side": case.image_side,
@@ -206,7 +193,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for case in SMOKE_CASES if args.smoke else GPU_CASES:
         rows.extend(run_case(case, device, repeats, warmup, rounds))
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prior_speed.json").write_text(json.dumps(rows, indent=1))
     table = markdown(rows)
     (args.out / "prior_speed.md").write_text(table + "\n")
