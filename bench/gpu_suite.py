@@ -11,8 +11,10 @@ Sections:
 * fine: a step of the preset's fine stage (512x512, batch 4, 128-cell DMTet grid) on the exact SDF of the same torus,
   guided by a random-weight prior of SD 2.1-base's architecture.
 Each step is run with the guidance in this process and through a standalone guidance service in its own process
-(gRPC on 127.0.0.1; float16 traffic from a GPU scene), split into render, encoding, guidance, backward and optimiser, with the peak GPU
-memory of the scene (this process) and of each guidance service (read from its /metrics).
+(gRPC on 127.0.0.1; float16 traffic from a GPU scene), split into render, encoding, guidance, backward and optimiser, with
+the peak GPU memory of the scene (this process) and of each guidance service (read from its /metrics). A GPU fine
+scene sends latents by default (it runs the prior's VAE encoder itself, `guidance_input`); the fine stage is also
+timed through the service sending 512x512 images, the row "standalone gRPC, images sent".
 
 --smoke runs the same code at CPU sizes with tiny random priors (CI runs it: the numbers mean nothing there).
 """
@@ -102,7 +104,8 @@ SMOKE = SuiteSettings(
     hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12),
     coarse_batches=(2,),
     coarse_overrides={"resolution": 32, "batch_size": 2},
-    fine_overrides={"resolution": 64, "batch_size": 2},
+    # "latents" is what "auto" gives a GPU scene: CI then runs the latents contract across processes.
+    fine_overrides={"resolution": 64, "batch_size": 2, "guidance_input": "latents"},
     fit_steps=2,
     warmup_steps=1,
     timed_steps=2,
@@ -319,16 +322,19 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
     gconfig = guidance_config(settings, kind, config.resolution)
     rows = []
 
-    def run(guidance, path: str, extra=dict) -> None:
+    def run(guidance, path: str, extra=dict, stage_config=config) -> None:
         for batch in batches:
-            scene = make_stage(stage, _replace(config, batch_size=batch), guidance, settings, fitted)
+            scene = make_stage(stage, _replace(stage_config, batch_size=batch), guidance, settings, fitted)
             row = time_steps(scene, settings)
             del scene
             rows.append({"stage": stage, "batch": batch, "path": path, **row, **extra()})
             print(json.dumps(rows[-1]), flush=True)
 
     with standalone_guidance(gconfig, workdir, settings.guidance_gpu) as (client, metrics_url):
-        run(client, "standalone gRPC", lambda: {"guidance_peak_bytes": scrape_gpu_peak(metrics_url)})
+        peak = lambda: {"guidance_peak_bytes": scrape_gpu_peak(metrics_url)}  # noqa: E731
+        run(client, "standalone gRPC", peak)  # the default guidance_input: latents from a GPU scene
+        if kind == "latent":  # what the default saves: the same steps sending 512x512 images
+            run(client, "standalone gRPC, images sent", peak, _replace(config, guidance_input="images"))
     guidance = InProcessGuidance(GuidanceEngine(gconfig))
     try:
         run(guidance, "in-process")

@@ -67,7 +67,7 @@ def test_result_stays_on_the_device_and_reaches_the_host_pinned():
 def test_vae_math_attention_matches_the_memory_efficient_kernel():
     """The VAE encoder's attention runs as plain matmuls on CUDA (its backward at head width 512 is slow in the
     memory-efficient kernel); latents and image gradients agree with that kernel's within fp16 tolerance."""
-    from services.guidance.priors.latent import ANY_ATTENTION_KERNEL
+    from services.guidance.priors.vae_encoder import ANY_ATTENTION_KERNEL
 
     prior = random_init.build_random_latent_prior("tiny", device="cuda", seed=0, resolution=64)
     images = torch.rand(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -131,3 +131,36 @@ def test_a_graphed_prior_is_freed_without_the_cycle_collector():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_a_gpu_scene_sends_latents_by_default_and_gets_the_images_gradient():
+    """On CUDA, guidance_input "auto" runs the prior's published encoder in the scene (fp16) and sends latents;
+    the image gradient equals the one of sending float32 images, within fp16 tolerance."""
+    from services.guidance.config import GuidanceConfig, PriorSpec
+    from services.guidance.engine import GuidanceEngine
+    from services.guidance.priors.base import PriorKind
+    from services.scene.config import FineConfig, PriorTerm
+    from services.scene.guidance import InProcessGuidance, PriorInfoCache
+    from services.scene.steps import guidance_gradient
+    from shared.cameras import orbit_camera
+
+    spec = PriorSpec(name="sd", kind=PriorKind.LATENT, source="random:tiny", device="cuda", resolution=64)
+    guidance = InProcessGuidance(GuidanceEngine(GuidanceConfig(priors=[spec], batching={"wait_s": 0})))
+    sent = []
+    compute = guidance.compute_sds
+    guidance.compute_sds = lambda request, timeout_s=None: sent.append(request) or compute(request, timeout_s)
+    images = torch.rand(2, 3, 64, 64, device="cuda")
+    cameras = [orbit_camera(a, 15.0, 2.0, size=64) for a in (0.0, 90.0)]
+    grads = {}
+    try:
+        for mode, dtype in (("auto", "auto"), ("images", "float32")):
+            config = FineConfig(prompt="a red torus", priors=(PriorTerm(prior="sd"),), guidance_input=mode,
+                                guidance_transfer_dtype=dtype)
+            grads[mode], _ = guidance_gradient(guidance, PriorInfoCache(guidance), config, "gpu", images, cameras,
+                                               images, step=0)
+    finally:
+        guidance.close()
+    assert sent[0].images is None and sent[0].latents.dtype == torch.float16 and sent[0].latents.is_cuda
+    assert sent[1].latents is None
+    cosine = torch.nn.functional.cosine_similarity(grads["auto"].flatten(), grads["images"].flatten(), dim=0)
+    assert cosine > 0.99, f"latents vs images gradient cosine {cosine:.4f}"

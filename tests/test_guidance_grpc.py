@@ -148,6 +148,12 @@ def _mutate(name):
             message.checkpoint_id = "dreambooth-1"
         elif name == "image_condition":
             message.image_condition.image.CopyFrom(_tensor())
+        elif name == "no_input":
+            message.ClearField("images")
+        elif name == "latents_to_a_pixel_prior":
+            message.ClearField("images")
+            message.latents.CopyFrom(_tensor(shape=(1, 4, 8, 8)))
+            message.latent_encoder_digest = "0" * 64
         return message
 
     return apply
@@ -174,6 +180,8 @@ def _mutate(name):
         ("unknown_prior", grpc.StatusCode.NOT_FOUND, "prior"),
         ("unknown_checkpoint", grpc.StatusCode.NOT_FOUND, "checkpoint_id"),
         ("image_condition", grpc.StatusCode.UNIMPLEMENTED, "image_condition"),
+        ("no_input", grpc.StatusCode.INVALID_ARGUMENT, "images"),
+        ("latents_to_a_pixel_prior", grpc.StatusCode.FAILED_PRECONDITION, "latents"),
     ],
 )
 def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(stub, mutation, code, field):

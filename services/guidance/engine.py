@@ -130,7 +130,7 @@ class GuidanceEngine:
             if first is None:
                 return
             batch = [first]
-            images = first.request.images.shape[0]
+            images = first.request.batch_size
             deadline = time.perf_counter() + self._batching.wait_s
             while images < self._batching.max_batch_images:
                 remaining = deadline - time.perf_counter()
@@ -142,10 +142,10 @@ class GuidanceEngine:
                     inbox.put(None)  # keep the stop signal for the outer loop
                     break
                 same = item.request.checkpoint_id == first.request.checkpoint_id
-                fits = images + item.request.images.shape[0] <= self._batching.max_batch_images
+                fits = images + item.request.batch_size <= self._batching.max_batch_images
                 if same and fits:
                     batch.append(item)
-                    images += item.request.images.shape[0]
+                    images += item.request.batch_size
                 else:
                     held.append(item)
                     break
@@ -169,7 +169,7 @@ class GuidanceEngine:
         with self._stats_lock:
             self.stats.denoiser_calls += 1
             self.stats.requests += len(batch)
-            self.stats.images += sum(p.request.images.shape[0] for p in batch)
+            self.stats.images += sum(p.request.batch_size for p in batch)
         for pending, result in zip(batch, results):
             result.server_time_s = now - pending.enqueued
             pending.future.set_result(result)

@@ -7,6 +7,7 @@ from magic3d.v1 import common_pb2, guidance_pb2
 
 from services.guidance.priors.base import (
     Conditioning,
+    LatentEncoderInfo,
     PriorInfo,
     PriorKind,
     PromptCheck,
@@ -56,6 +57,34 @@ def prior_info_to_proto(info: PriorInfo) -> guidance_pb2.PriorInfo:
         default_weighting=_WEIGHTING_TO_PROTO[info.default_weighting],
         checkpoint_ids=list(info.checkpoint_ids),
         max_batch_size=info.max_batch_size,
+        latent_encoder=_latent_encoder_to_proto(info.latent_encoder),
+    )
+
+
+def _latent_encoder_to_proto(encoder: LatentEncoderInfo | None) -> guidance_pb2.LatentEncoder | None:
+    if encoder is None:
+        return None
+    return guidance_pb2.LatentEncoder(
+        source=encoder.source,
+        subfolder=encoder.subfolder,
+        image_resolution=encoder.image_resolution,
+        latent_channels=encoder.latent_channels,
+        latent_resolution=encoder.latent_resolution,
+        digest=encoder.digest,
+    )
+
+
+def _latent_encoder_from_proto(message: guidance_pb2.PriorInfo) -> LatentEncoderInfo | None:
+    if not message.HasField("latent_encoder"):
+        return None
+    encoder = message.latent_encoder
+    return LatentEncoderInfo(
+        source=encoder.source,
+        subfolder=encoder.subfolder,
+        image_resolution=encoder.image_resolution,
+        latent_channels=encoder.latent_channels,
+        latent_resolution=encoder.latent_resolution,
+        digest=encoder.digest,
     )
 
 
@@ -80,6 +109,7 @@ def prior_info_from_proto(message: guidance_pb2.PriorInfo) -> PriorInfo:
         checkpoint_ids=tuple(message.checkpoint_ids) or ("default",),
         max_batch_size=message.max_batch_size,
         requires_cameras=Conditioning.CAMERA in conditioning,
+        latent_encoder=_latent_encoder_from_proto(message),
     )
 
 
@@ -89,9 +119,10 @@ def sds_request_from_proto(message: guidance_pb2.ComputeSdsRequest) -> SdsReques
         raise InvalidArgument("name the prior to use", "prior")
     if message.HasField("image_condition"):
         raise Unimplemented("image conditioning needs a view-conditioned prior; none is served yet", "image_condition")
-    if not message.HasField("images"):
-        raise InvalidArgument("images are required", "images")
-    images = tensors.from_proto(message.images, field="images")
+    if message.HasField("images") == message.HasField("latents"):
+        raise InvalidArgument("send exactly one of images and latents", "images")
+    images = tensors.from_proto(message.images, field="images") if message.HasField("images") else None
+    latents = tensors.from_proto(message.latents, field="latents") if message.HasField("latents") else None
     if message.weighting not in _WEIGHTING_FROM_PROTO and message.weighting != guidance_pb2.WEIGHTING_UNSPECIFIED:
         raise InvalidArgument(f"unknown weighting {message.weighting}", "weighting")
     if message.grad_dtype not in _GRAD_DTYPES:
@@ -112,22 +143,29 @@ def sds_request_from_proto(message: guidance_pb2.ComputeSdsRequest) -> SdsReques
         weighting=_WEIGHTING_FROM_PROTO.get(message.weighting),
         seed=message.seed,
         grad_dtype=_GRAD_DTYPES[message.grad_dtype],
+        latents=latents,
+        latent_encoder_digest=message.latent_encoder_digest,
     )
 
 
 def sds_request_to_proto(request: SdsRequest) -> guidance_pb2.ComputeSdsRequest:
     """The client side of the same translation (used by the scene service and the benchmarks)."""
+    # The input goes in at construction: CopyFrom would copy its (up to 12 MiB of) bytes once more.
+    inputs = {"images": request.images} if request.images is not None else {}
+    if request.latents is not None:
+        inputs["latents"] = request.latents
     message = guidance_pb2.ComputeSdsRequest(
+        **{name: tensors.to_proto(tensor) for name, tensor in inputs.items()},
         job_id=request.job_id,
         prior=request.prior,
         checkpoint_id=request.checkpoint_id,
-        images=tensors.to_proto(request.images),
         cameras=[cameras.to_proto(c) for c in request.cameras],
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         view_dependent_prompt=request.view_dependent_prompt,
         seed=request.seed,
         grad_dtype=tensors.proto_scalar_type(request.grad_dtype),
+        latent_encoder_digest=request.latent_encoder_digest,
     )
     if request.time_range is not None:
         message.time_range.CopyFrom(guidance_pb2.TimeRange(min=request.time_range[0], max=request.time_range[1]))

@@ -8,6 +8,7 @@ from typing import Callable
 
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.priors.base import DiffusionPrior, PriorKind
+from services.guidance.priors.vae_encoder import RANDOM_SOURCE_PREFIX
 from shared.errors import NotFound
 
 PriorBuilder = Callable[[PriorSpec, str], DiffusionPrior]
@@ -30,9 +31,6 @@ def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     for mesh in spec.analytic.meshes:
         prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases))
     return prior
-
-
-RANDOM_SOURCE_PREFIX = "random:"
 
 
 def _text_prior_settings(spec: PriorSpec) -> dict:
@@ -58,8 +56,10 @@ def _build_random_prior(spec: PriorSpec, source: str) -> DiffusionPrior:
     sizes = random_init.PIXEL_SIZES if spec.kind == PriorKind.PIXEL else random_init.LATENT_SIZES
     if size not in sizes:
         raise NotFound(f"prior {spec.name!r}: no random architecture {size!r}; known: {', '.join(sizes)}", "source")
-    build = random_init.build_random_pixel_prior if spec.kind == PriorKind.PIXEL else random_init.build_random_latent_prior
-    return build(size, **_text_prior_settings(spec))
+    if spec.kind == PriorKind.PIXEL:
+        return random_init.build_random_pixel_prior(size, **_text_prior_settings(spec))
+    # The source is published with the encoder: a scene rebuilds the same seeded VAE from it to send latents.
+    return random_init.build_random_latent_prior(size, source=source, **_text_prior_settings(spec))
 
 
 def _build_text_prior(prior_class, spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:

@@ -3,7 +3,8 @@
 For images x rendered by a 3D model, a prior encodes z0 = E(x) (identity-like for pixel priors, the VAE for
 latent ones), draws t and eps, forms z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps and predicts eps_hat with
 classifier-free guidance. The SDS gradient w.r.t. z0 is  w(t) (eps_hat - eps)  (U-Net Jacobian omitted), and
-the gradient w.r.t. the images is its vector-Jacobian product through E.
+the gradient w.r.t. the images is its vector-Jacobian product through E. A caller that runs E itself (a latent
+prior's published encoder) sends z0 and gets the gradient w.r.t. z0 back.
 
 Classifier-free guidance convention (stated once, used everywhere):
     eps_hat = eps_uncond + s * (eps_cond - eps_uncond)
@@ -20,7 +21,7 @@ import torch
 
 from services.guidance.priors.base import DiffusionPrior, SdsRequest, SdsResult, ViewCondition, Weighting
 from shared.devices import to_device
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 1024
@@ -63,7 +64,7 @@ def timesteps_from_fractions(t: torch.Tensor, num_train_timesteps: int) -> torch
 def draw_times(request: SdsRequest, default_range: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """t per image, from explicit values or uniform in the request's (or prior's) range."""
     # The uniform draw happens even for explicit t, so a seed gives the same noise either way.
-    uniform = torch.rand(request.images.shape[0], generator=generator)
+    uniform = torch.rand(request.batch_size, generator=generator)
     if request.explicit_t is not None:
         return torch.tensor(request.explicit_t, dtype=torch.float32)
     t_min, t_max = request.time_range or default_range
@@ -72,7 +73,7 @@ def draw_times(request: SdsRequest, default_range: tuple[float, float], generato
 
 def conditions_for(request: SdsRequest) -> list[ViewCondition]:
     """Per-image prompts, with DreamFusion's view suffix when asked for and cameras are known."""
-    batch = request.images.shape[0]
+    batch = request.batch_size
     conditions = []
     for i in range(batch):
         camera = request.cameras[i] if request.cameras else None
@@ -85,28 +86,21 @@ def conditions_for(request: SdsRequest) -> list[ViewCondition]:
 
 def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size: int) -> None:
     """Checks everything about a request that does not need the network. Errors name the proto field."""
-    images = request.images
-    if images.ndim != 4:
-        raise InvalidArgument(f"images must have rank 4 (B, 3, H, W), got shape {list(images.shape)}", "images.shape")
-    batch, channels, height, width = images.shape
-    if channels != 3:
-        raise InvalidArgument(f"images must have 3 channels, got {channels}", "images.shape")
+    if request.latents is not None:
+        if request.images is not None:
+            raise InvalidArgument("send images or latents, not both", "latents")
+        _validate_latents(request, prior)
+    elif request.images is None:
+        raise InvalidArgument("images (or latents) are required", "images")
+    else:
+        _validate_images(request.images)
+    field = "latents.shape" if request.latents is not None else "images.shape"
+    batch = request.batch_size
     if batch < 1:
-        raise InvalidArgument("batch must hold at least one image", "images.shape")
+        raise InvalidArgument("batch must hold at least one image", field)
     limit = min(max_batch_size, prior.info.max_batch_size)
     if batch > limit:
-        raise InvalidArgument(f"batch {batch} is over the maximum {limit}", "images.shape")
-    for side in (height, width):
-        if not MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE:
-            raise InvalidArgument(
-                f"image side {side} outside [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]", "images.shape"
-            )
-    if not images.is_floating_point():
-        raise InvalidArgument(f"images must be floating point, got {images.dtype}", "images.dtype")
-    # One float64 sum carries any NaN/Inf through (and cannot overflow for images): a fraction of the cost of an
-    # elementwise isfinite over a 4 x 3 x 512 x 512 batch on the host.
-    if not torch.isfinite(images.sum(dtype=torch.float64)):
-        raise InvalidArgument("images contain NaN or Inf", "images.data")
+        raise InvalidArgument(f"batch {batch} is over the maximum {limit}", field)
     if prior.info.requires_cameras and not request.cameras:
         raise InvalidArgument(f"prior {prior.info.name!r} needs one camera per image", "cameras")
     if request.cameras and len(request.cameras) != batch:
@@ -141,6 +135,51 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
         prior.validate_prompt(request.negative_prompt, "negative_prompt")
 
 
+def _validate_images(images: torch.Tensor) -> None:
+    if images.ndim != 4:
+        raise InvalidArgument(f"images must have rank 4 (B, 3, H, W), got shape {list(images.shape)}", "images.shape")
+    _, channels, height, width = images.shape
+    if channels != 3:
+        raise InvalidArgument(f"images must have 3 channels, got {channels}", "images.shape")
+    for side in (height, width):
+        if not MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE:
+            raise InvalidArgument(
+                f"image side {side} outside [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]", "images.shape"
+            )
+    _check_finite_float(images, "images")
+
+
+def _validate_latents(request: SdsRequest, prior: DiffusionPrior) -> None:
+    """Latents are accepted only from the prior's own published encoder, identified by its weights' digest."""
+    encoder = prior.info.latent_encoder
+    if encoder is None:
+        raise FailedPrecondition(f"prior {prior.info.name!r} publishes no latent encoder: send images", "latents")
+    latents = request.latents
+    expected = list(encoder.latent_shape)
+    if latents.ndim != 4 or list(latents.shape[1:]) != expected:
+        raise InvalidArgument(f"latents must have shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
+                              f"got {list(latents.shape)}", "latents.shape")
+    if not request.latent_encoder_digest:
+        raise InvalidArgument("latents need the digest of the encoder that made them", "latent_encoder_digest")
+    if request.latent_encoder_digest != encoder.digest:
+        raise FailedPrecondition(
+            f"latents made by encoder {request.latent_encoder_digest[:12]}; prior {prior.info.name!r} "
+            f"(checkpoint {request.checkpoint_id or 'default'!r}) encodes with {encoder.digest[:12]}: ask PriorInfo "
+            "again, or send images",
+            "latent_encoder_digest",
+        )
+    _check_finite_float(latents, "latents")
+
+
+def _check_finite_float(tensor: torch.Tensor, field: str) -> None:
+    if not tensor.is_floating_point():
+        raise InvalidArgument(f"{field} must be floating point, got {tensor.dtype}", f"{field}.dtype")
+    # One float64 sum carries any NaN/Inf through (and cannot overflow for images): a fraction of the cost of an
+    # elementwise isfinite over a 4 x 3 x 512 x 512 batch on the host.
+    if not torch.isfinite(tensor.sum(dtype=torch.float64)):
+        raise InvalidArgument(f"{field} contain NaN or Inf", f"{field}.data")
+
+
 def compute_sds(prior: DiffusionPrior, requests: list[SdsRequest]) -> list[SdsResult]:
     """SDS for several requests of one prior and checkpoint in a single denoiser call.
 
@@ -153,11 +192,15 @@ def compute_sds(prior: DiffusionPrior, requests: list[SdsRequest]) -> list[SdsRe
     with torch.enable_grad():
         for request in requests:
             generator = torch.Generator().manual_seed(request.seed)
-            # On the prior's device before the graph starts: the gradient w.r.t. the images, its finite check and
-            # its cast then run there, and the result stays there (the transport copies it to the host if it must).
-            images = to_device(request.images.detach(), prior.device).float().requires_grad_(True)
             request_conditions = conditions_for(request)
-            z0 = prior.encode(images, request_conditions)
+            if request.latents is not None:  # encoded by the caller: the gradient is w.r.t. z0 itself
+                images = None
+                z0 = prior.working_space(to_device(request.latents.detach(), prior.device))
+            else:
+                # On the prior's device before the graph starts: the gradient w.r.t. the images, its finite check
+                # and its cast then run there, and the result stays there (the transport copies it to the host).
+                images = to_device(request.images.detach(), prior.device).float().requires_grad_(True)
+                z0 = prior.encode(images, request_conditions)
             t = draw_times(request, prior.info.default_time_range, generator)
             noise = torch.randn(z0.shape, generator=generator, dtype=torch.float32)
             images_in.append(images)
@@ -178,7 +221,7 @@ def compute_sds(prior: DiffusionPrior, requests: list[SdsRequest]) -> list[SdsRe
 
     results, offset = [], 0
     for request, images, z_request, steps in zip(requests, images_in, encoded, times):
-        n = images.shape[0]
+        n = z_request.shape[0]
         rows = slice(offset, offset + n)
         offset += n
         scale = prior.info.default_guidance_scale if request.guidance_scale is None else request.guidance_scale
@@ -195,25 +238,27 @@ def compute_sds(prior: DiffusionPrior, requests: list[SdsRequest]) -> list[SdsRe
 
 def _finish(
     request: SdsRequest,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     z0: torch.Tensor,
     grad_z: torch.Tensor,
     timesteps: torch.Tensor,
     prior: DiffusionPrior,
     conditions: list[ViewCondition],
 ) -> SdsResult:
-    """Guards NaN/Inf per image, then carries the working-space gradient back to the images."""
+    """Guards NaN/Inf per image, then carries the working-space gradient back to the images (where sent)."""
     flat = grad_z.reshape(grad_z.shape[0], -1)
     finite = torch.isfinite(flat).all(dim=1)
     grad_z = torch.where(finite.reshape((-1,) + (1,) * (grad_z.ndim - 1)), grad_z, torch.zeros_like(grad_z))
-    (grad_images,) = torch.autograd.grad(z0, images, grad_outputs=grad_z.to(z0.dtype))
-    image_finite = torch.isfinite(grad_images.reshape(grad_images.shape[0], -1)).all(dim=1)
-    finite = finite & image_finite.to(finite.device)
-    grad_images = torch.where(finite.reshape(-1, 1, 1, 1).to(grad_images.device), grad_images, 0.0)
+    grad = grad_z
+    if images is not None:
+        (grad,) = torch.autograd.grad(z0, images, grad_outputs=grad_z.to(z0.dtype))
+        image_finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
+        finite = finite & image_finite.to(finite.device)
+        grad = torch.where(finite.reshape(-1, 1, 1, 1).to(grad.device), grad, 0.0)
     loss = 0.5 * flat.float().pow(2).sum(dim=1)
     loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
     return SdsResult(
-        grad=grad_images.detach().to(request.grad_dtype),
+        grad=grad.detach().to(request.grad_dtype),
         t=(timesteps.float() / prior.num_train_timesteps).tolist(),
         loss=loss.cpu().tolist(),
         finite=finite.cpu().tolist(),

@@ -201,7 +201,7 @@ def resolve_model_id(
 
 def _images(requests: Sequence[SdsRequest]) -> int:
     """batch_size_fn: a batch's size is the number of images in it, not the number of requests."""
-    return sum(int(r.images.shape[0]) for r in requests)
+    return sum(r.batch_size for r in requests)
 
 
 def _import(path: str) -> Any:

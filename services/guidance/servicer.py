@@ -36,7 +36,7 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued or computing")
             log.info(
                 "sds_done",
-                batch=int(sds_request.images.shape[0]),
+                batch=sds_request.batch_size,
                 server_time_s=round(result.server_time_s, 4),
                 finite=all(result.finite),
             )

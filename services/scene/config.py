@@ -60,6 +60,12 @@ class GuidedStageConfig(BaseModel):
     # in their own dtype either way. "auto": float16 when the scene renders on a GPU, float32 on CPU (where runs
     # stay bit-for-bit reproducible and the bytes matter less than the host's float16 conversions).
     guidance_transfer_dtype: Literal["auto", "float32", "float16"] = "auto"
+    # What a latent prior that publishes its encoder (PriorInfo.latent_encoder) is sent. "latents": the scene runs
+    # that encoder itself (forward and backward) and sends 4 x 4 x 64 x 64 latents instead of 4 x 3 x 512 x 512
+    # images, 1/48 of the bytes each way; the encoder's weights must be loadable here from the published source.
+    # "images": always images. "auto": latents on a GPU scene, falling back to images (with a warning) where the
+    # encoder cannot be loaded; images on CPU, where the encoder costs the same on either side of the wire.
+    guidance_input: Literal["auto", "images", "latents"] = "auto"
 
     @field_validator("loss_weights", check_fields=False)
     @classmethod

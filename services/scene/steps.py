@@ -83,7 +83,9 @@ def guidance_gradient(
     """Weighted sum of every prior's SDS gradient for `images` (B, 3, H, W) (a plain tensor, no autograd), and
     each prior's mean loss (NaN where the prior reported non-finite values).
 
-    Images travel in `config.guidance_transfer_dtype`. Only the priors that re-render views (the analytic prior,
+    Images travel in `config.guidance_transfer_dtype`. A latent prior that publishes its encoder is sent latents
+    instead where `config.guidance_input` says so: the encoder runs here, and its backward carries the returned
+    latent gradient to the images (what the prior would do with images). Only the priors that re-render views (the analytic prior,
     `requires_cameras`) get each camera's background, at the prior's own resolution (it renders at that size and
     would resize a larger one to it): for a learned prior at 512x512 the backgrounds would double the bytes sent.
     """
@@ -96,11 +98,20 @@ def guidance_gradient(
     losses: list[float] = []
     for index, term in enumerate(config.priors):
         info = prior_infos(term.prior, config.guidance_timeout_s)
+        encoder = prior_infos.latent_encoder(info, config.guidance_input, images.device, job_id)
+        if encoder is not None:
+            leaf = images.detach().float().requires_grad_(True)
+            with torch.enable_grad():
+                latents = encoder(leaf)
+            inputs = {"images": None, "latents": latents.detach().to(transfer_dtype),
+                      "latent_encoder_digest": info.latent_encoder.digest}
+        else:
+            inputs = {"images": detached}
         request = SdsRequest(
             job_id=job_id,
             prior=term.prior,
             checkpoint_id=term.checkpoint_id,
-            images=detached,
+            **inputs,
             cameras=_cameras_for(info, cameras, backgrounds),
             prompt=config.prompt,
             negative_prompt=config.negative_prompt,
@@ -113,7 +124,10 @@ def guidance_gradient(
         )
         result = guidance.compute_sds(request, timeout_s=config.guidance_timeout_s)
         losses.append(float(np.mean(result.loss)) if all(result.finite) else float("nan"))
-        total += term.weight * to_device(result.grad, images.device).float()
+        grad = to_device(result.grad, images.device)
+        if encoder is not None:
+            (grad,) = torch.autograd.grad(latents, leaf, grad.to(latents.dtype))
+        total += term.weight * grad.float()
     return total, losses
 
 

@@ -41,6 +41,22 @@ class Weighting(str, Enum):
 
 
 @dataclass(frozen=True)
+class LatentEncoderInfo:
+    """A latent prior's image encoder, as a caller needs it to send latents (mirrors magic3d.v1.LatentEncoder)."""
+
+    source: str  # a diffusers checkpoint (directory or hub id) or "random:<size>"
+    subfolder: str
+    image_resolution: int
+    latent_channels: int
+    latent_resolution: int
+    digest: str  # SHA-256 of the weights; latents made with other weights are refused
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_resolution, self.latent_resolution)
+
+
+@dataclass(frozen=True)
 class PriorInfo:
     """What a caller needs to know about a served prior (mirrors magic3d.v1.PriorInfo)."""
 
@@ -56,6 +72,8 @@ class PriorInfo:
     max_batch_size: int = 8
     # True where the prior cannot work without one camera per image (the analytic prior re-renders them).
     requires_cameras: bool = False
+    # Set where a caller may encode images itself and send latents (SdsRequest.latents) instead.
+    latent_encoder: LatentEncoderInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -69,11 +87,13 @@ class ViewCondition:
 
 @dataclass
 class SdsRequest:
-    """One ComputeSds call, validated and decoded. Images are (B, 3, H, W) float in [0, 1], on any device."""
+    """One ComputeSds call, validated and decoded, on any device. Exactly one input: `images` (B, 3, H, W) float in
+    [0, 1], or `latents` (B, C, h, w) made by the prior's published encoder (PriorInfo.latent_encoder), whose digest
+    the request then carries. The result's gradient is w.r.t. that input."""
 
     job_id: str
     prior: str
-    images: torch.Tensor
+    images: torch.Tensor | None
     prompt: str
     negative_prompt: str = ""
     cameras: list[Camera] = field(default_factory=list)
@@ -85,11 +105,22 @@ class SdsRequest:
     weighting: Weighting | None = None
     seed: int = 0
     grad_dtype: torch.dtype = torch.float32
+    latents: torch.Tensor | None = None
+    latent_encoder_digest: str = ""
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """What the gradient is taken w.r.t.: the latents where sent, else the images."""
+        return self.latents if self.latents is not None else self.images
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs.shape[0])
 
 
 @dataclass
 class SdsResult:
-    grad: torch.Tensor  # same shape as the request's images, in its grad_dtype, on the prior's device
+    grad: torch.Tensor  # the shape of the request's input (images or latents), in its grad_dtype, on the prior's device
     t: list[float]
     loss: list[float]
     finite: list[bool]
@@ -138,6 +169,13 @@ class DiffusionPrior(abc.ABC):
     @abc.abstractmethod
     def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> working-space tensor z0, differentiable w.r.t. the images."""
+
+    def working_space(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents a caller made with `info.latent_encoder` -> z0 as `encode` would give it (dtype, device).
+
+        Only priors that publish an encoder accept latents; sds.validate_request refuses them for the others.
+        """
+        raise NotImplementedError(f"prior {self.info.name!r} takes images only")
 
     @abc.abstractmethod
     def predict_noise(

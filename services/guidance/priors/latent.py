@@ -14,11 +14,12 @@ gradient meanwhile rather than letting it reach the optimiser.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from services.guidance.priors.base import PriorKind, ViewCondition
 from services.guidance.priors.layout import apply_layout
@@ -29,22 +30,7 @@ from services.guidance.priors.text_conditioned import (
     _TextConditionedPrior,
     load_component,
 )
-
-
-def vae_attention_backends(device: torch.device) -> list[SDPBackend]:
-    """Attention kernels for the VAE encoder's one self-attention (one head of width 512 over 64x64 tokens).
-
-    Flash and cuDNN attention stop at head width 256, so on CUDA PyTorch would pick the memory-efficient kernel,
-    whose backward at width 512 took 15 ms of a 122 ms fine-stage SDS call on the H200 (bench/prior_speed.py
-    --profile latent). The plain matmul-softmax-matmul form needs 4 x 4096 x 4096 scores (128 MiB in fp16) and
-    runs on tensor cores: VAE forward + backward 62.8 -> 55.8 ms, the whole call 90.0 -> 83.0 ms (BENCHMARKS.md).
-    """
-    return [SDPBackend.MATH] if device.type == "cuda" else list(ANY_ATTENTION_KERNEL)
-
-
-#: No restriction: PyTorch picks among all its kernels (the memory-efficient one for the VAE on CUDA).
-ANY_ATTENTION_KERNEL = (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                        SDPBackend.CUDNN_ATTENTION)
+from services.guidance.priors.vae_encoder import VaeImageEncoder, vae_attention_backends
 
 
 class LatentPrior(_TextConditionedPrior):
@@ -61,9 +47,14 @@ class LatentPrior(_TextConditionedPrior):
         resolution: int = 512,
         guidance_scale: float = 100.0,
         time_range: tuple[float, float] = (0.02, 0.98),
+        source: str = "",
         **components_and_settings: Any,
     ) -> None:
-        """Family defaults here; text model, UNet, scheduler and shared settings as in `_TextConditionedPrior`."""
+        """Family defaults here; text model, UNet, scheduler and shared settings as in `_TextConditionedPrior`.
+
+        `source`: where the weights came from (a diffusers checkpoint or "random:<size>"). Where given, the prior
+        publishes its encoder (`info.latent_encoder`) so that callers may send latents instead of images.
+        """
         super().__init__(
             name=name,
             resolution=resolution,
@@ -74,11 +65,18 @@ class LatentPrior(_TextConditionedPrior):
         self.vae_dtype = self.dtype if vae_dtype == "auto" else _as_dtype(vae_dtype, self.device)
         self.vae = _freeze(vae, self.device, self.vae_dtype)
         apply_layout(self, channels_last=self.channels_last)
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if self.resolution % factor:
-            raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE's factor {factor}")
-        self.latent_resolution = self.resolution // factor
-        self.vae_attention_backends = vae_attention_backends(self.device)
+        self.image_encoder = VaeImageEncoder(self.vae, self.resolution, vae_attention_backends(self.device))
+        self.latent_resolution = self.image_encoder.latent_resolution
+        if source:
+            self.info = dataclasses.replace(self.info, latent_encoder=self.image_encoder.describe(str(source), "vae"))
+
+    @property
+    def vae_attention_backends(self) -> list[SDPBackend]:
+        return self.image_encoder.attention_backends
+
+    @vae_attention_backends.setter
+    def vae_attention_backends(self, backends: list[SDPBackend]) -> None:
+        self.image_encoder.attention_backends = list(backends)
 
     @classmethod
     def from_components(cls, **kwargs: Any) -> "LatentPrior":
@@ -115,14 +113,13 @@ class LatentPrior(_TextConditionedPrior):
             device=torch_device,
             dtype=torch_dtype,
             vae_dtype=vae_torch_dtype,
+            source=os.fspath(source),
             **settings,
         )
 
     def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:
-        x = self.resize(images.to(self.device, torch.float32)) * 2.0 - 1.0
-        with sdpa_kernel(self.vae_attention_backends):
-            latents = self.vae.encode(x.to(self.vae_dtype)).latent_dist.mean
-        shift = getattr(self.vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents - shift
-        return latents * self.vae.config.scaling_factor
+        return self.image_encoder(images)
+
+    def working_space(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents from the published encoder (checked by sds.validate_request), as `encode` gives them."""
+        return latents.to(self.device, self.vae_dtype)

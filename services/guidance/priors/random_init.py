@@ -310,7 +310,7 @@ def build_latent_components(
     text_encoder_layers: int | None = None,
 ) -> dict[str, Any]:
     """tokenizer, text_encoder, unet, vae, scheduler of a random SD-like model, built on `device` in `dtype`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch_device, torch_dtype = _resolve(device, dtype)
@@ -326,7 +326,7 @@ def build_latent_components(
     text_encoder = _seeded_build(lambda: CLIPTextModel(CLIPTextConfig(**text_config)), seed, torch_device)
     text_encoder = _cast(text_encoder, torch_dtype)
     unet = _cast(_seeded_build(lambda: UNet2DConditionModel(**configs["unet"]), seed + 1, torch_device), torch_dtype)
-    vae = _cast(_seeded_build(lambda: AutoencoderKL(**configs["vae"]), seed + 2, torch_device), torch_dtype)
+    vae = build_random_vae(size, seed=seed, device=torch_device, dtype=torch_dtype)
     return {
         "tokenizer": tokenizer,
         "text_encoder": text_encoder.eval(),
@@ -334,6 +334,20 @@ def build_latent_components(
         "vae": vae.eval(),
         "scheduler": DDPMScheduler(**configs["scheduler"]),
     }
+
+
+def build_random_vae(
+    size: str = "tiny", *, seed: int = 0, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"
+):
+    """The VAE of `build_latent_components(size, seed=seed)` alone: the same weights, for a caller that sends
+    latents (it rebuilds the prior's published encoder without the UNet and text model)."""
+    from diffusers import AutoencoderKL
+
+    torch_device, torch_dtype = _resolve(device, dtype)
+    if size not in LATENT_SIZES:
+        raise ValueError(f"no random latent architecture {size!r}; known: {', '.join(LATENT_SIZES)}")
+    config = latent_configs(size)["vae"]
+    return _cast(_seeded_build(lambda: AutoencoderKL(**config), seed + 2, torch_device), torch_dtype).eval()
 
 
 def build_pixel_components(
