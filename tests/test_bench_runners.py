@@ -14,7 +14,8 @@ def test_suite_smoke_rows_and_files(tmp_path):
     assert [r["points"] for r in results["hash_grid"]] == [1024]
     paths = {(r["stage"], r["batch"], r["path"]) for r in results["steps"]}
     both = {(stage, 2, path) for stage in ("coarse", "fine") for path in ("in-process", "standalone gRPC")}
-    assert paths == both | {("fine", 2, "standalone gRPC, images sent")}
+    variants = {("fine", 2, "standalone gRPC, images sent"), ("fine", 2, "standalone gRPC, encoder eager")}
+    assert paths == both | variants
     for row in results["steps"]:
         assert row["step_ms"] > 0 and row["phases_ms"]["guidance"] > 0 and row["encoding_ms"]["forward"] > 0
     assert [r["jobs"] for r in results["concurrent"]] == [1, 2]

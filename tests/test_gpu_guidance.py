@@ -134,13 +134,14 @@ def test_a_graphed_prior_is_freed_without_the_cycle_collector():
 
 
 def test_a_gpu_scene_sends_latents_by_default_and_gets_the_images_gradient():
-    """On CUDA, guidance_input "auto" runs the prior's published encoder in the scene (fp16) and sends latents;
-    the image gradient equals the one of sending float32 images, within fp16 tolerance."""
+    """On CUDA, guidance_input "auto" runs the prior's published encoder in the scene (fp16, compiled) and sends
+    latents; the image gradient equals the one of sending float32 images, within fp16 tolerance."""
     from services.guidance.config import GuidanceConfig, PriorSpec
     from services.guidance.engine import GuidanceEngine
     from services.guidance.priors.base import PriorKind
     from services.scene.config import FineConfig, PriorTerm
     from services.scene.guidance import InProcessGuidance, PriorInfoCache
+    from services.scene.latent_encoders import CompiledEncoder
     from services.scene.steps import guidance_gradient
     from shared.cameras import orbit_camera
 
@@ -156,8 +157,11 @@ def test_a_gpu_scene_sends_latents_by_default_and_gets_the_images_gradient():
         for mode, dtype in (("auto", "auto"), ("images", "float32")):
             config = FineConfig(prompt="a red torus", priors=(PriorTerm(prior="sd"),), guidance_input=mode,
                                 guidance_transfer_dtype=dtype)
-            grads[mode], _ = guidance_gradient(guidance, PriorInfoCache(guidance), config, "gpu", images, cameras,
-                                               images, step=0)
+            infos = PriorInfoCache(guidance)
+            grads[mode], _ = guidance_gradient(guidance, infos, config, "gpu", images, cameras, images, step=0)
+            if mode == "auto":  # compiled on CUDA (latent_encoder_compile: auto), and the compilation worked
+                encoder = infos.latent_encoder(guidance.prior_info("sd"), "auto", images.device, "gpu", "auto")
+                assert isinstance(encoder, CompiledEncoder) and encoder.compiled
     finally:
         guidance.close()
     assert sent[0].images is None and sent[0].latents.dtype == torch.float16 and sent[0].latents.is_cuda

@@ -169,3 +169,45 @@ def test_the_scene_falls_back_to_images_in_auto_and_fails_clearly_when_latents_a
     assert cache.latent_encoder(no_encoder, "auto", gpu) is None
     with pytest.raises(FailedPrecondition, match="publishes no latent encoder"):
         cache.latent_encoder(no_encoder, "latents", torch.device("cpu"))
+
+
+def test_a_compiled_encoder_gives_the_eager_gradient_and_falls_back_when_compiling_fails(tmp_path):
+    """latent_encoder_compile: the encoder under torch.compile (here the aot_eager backend: CPU-cheap, the same
+    tracing and autograd split as inductor) gives the eager path's image gradient; a compiler that fails on the first
+    call leaves the eager encoder in its place, with the same latents."""
+    from services.scene.latent_encoders import CompiledEncoder, LatentEncoders, resolve_compile
+
+    assert resolve_compile("auto", torch.device("cuda")) and not resolve_compile("auto", torch.device("cpu"))
+    assert resolve_compile("on", torch.device("cpu")) and not resolve_compile("off", torch.device("cuda"))
+    with pytest.raises(ValueError, match="latent_encoder_compile"):
+        resolve_compile("yes", torch.device("cpu"))
+
+    guidance = InProcessGuidance(GuidanceEngine(GuidanceConfig(priors=[latent_spec("random:tiny")],
+                                                               batching={"wait_s": 0})))
+    images = torch.rand(2, 3, SIDE, SIDE)
+    cameras = [orbit_camera(a, 15.0, 2.0, size=SIDE) for a in (0.0, 90.0)]
+    grads = {}
+    try:
+        for compile_mode in ("off", "on"):
+            config = FineConfig(prompt="a red torus", priors=(PriorTerm(prior="sd"),), guidance_input="latents",
+                                latent_encoder_compile=compile_mode)
+            infos = PriorInfoCache(guidance, LatentEncoders(compile_backend="aot_eager"))
+            grads[compile_mode], _ = guidance_gradient(guidance, infos, config, "job", images, cameras, images, step=0)
+            encoder = infos.latent_encoder(guidance.prior_info("sd"), "latents", torch.device("cpu"), "job",
+                                           compile_mode)
+            assert isinstance(encoder, CompiledEncoder) == (compile_mode == "on")
+        assert encoder.compiled
+        torch.testing.assert_close(grads["on"], grads["off"], rtol=1e-4, atol=1e-4 * float(grads["off"].abs().max()))
+
+        def broken_compiler(graph, example_inputs):
+            raise RuntimeError("no compiler here")
+
+        failures = []
+        eager = encoder.eager
+        fallback = CompiledEncoder(eager, broken_compiler, failures.append)
+        torch.testing.assert_close(fallback(images), eager(images))
+        assert not fallback.compiled and len(failures) == 1 and "no compiler here" in str(failures[0])
+        torch.testing.assert_close(fallback(images), eager(images))  # stays eager, no second attempt
+        assert len(failures) == 1
+    finally:
+        guidance.close()

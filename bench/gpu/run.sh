@@ -5,6 +5,7 @@
 #   bash bench/gpu/run.sh schedule fine
 #   bash bench/gpu/run.sh tests                 # the GPU-marked tests
 #   bash bench/gpu/run.sh priors                # where the priors' SDS time goes; layout variants (bench/prior_speed.py)
+#   bash bench/gpu/run.sh encoder               # the scene's VAE encoder forward + backward: eager vs compiled
 # That machine has torch with CUDA but not this project's other packages: they come as wheels from the ignored
 # folder $MAGIC3D_WHEELS (default .whl/, filled here with ../shared/device/wheels.sh), installed into a private
 # site directory, never into the system. Generated protos come from gen/ (made by `make setup`, carried along).
@@ -27,8 +28,9 @@ case "${1:-suite}" in
   schedule) python3 -m bench.schedule --stage "$2" --state "$state" "${@:3}" 2>&1 | tee -a "$out/schedule.log"
             cp "$state/$2.records.json" "$out/" ;;
   priors) python3 -m bench.prior_speed --out "$out" "${@:2}" 2>&1 | tee "$out/prior_speed.log" ;;
+  encoder) python3 -m bench.encoder_speed --out "$out" "${@:2}" 2>&1 | tee "$out/encoder_speed.log" ;;
   tests) # the GPU tests and the Triton kernel's CPU tests (this machine lacks the CPU-only suite's packages)
          python3 -m pytest -p no:cacheprovider -o addopts='' -q "${@:2}" tests/test_gpu_*.py tests/test_triton_encoding.py \
            2>&1 | tee "$out/tests.log" ;;
-  *) echo "usage: $0 [suite|schedule coarse|schedule fine|priors|tests] [args]" >&2; exit 2 ;;
+  *) echo "usage: $0 [suite|schedule coarse|schedule fine|priors|encoder|tests] [args]" >&2; exit 2 ;;
 esac

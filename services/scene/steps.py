@@ -84,10 +84,11 @@ def guidance_gradient(
     each prior's mean loss (NaN where the prior reported non-finite values).
 
     Images travel in `config.guidance_transfer_dtype`. A latent prior that publishes its encoder is sent latents
-    instead where `config.guidance_input` says so: the encoder runs here, and its backward carries the returned
-    latent gradient to the images (what the prior would do with images). Only the priors that re-render views (the analytic prior,
-    `requires_cameras`) get each camera's background, at the prior's own resolution (it renders at that size and
-    would resize a larger one to it): for a learned prior at 512x512 the backgrounds would double the bytes sent.
+    instead where `config.guidance_input` says so: the encoder runs here (compiled per `latent_encoder_compile`),
+    and its backward carries the returned latent gradient to the images (what the prior would do with images).
+    Only the priors that re-render views (the analytic prior, `requires_cameras`) get each camera's background, at
+    the prior's own resolution (it renders at that size and would resize a larger one to it): for a learned prior
+    at 512x512 the backgrounds would double the bytes sent.
     """
     transfer_dtype = transfer_dtype_for(config, images.device)
     # On the scene's device: an in-process prior on the same GPU takes it without a host round trip; a gRPC client
@@ -98,7 +99,8 @@ def guidance_gradient(
     losses: list[float] = []
     for index, term in enumerate(config.priors):
         info = prior_infos(term.prior, config.guidance_timeout_s)
-        encoder = prior_infos.latent_encoder(info, config.guidance_input, images.device, job_id)
+        encoder = prior_infos.latent_encoder(info, config.guidance_input, images.device, job_id,
+                                             config.latent_encoder_compile)
         if encoder is not None:
             leaf = images.detach().float().requires_grad_(True)
             with torch.enable_grad():
