@@ -50,3 +50,12 @@ def test_prior_speed_smoke_times_every_variant(tmp_path):
         assert ("vae_forward_backward_ms" in row) == (row["prior"] == "latent")
     assert json.loads((tmp_path / "prior_speed.json").read_text()) == rows
     assert (tmp_path / "prior_speed.md").read_text().count("\n") == len(rows) + 2
+
+
+def test_encoder_speed_smoke_times_both_layouts(tmp_path):
+    from bench import encoder_speed
+
+    rows = encoder_speed.main(["--smoke", "--no-compile", "--repeats", "1", "--batch", "1", "--out", str(tmp_path)])
+    assert [r["variant"] for r in rows] == ["eager, contiguous", "eager, channels_last"]
+    assert all(r["median_ms"] > 0 and r["grad_cosine"] > 0.999 for r in rows)
+    assert json.loads((tmp_path / "encoder_speed.json").read_text()) == json.loads(json.dumps(rows))
