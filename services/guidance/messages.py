@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from magic3d.v1 import common_pb2, guidance_pb2
 
@@ -62,30 +64,15 @@ def prior_info_to_proto(info: PriorInfo) -> guidance_pb2.PriorInfo:
 
 
 def _latent_encoder_to_proto(encoder: LatentEncoderInfo | None) -> guidance_pb2.LatentEncoder | None:
-    if encoder is None:
-        return None
-    return guidance_pb2.LatentEncoder(
-        source=encoder.source,
-        subfolder=encoder.subfolder,
-        image_resolution=encoder.image_resolution,
-        latent_channels=encoder.latent_channels,
-        latent_resolution=encoder.latent_resolution,
-        digest=encoder.digest,
-    )
+    # LatentEncoderInfo's fields are the message's, by name.
+    return None if encoder is None else guidance_pb2.LatentEncoder(**dataclasses.asdict(encoder))
 
 
 def _latent_encoder_from_proto(message: guidance_pb2.PriorInfo) -> LatentEncoderInfo | None:
     if not message.HasField("latent_encoder"):
         return None
-    encoder = message.latent_encoder
-    return LatentEncoderInfo(
-        source=encoder.source,
-        subfolder=encoder.subfolder,
-        image_resolution=encoder.image_resolution,
-        latent_channels=encoder.latent_channels,
-        latent_resolution=encoder.latent_resolution,
-        digest=encoder.digest,
-    )
+    names = [f.name for f in dataclasses.fields(LatentEncoderInfo)]
+    return LatentEncoderInfo(**{name: getattr(message.latent_encoder, name) for name in names})
 
 
 _KIND_FROM_PROTO = {v: k for k, v in _KIND_TO_PROTO.items()}
