@@ -187,6 +187,16 @@ class DiffusionPrior(abc.ABC):
         """
 
 
+def resize_square(images: torch.Tensor, side: int) -> torch.Tensor:
+    """Bilinear (differentiable) resize of (B, C, H, W) to side x side; identity at that size.
+
+    No antialiasing, as in threestudio: renders are usually made at (or near) a prior's resolution.
+    """
+    if images.shape[-2:] == (side, side):
+        return images
+    return torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 

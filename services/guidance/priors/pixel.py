@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from services.guidance.priors.base import PriorKind, ViewCondition
+from services.guidance.priors.base import PriorKind, ViewCondition, resize_square
 from services.guidance.priors.text_conditioned import _as_device, _as_dtype, _TextConditionedPrior, load_component
 
 IF_TEXT_TOKENS = 77
@@ -90,4 +90,4 @@ class PixelPrior(_TextConditionedPrior):
         return True  # IFPipeline always passes T5 the attention mask
 
     def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:
-        return self.resize(images.to(self.device, torch.float32)) * 2.0 - 1.0
+        return resize_square(images.to(self.device, torch.float32), self.resolution) * 2.0 - 1.0

@@ -20,7 +20,6 @@ import threading
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from services.guidance.priors.base import (
     Conditioning,
@@ -233,13 +232,3 @@ class _TextConditionedPrior(DiffusionPrior):
         output = output[:, :channels].float()
         eps = self._to_epsilon(output, torch.cat([noisy, noisy]).float(), torch.cat([steps, steps]))
         return eps[:batch], eps[batch:]
-
-    # -------------------------------------------------------------------------------------------------- images
-    def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """Bilinear (differentiable) resize of (B, 3, H, W) to the prior's resolution; identity at that size.
-
-        No antialiasing, as in threestudio: renders are usually made at (or near) the prior's resolution.
-        """
-        if images.shape[-2:] == (self.resolution, self.resolution):
-            return images
-        return F.interpolate(images, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)

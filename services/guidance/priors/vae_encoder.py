@@ -17,10 +17,9 @@ import os
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from services.guidance.priors.base import LatentEncoderInfo
+from services.guidance.priors.base import LatentEncoderInfo, resize_square
 
 #: No restriction: PyTorch picks among all its kernels (the memory-efficient one for the VAE on CUDA).
 ANY_ATTENTION_KERNEL = (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
@@ -69,9 +68,7 @@ class VaeImageEncoder(torch.nn.Module):
         return next(self.encoder.parameters()).device
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, torch.float32)
-        if x.shape[-2:] != (self.resolution, self.resolution):  # no antialiasing, as in threestudio
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        x = resize_square(images.to(self.device, torch.float32), self.resolution)
         x = (x * 2.0 - 1.0).to(self.dtype)
         with sdpa_kernel(self.attention_backends):
             moments = self.encoder(x)
