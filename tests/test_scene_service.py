@@ -93,7 +93,9 @@ def test_create_run_preview_checkpoint_resume_delete(scene):
 
     saved = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=created.scene_id), timeout=30)
     assert saved.step == 3 and saved.checkpoint_uri.startswith("file://")
-    resumed = stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="job-1", init_checkpoint_uri=saved.checkpoint_uri), timeout=30)
+    assert len(saved.sha256) == 64
+    resumed = stub.CreateScene(scene_pb2.CreateSceneRequest(
+        job_id="job-1", init_checkpoint_uri=saved.checkpoint_uri, init_checkpoint_sha256=saved.sha256), timeout=30)
     assert resumed.step == 3 and resumed.scene_id != created.scene_id
     for scene_id in (created.scene_id, resumed.scene_id):
         stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=scene_id), timeout=10)
@@ -142,7 +144,7 @@ def test_bad_requests_and_unknown_scenes(scene):
             grpc.StatusCode.INVALID_ARGUMENT, "num_steps",
         )
         expect_error(
-            lambda: stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j", init_checkpoint_uri="file:///nowhere.ckpt"), timeout=10),
+            lambda: stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j", init_checkpoint_uri="file:///nowhere.ckpt", init_checkpoint_sha256="0" * 64), timeout=10),
             grpc.StatusCode.NOT_FOUND, "init_checkpoint_uri",
         )
         expect_error(
@@ -182,6 +184,44 @@ def test_unreachable_guidance_is_unavailable_and_completed_steps_stay(tmp_path):
         client.close()
 
 
+def test_scenes_are_listed_by_owner_and_idle_ones_expire_with_their_lease(guidance_server, tmp_path):
+    import time
+
+    config = SceneServiceConfig(port=0, capacity=2, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS,
+                                lease_sweep_s=0.2, max_lease_s=60)
+    client = GuidanceClient(registry_for(guidance_server.address))
+    running = scene_server.start(config, guidance=client)
+    channel = insecure_channel(running.address)
+    try:
+        stub = scene_pb2_grpc.SceneServiceStub(channel)
+        stage = scene_pb2.StageConfig(prompt="a red torus")
+        short = stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j-a", config=stage, owner="orch-a", lease_seconds=1.0), timeout=30)
+        kept = stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j-b", config=stage, owner="orch-b", lease_seconds=60), timeout=30)
+        mine = stub.ListScenes(scene_pb2.ListScenesRequest(owner="orch-a"), timeout=10).scenes
+        assert [(s.scene_id, s.job_id, s.owner) for s in mine] == [(short.scene_id, "j-a", "orch-a")]
+        assert 0 < mine[0].lease_remaining_seconds <= 1.0 and not mine[0].busy
+        assert len(stub.ListScenes(scene_pb2.ListScenesRequest(), timeout=10).scenes) == 2
+        # Using a scene renews its lease: steps for longer than the lease keep it alive.
+        for _ in range(3):
+            list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=short.scene_id, num_steps=1), timeout=30))
+            time.sleep(0.5)
+        assert short.scene_id in {s.scene_id for s in stub.ListScenes(scene_pb2.ListScenesRequest(), timeout=10).scenes}
+        deadline = time.monotonic() + 10  # then left alone: the sweeper deletes it, and only it
+        while time.monotonic() < deadline and len(running.servicer.scenes) > 1:
+            time.sleep(0.1)
+        assert [s.scene_id for s in stub.ListScenes(scene_pb2.ListScenesRequest(), timeout=10).scenes] == [kept.scene_id]
+        expect_error(lambda: list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=short.scene_id, num_steps=1), timeout=10)),
+                     grpc.StatusCode.NOT_FOUND, "scene_id")
+        expect_error(lambda: stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j", config=stage, lease_seconds=61), timeout=10),
+                     grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds")
+        expect_error(lambda: stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j", config=stage, lease_seconds=-1), timeout=10),
+                     grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds")
+    finally:
+        channel.close()
+        running.stop(grace=None)
+        client.close()
+
+
 def test_replica_memory_budget_refuses_what_does_not_fit(guidance_server, tmp_path):
     """Two tiny scenes fit a budget sized for one and a half: the second is RESOURCE_EXHAUSTED, then fits after a delete."""
     client = GuidanceClient(registry_for(guidance_server.address))
@@ -212,9 +252,17 @@ def test_replica_memory_budget_refuses_what_does_not_fit(guidance_server, tmp_pa
         client.close()
 
 
-def fine_request(checkpoint_uri: str, **config) -> scene_pb2.CreateSceneRequest:
+def fine_request(checkpoint_uri: str, sha256: str, **config) -> scene_pb2.CreateSceneRequest:
     stage = scene_pb2.StageConfig(stage=scene_pb2.STAGE_FINE, prompt="a red torus", **config)
-    return scene_pb2.CreateSceneRequest(job_id="job-2", config=stage, init_checkpoint_uri=checkpoint_uri)
+    return scene_pb2.CreateSceneRequest(
+        job_id="job-2", config=stage, init_checkpoint_uri=checkpoint_uri, init_checkpoint_sha256=sha256
+    )
+
+
+def sha256_of(store, uri: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(store.get(store.key_from_uri(uri))).hexdigest()
 
 
 def test_coarse_to_fine_to_textured_glb_and_obj(scene):
@@ -225,10 +273,10 @@ def test_coarse_to_fine_to_textured_glb_and_obj(scene):
     running, stub, _ = scene
     coarse = create(stub, seed=5)
     list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=coarse.scene_id, num_steps=2), timeout=60))
-    coarse_uri = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=coarse.scene_id), timeout=30).checkpoint_uri
+    coarse_saved = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=coarse.scene_id), timeout=30)
     stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=coarse.scene_id), timeout=10)
 
-    fine = stub.CreateScene(fine_request(coarse_uri), timeout=60)
+    fine = stub.CreateScene(fine_request(coarse_saved.checkpoint_uri, coarse_saved.sha256), timeout=60)
     updates = list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=fine.scene_id, num_steps=2), timeout=60))
     assert updates[-1].step == 2 and {"sds", "normal_consistency", "laplacian"} <= set(updates[-1].losses)
     assert {"marching_tets", "rasterize", "texture", "guidance", "backward"} <= set(updates[-1].phase_seconds)
@@ -238,7 +286,8 @@ def test_coarse_to_fine_to_textured_glb_and_obj(scene):
 
     saved = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=fine.scene_id), timeout=30)
     assert "/fine/" in saved.checkpoint_uri
-    resumed = stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="job-2", init_checkpoint_uri=saved.checkpoint_uri), timeout=30)
+    resumed = stub.CreateScene(scene_pb2.CreateSceneRequest(
+        job_id="job-2", init_checkpoint_uri=saved.checkpoint_uri, init_checkpoint_sha256=saved.sha256), timeout=30)
     assert resumed.step == 2
 
     exported = stub.ExportMesh(scene_pb2.ExportMeshRequest(scene_id=resumed.scene_id, texture_size=128), timeout=120)
@@ -277,15 +326,24 @@ def test_bad_coarse_checkpoints_and_empty_surfaces_are_named(scene):
     finally:
         checkpoints.VERSION = original_version
 
-    expect_error(lambda: stub.CreateScene(fine_request("file:///nowhere/coarse.ckpt"), timeout=10), grpc.StatusCode.NOT_FOUND, "init_checkpoint_uri")
-    expect_error(lambda: stub.CreateScene(fine_request(corrupt), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "init_checkpoint_uri")
-    expect_error(lambda: stub.CreateScene(fine_request(newer), timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "init_checkpoint_uri")
+    good_sha = sha256_of(store, good_uri)
+    expect_error(lambda: stub.CreateScene(fine_request("file:///nowhere/coarse.ckpt", good_sha), timeout=10), grpc.StatusCode.NOT_FOUND, "init_checkpoint_uri")
+    expect_error(lambda: stub.CreateScene(fine_request(corrupt, sha256_of(store, corrupt)), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "init_checkpoint_uri")
+    expect_error(lambda: stub.CreateScene(fine_request(newer, sha256_of(store, newer)), timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "init_checkpoint_uri")
+    # Only what the caller recorded: no digest, or bytes that differ from it (a flipped bit, a truncated file).
+    expect_error(lambda: stub.CreateScene(fine_request(good_uri, ""), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "init_checkpoint_sha256")
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0x01
+    tampered = store.put("jobs/bad/flipped.ckpt", bytes(flipped))
+    expect_error(lambda: stub.CreateScene(fine_request(tampered, good_sha), timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "init_checkpoint_sha256")
+    truncated = store.put("jobs/bad/truncated.ckpt", good[: len(good) // 2])
+    expect_error(lambda: stub.CreateScene(fine_request(truncated, good_sha), timeout=10), grpc.StatusCode.FAILED_PRECONDITION, "init_checkpoint_sha256")
     with pytest.raises(grpc.RpcError) as caught:
-        stub.CreateScene(fine_request(good_uri, dmtet=scene_pb2.DMTetSettings(level=1e6)), timeout=30)
+        stub.CreateScene(fine_request(good_uri, good_sha, dmtet=scene_pb2.DMTetSettings(level=1e6)), timeout=30)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "config.dmtet.level" in field_violations(caught.value) and "1e+06" in caught.value.details()
     expect_error(
-        lambda: stub.CreateScene(fine_request(good_uri, dmtet=scene_pb2.DMTetSettings(grid_cells=100000)), timeout=10),
+        lambda: stub.CreateScene(fine_request(good_uri, good_sha, dmtet=scene_pb2.DMTetSettings(grid_cells=100000)), timeout=10),
         grpc.StatusCode.INVALID_ARGUMENT, "config.dmtet.grid_cells",
     )
     assert len(running.servicer.scenes) == 0  # nothing half-created

@@ -11,7 +11,9 @@ through its caller. Answers grpc.health.v1; JSON logs carry the job id.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +75,12 @@ class SceneServiceConfig(BaseModel):
     checkpoint_on_shutdown: bool = True
     # Prometheus /metrics (scenes held, their budget, this process's GPU memory); None: not served, 0: any free port.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # A scene not used for this long is deleted (its owner, an orchestrator, crashed or lost it); a CreateScene may
+    # ask for another lease within (0, max_lease_s].
+    default_lease_s: float = Field(default=600.0, gt=0)
+    max_lease_s: float = Field(default=3600.0, gt=0)
+    # How often expired leases are looked for (they are also reaped whenever a scene is created).
+    lease_sweep_s: float = Field(default=10.0, gt=0)
 
     @classmethod
     def load(cls, path: str | Path) -> "SceneServiceConfig":
@@ -87,6 +95,16 @@ class SceneEntry:
     memory_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     failure: str | None = None
+    owner: str = ""
+    lease_s: float = 600.0
+    expires_at: float = 0.0  # time.monotonic() after which an idle scene is deleted
+
+    def renew(self) -> None:
+        self.expires_at = time.monotonic() + self.lease_s
+
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
 
 
 def training_state_bytes(stage: CoarseStage | FineStage) -> int:
@@ -104,8 +122,9 @@ class SceneTable:
         self._entries: dict[str, SceneEntry] = {}
         self._lock = threading.Lock()
 
-    def add(self, job_id: str, stage: CoarseStage | FineStage) -> SceneEntry:
+    def add(self, job_id: str, stage: CoarseStage | FineStage, owner: str = "", lease_s: float = 600.0) -> SceneEntry:
         needed = training_state_bytes(stage)
+        self.reap_expired()
         with self._lock:
             if len(self._entries) >= self.capacity:
                 raise ResourceExhausted(
@@ -118,15 +137,30 @@ class SceneTable:
                     f"{self.memory_budget_bytes / 2**20:.1f} MiB are in use",
                     retry_after_s=30.0,
                 )
-            entry = SceneEntry(f"scene-{uuid.uuid4().hex[:12]}", job_id, stage, needed)
+            entry = SceneEntry(f"scene-{uuid.uuid4().hex[:12]}", job_id, stage, needed, owner=owner, lease_s=lease_s)
+            entry.renew()
             self._entries[entry.scene_id] = entry
             return entry
 
     def get(self, scene_id: str) -> SceneEntry:
+        """The scene, its lease renewed: any call on a scene shows that its owner is still there."""
         with self._lock:
             if scene_id not in self._entries:
                 raise NotFound(f"no scene {scene_id!r} on this replica", "scene_id")
-            return self._entries[scene_id]
+            entry = self._entries[scene_id]
+            entry.renew()
+            return entry
+
+    def reap_expired(self) -> list[SceneEntry]:
+        """Deletes the idle scenes whose lease ran out (their owner crashed or forgot them); returns them."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [e for e in self._entries.values() if e.expires_at <= now and not e.busy]
+            for entry in expired:
+                del self._entries[entry.scene_id]
+        for entry in expired:
+            log.warning("scene_lease_expired", scene_id=entry.scene_id, job_id=entry.job_id, owner=entry.owner)
+        return expired
 
     def remove(self, scene_id: str) -> None:
         with self._lock:
@@ -158,8 +192,9 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             try:
                 if not request.job_id:
                     raise InvalidArgument("a job id is required", "job_id")
+                lease_s = self._lease(request.lease_seconds)
                 stage = self._new_stage(request)
-                entry = self.scenes.add(request.job_id, stage)
+                entry = self.scenes.add(request.job_id, stage, owner=request.owner, lease_s=lease_s)
             except ServiceError as error:
                 log.info("create_rejected", code=error.code.name, field=error.field, reason=error.message)
                 abort_with(context, error)
@@ -185,6 +220,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                         log.info("run_cancelled", step=entry.stage.step_count)
                         return
                     report = entry.stage.step()
+                    entry.renew()
                     if (index + 1) % every == 0 or index + 1 == request.num_steps:
                         log.info("progress", step=report.step, **{f"loss_{k}": round(v, 5) for k, v in report.losses.items()})
                         yield scene_pb2.RunStepsResponse(
@@ -224,9 +260,23 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         with entry.lock:
             step = entry.stage.step_count
             data = checkpoints.dumps(entry.stage.to_checkpoint())
-        uri = self.store.put(f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt", data)
-        log.info("checkpoint_saved", job_id=entry.job_id, step=step, uri=uri, bytes=len(data))
-        return scene_pb2.SaveCheckpointResponse(checkpoint_uri=uri, step=step)
+        key = f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt"
+        uri = self.store.put(key, data)
+        digest = hashlib.sha256(data).hexdigest()
+        log.info("checkpoint_saved", job_id=entry.job_id, step=step, key=key, bytes=len(data), sha256=digest)
+        return scene_pb2.SaveCheckpointResponse(checkpoint_uri=uri, step=step, sha256=digest)
+
+    def ListScenes(self, request, context):
+        now = time.monotonic()
+        summaries = [
+            scene_pb2.SceneSummary(
+                scene_id=e.scene_id, job_id=e.job_id, owner=e.owner, stage=_STAGE_FROM_NAME[_stage_name(e.stage)],
+                step=e.stage.step_count, lease_remaining_seconds=max(0.0, e.expires_at - now), busy=e.busy,
+            )
+            for e in self.scenes.entries()
+            if not request.owner or e.owner == request.owner
+        ]
+        return scene_pb2.ListScenesResponse(scenes=summaries)
 
     def checkpoint_all(self) -> list[str]:
         """Saves every scene that is not busy (shutdown: SIGTERM from Kubernetes); the orchestrator resumes from
@@ -285,6 +335,16 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
+    def _lease(self, requested: float) -> float:
+        if requested == 0:
+            return self.config.default_lease_s
+        if not 0 < requested <= self.config.max_lease_s:  # also refuses NaN
+            raise InvalidArgument(
+                f"must be within (0, {self.config.max_lease_s:g}] seconds (this replica's max_lease_s), got {requested}",
+                "lease_seconds",
+            )
+        return requested
+
     def _entry(self, scene_id: str, context) -> SceneEntry:
         try:
             return self.scenes.get(scene_id)
@@ -324,7 +384,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             if wanted == scene_pb2.STAGE_FINE:
                 raise InvalidArgument("the fine stage starts from a coarse checkpoint: give its URI", "init_checkpoint_uri")
             return CoarseStage(self._coarse_config(request.config), self.guidance, request.job_id, self.device)
-        checkpoint = self._load_checkpoint(request.init_checkpoint_uri)
+        checkpoint = self._load_checkpoint(request.init_checkpoint_uri, request.init_checkpoint_sha256)
         if wanted == scene_pb2.STAGE_FINE and checkpoint.stage == "coarse":
             config = self._fine_config(request.config)  # validated before the coarse field is even built
             coarse = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
@@ -365,11 +425,20 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         log.info("fine_stage_from_mesh", faces=report.faces, uploaded_faces=int(mesh.faces.shape[0]))
         return stage
 
-    def _load_checkpoint(self, uri: str) -> Checkpoint:
+    def _load_checkpoint(self, uri: str, sha256: str) -> Checkpoint:
+        """Only a checkpoint whose digest the caller recorded when it was saved: a file written into the store by
+        anyone else, or damaged since, is refused."""
+        if not sha256:
+            raise InvalidArgument("give the SHA-256 recorded when the checkpoint was saved", "init_checkpoint_sha256")
         try:
             data = self.store.get(self.store.key_from_uri(uri))
         except (ArtifactNotFound, ValueError):
             raise NotFound(f"no checkpoint at {uri}", "init_checkpoint_uri") from None
+        if hashlib.sha256(data).hexdigest() != sha256.lower():
+            raise FailedPrecondition(
+                f"the checkpoint at {uri} does not match its recorded SHA-256 (damaged or replaced)",
+                "init_checkpoint_sha256",
+            )
         try:
             return checkpoints.loads(data, source=uri)
         except ServiceError as error:  # corrupt, foreign or of another format version: name the request field
@@ -405,14 +474,28 @@ def _frozen_albedo(stage: CoarseStage | FineStage):
     return albedo
 
 
+def _sweep_leases(scenes: SceneTable, every_s: float, stop: threading.Event) -> None:
+    while not stop.wait(every_s):
+        try:
+            scenes.reap_expired()
+        except Exception:  # noqa: BLE001 - the sweeper must outlive any one surprise
+            log.exception("lease_sweep_failed")
+
+
 def start(
     config: SceneServiceConfig, guidance: Guidance | None = None, store: ArtifactStore | None = None
 ) -> RunningServer:
     guidance = guidance or GuidanceClient(Registry.load(config.registry_path))
     servicer = SceneServicer(config, guidance, store or open_store(config.store_uri))
     metrics = start_metrics(servicer.scenes, config.host, config.metrics_port) if config.metrics_port is not None else None
+    sweeping = threading.Event()
+    sweeper = threading.Thread(
+        target=_sweep_leases, args=(servicer.scenes, config.lease_sweep_s, sweeping), name="lease-sweeper", daemon=True
+    )
+    sweeper.start()
 
     def on_stop() -> None:
+        sweeping.set()
         if config.checkpoint_on_shutdown:
             servicer.checkpoint_all()
         if metrics is not None:
