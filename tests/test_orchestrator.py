@@ -12,12 +12,13 @@ import grpc
 import pytest
 import trimesh
 import yaml
-from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
+from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2, scene_pb2_grpc
 
 from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.priors.base import PriorKind
 from services.orchestrator import server as orchestrator_server
+from services.orchestrator.jobs import JobStore
 from services.orchestrator.presets import PresetBook, merge_stage_config, plan_job
 from services.scene import server as scene_server
 from shared.errors import InvalidArgument, field_violations
@@ -38,6 +39,15 @@ TINY_PRESETS = {
                                                             "priors": [{"prior": "analytic"}]}},
                 {"stage": "fine", "steps": 2, "config": {"resolution": 32, "batchSize": 2, "priors": [{"prior": "analytic"}],
                                                           "dmtet": {"gridCells": 16}}},
+            ],
+            "export": {"texture_size": 64},
+        },
+        "long": {  # one chunk of many steps: only a per-step check stops it early
+            "checkpoint_every": 1000,
+            "progress_every": 1,
+            "stages": [
+                {"stage": "coarse", "steps": 400, "config": {"resolution": 16, "batchSize": 2, "samplesPerRay": 16,
+                                                              "priors": [{"prior": "analytic"}]}},
             ],
             "export": {"texture_size": 64},
         },
@@ -93,11 +103,11 @@ class Stack:
         self.orchestrator = None
         self.start_orchestrator()
 
-    def start_orchestrator(self) -> None:
+    def start_orchestrator(self, **settings) -> None:
         config = orchestrator_server.OrchestratorConfig(
             port=0, database_path=self.root / "jobs.db", store_uri=str(self.root / "store"),
             scene_replicas=[scene.address for scene in self.scenes], presets_path=self.root / "presets.yaml",
-            queue_size=3, metrics_port=0,
+            queue_size=3, metrics_port=0, **settings,
         )
         self.orchestrator = orchestrator_server.start(config, priors=self.clients[0])
         self.channel = insecure_channel(self.orchestrator.address)
@@ -395,3 +405,82 @@ def test_deadlines_are_checked_at_submit_and_while_running(stack):
     job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=soon), timeout=10).job
     failed = wait_for(stack.stub, job.name, FINISHED, timeout_s=60)
     assert failed.state == orchestrator_pb2.JOB_STATE_FAILED and "DEADLINE_EXCEEDED" in failed.error
+
+
+def test_a_restarted_orchestrator_deletes_the_scenes_it_left_and_only_those(guidance, tmp_path):
+    stack = Stack(guidance, tmp_path)
+    try:
+        runner = stack.orchestrator.servicer.runner
+        owner = runner.settings.instance_id
+        scene_stub = scene_pb2_grpc.SceneServiceStub(insecure_channel(stack.scenes[0].address))
+        config = scene_pb2.StageConfig(prompt="a red torus", resolution=16, batch_size=2, samples_per_ray=16)
+        # What a crashed earlier process of this orchestrator left behind, and a scene of another orchestrator.
+        for job_id, scene_owner in (("job-ghost-1", owner), ("job-ghost-2", owner), ("job-other", "someone-else")):
+            scene_stub.CreateScene(scene_pb2.CreateSceneRequest(job_id=job_id, config=config, owner=scene_owner), timeout=30)
+        assert len(stack.scenes[0].servicer.scenes) == 3
+        stack.stop_orchestrator()
+        stack.start_orchestrator()
+        left = scene_stub.ListScenes(scene_pb2.ListScenesRequest(), timeout=10).scenes
+        assert [(s.job_id, s.owner) for s in left] == [("job-other", "someone-else")]
+        # Jobs still run, and their scenes carry this orchestrator as owner while they do.
+        job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=text_spec(preset="slow")), timeout=10).job
+        wait_for(stack.stub, job.name, (orchestrator_pb2.JOB_STATE_RUNNING,))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            owners = {s.owner for s in scene_stub.ListScenes(scene_pb2.ListScenesRequest(), timeout=10).scenes}
+            if owner in owners:
+                break
+            time.sleep(0.05)
+        assert owner in owners
+        assert wait_for(stack.stub, job.name, FINISHED).state == orchestrator_pb2.JOB_STATE_SUCCEEDED
+    finally:
+        stack.close()
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_readable_one(guidance, tmp_path):
+    stack = Stack(guidance, tmp_path)
+    try:
+        stack.stop_orchestrator()
+        stack.start_orchestrator(keep_checkpoints=2)
+        runner = stack.orchestrator.servicer.runner
+        job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=text_spec(preset="slow")), timeout=10).job
+        job_id = job.name.removeprefix("jobs/")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(runner.jobs.get(job_id).checkpoints) < 2:
+            time.sleep(0.02)
+        stack.stop_orchestrator()  # pauses the job; it stays RUNNING with its checkpoints
+        record = JobStore(tmp_path / "jobs.db").get(job_id)
+        refs = record.stage_checkpoints("coarse")
+        assert 2 <= len(refs) <= 3
+        store = LocalStore(tmp_path / "store")
+        newest, older = refs[0], refs[1]
+        path = tmp_path / "store" / store.key_from_uri(newest.uri)
+        path.write_bytes(path.read_bytes()[:100])  # truncated
+        if len(refs) > 2:  # a flipped bit in the next one is caught by its digest too
+            flipped = bytearray((tmp_path / "store" / store.key_from_uri(older.uri)).read_bytes())
+            flipped[len(flipped) // 2] ^= 1
+            (tmp_path / "store" / store.key_from_uri(older.uri)).write_bytes(bytes(flipped))
+            older = refs[2]
+        stack.start_orchestrator(keep_checkpoints=2)
+        finished = wait_for(stack.stub, job.name, FINISHED)
+        assert finished.state == orchestrator_pb2.JOB_STATE_SUCCEEDED, finished.error
+        record = stack.orchestrator.servicer.runner.jobs.get(job_id)
+        coarse = record.stage_checkpoints("coarse")
+        assert newest not in coarse  # dropped from the record (and the resume started from an older one)
+        # Retention: the newest 2 of each stage plus the stage's final one, in the record and in the store.
+        assert sum(c.final for c in coarse) == 1 and len(coarse) <= 3
+        kept = sorted(k for k in store.list(f"jobs/{job_id}/coarse") if k.endswith(".ckpt"))
+        assert kept == sorted(store.key_from_uri(c.uri) for c in coarse)
+    finally:
+        stack.close()
+
+
+def test_a_job_past_its_deadline_stops_within_a_step_not_at_its_next_checkpoint(stack):
+    spec = text_spec(preset="long", seed=41)
+    deadline = time.time() + 2.0
+    spec.deadline.FromNanoseconds(int(deadline * 1e9))
+    job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=spec), timeout=10).job
+    failed = wait_for(stack.stub, job.name, FINISHED, timeout_s=60)
+    assert failed.state == orchestrator_pb2.JOB_STATE_FAILED and "DEADLINE_EXCEEDED" in failed.error
+    assert 0 < failed.step < 400  # stopped mid-chunk (the chunk is the whole stage)
+    assert failed.update_time.ToNanoseconds() / 1e9 - deadline < 1.5

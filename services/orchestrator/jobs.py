@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_PAGE_SIZE = 1000
 
 
@@ -75,6 +75,25 @@ class SchemaVersionError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint a scene saved for this job, with the SHA-256 the scene reported: the only checkpoints a job
+    resumes from. `final` marks a stage's last one (kept whatever the retention, the next stage starts from it)."""
+
+    stage: str
+    step: int
+    uri: str
+    sha256: str
+    final: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "step": self.step, "uri": self.uri, "sha256": self.sha256, "final": self.final}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CheckpointRef:
+        return cls(str(data["stage"]), int(data["step"]), str(data["uri"]), str(data["sha256"]), bool(data.get("final")))
+
+
+@dataclass(frozen=True)
 class JobRecord:
     job_id: str
     request_id: str
@@ -94,10 +113,18 @@ class JobRecord:
     attempts: int
     create_time: float
     update_time: float
+    checkpoints: tuple[CheckpointRef, ...] = ()
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    def stage_checkpoints(self, stage: str) -> list[CheckpointRef]:
+        """This stage's recorded checkpoints, newest first."""
+        return sorted((c for c in self.checkpoints if c.stage == stage), key=lambda c: (c.final, c.step), reverse=True)
+
+    def final_checkpoint(self, stage: str) -> CheckpointRef | None:
+        return next((c for c in self.checkpoints if c.stage == stage and c.final), None)
 
 
 _SCHEMA = """
@@ -126,6 +153,11 @@ CREATE INDEX jobs_newest ON jobs (create_time DESC, job_id DESC);
 CREATE INDEX jobs_state ON jobs (state, create_time, job_id);
 """
 
+# version -> the statements that bring a database of the version before it up to it.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE jobs ADD COLUMN checkpoints TEXT NOT NULL DEFAULT '[]'",),
+}
+
 
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
@@ -151,6 +183,12 @@ def _state(name: str, value: Any) -> str:
     return JobState(value).value
 
 
+def _checkpoints(name: str, value: Any) -> str:
+    if not all(isinstance(c, CheckpointRef) for c in value):
+        raise TypeError(f"{name} must be a sequence of CheckpointRef")
+    return json.dumps([c.to_json() for c in value])
+
+
 def _artifacts(name: str, value: Any) -> str:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise TypeError(f"{name} must be a mapping of str to str")
@@ -171,6 +209,7 @@ _MUTABLE: dict[str, Callable[[str, Any], Any]] = {
     "error": _text,
     "cancel_requested": _flag,
     "attempts": _integer,
+    "checkpoints": _checkpoints,
 }
 
 
@@ -202,6 +241,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         attempts=row["attempts"],
         create_time=row["create_time"],
         update_time=row["update_time"],
+        checkpoints=tuple(CheckpointRef.from_json(c) for c in json.loads(row["checkpoints"])),
     )
 
 
@@ -276,7 +316,15 @@ class JobStore:
             if version is None:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(statement)
+                for statements in _MIGRATIONS.values():
+                    for statement in statements:
+                        conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[target]:
+                        conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif version > SCHEMA_VERSION:
                 raise SchemaVersionError(
                     f"job store {self._path!r} has schema version {version}, newer than the {SCHEMA_VERSION} "

@@ -5,13 +5,20 @@ prompt within every prior's token limit); from then on it is in the job table an
 
 * a dispatcher thread starts queued jobs, oldest first, while a scene replica has a free slot;
 * each stage runs on one replica in chunks of `checkpoint_every` steps; after each chunk the scene saves a
-  checkpoint, whose URI (and step) goes into the job table, with a preview render as a progress link;
+  checkpoint, whose URI, step and SHA-256 go into the job table (the newest `keep_checkpoints` per stage are kept,
+  and each stage's final one), with a preview render as a progress link; a job resumes only from a recorded
+  checkpoint whose digest matches, the newest readable one;
 * when a stage ends, its final checkpoint becomes an artifact (`coarse.ckpt`, `fine.ckpt`), and the next stage
   starts from it (the fine stage converts the coarse one); the fine scene is then exported (GLB, OBJ, previews);
 * if the replica becomes unreachable (or forgot the scene: restarted), the job goes back to the queue and resumes on
   a replica from its last checkpoint, up to `max_attempts` starts; other errors fail the job with the reason;
 * an orchestrator that stops leaves its running jobs RUNNING with their last checkpoint; a restarted one requeues
-  them (`recover()`), so they resume.
+  them (`recover()`), so they resume, and deletes the scenes it owned on every replica (`reconcile()`): scenes carry
+  this orchestrator's instance id as their owner and a lease, so those of an orchestrator that never comes back
+  expire by themselves;
+* the guidance tier being down is not the scene replica's fault: the scene retries guidance for its outage window,
+  and if it stays down the job fails saying so, the replica is not set aside;
+* a job's deadline is checked at every progress update of its steps, and bounds each scene call.
 """
 
 from __future__ import annotations
@@ -29,7 +36,15 @@ from magic3d.v1 import common_pb2, orchestrator_pb2, scene_pb2
 
 from services.orchestrator import presets as presets_module
 from services.orchestrator.events import EventHub
-from services.orchestrator.jobs import TERMINAL, JobNotFound, JobRecord, JobState, JobStore, RequestIdConflict
+from services.orchestrator.jobs import (
+    TERMINAL,
+    CheckpointRef,
+    JobNotFound,
+    JobRecord,
+    JobState,
+    JobStore,
+    RequestIdConflict,
+)
 from services.orchestrator.presets import JobPlan, PlannedStage, PresetBook, plan_job
 from services.orchestrator.scenes import SceneReplicas
 from shared import cameras as camera_messages
@@ -63,6 +78,9 @@ class RunnerSettings:
     poll_interval_s: float = 0.2
     rpc_timeout_s: float = 600.0  # one scene call (a chunk of steps, an export)
     code_version: str = "unknown"
+    instance_id: str = "orchestrator"  # owner of the scenes this orchestrator creates (stable across its restarts)
+    scene_lease_s: float = 0.0  # lease asked for each scene; 0: the replica's default
+    keep_checkpoints: int = 3  # newest checkpoints kept per stage, besides each stage's final one
 
 
 class _Cancelled(Exception):
@@ -82,6 +100,7 @@ class _Running:
     replica: str
     cancel: threading.Event
     call: object | None = None  # the RunSteps stream in flight, cancelled on cancel/stop
+    deadline: float | None = None  # the job's deadline (time.time()), if it has one
 
 
 def job_prompt(spec: orchestrator_pb2.JobSpec) -> tuple[str, str]:
@@ -122,6 +141,7 @@ class JobRunner:
 
     def start(self) -> None:
         self.recover()
+        self.reconcile()
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="job-dispatcher", daemon=True)
         self._dispatcher.start()
 
@@ -135,6 +155,28 @@ class JobRunner:
         if resumed:
             log.info("jobs_recovered", jobs=resumed)
         return resumed
+
+    def reconcile(self, timeout_s: float = 5.0) -> list[str]:
+        """Deletes the scenes this orchestrator owns on each replica that belong to no job it is running now (left by
+        an earlier process of it that crashed). Replicas that do not answer are skipped: their scenes' leases run out.
+        Returns the scene ids deleted."""
+        deleted = []
+        for address in self.replicas.addresses:
+            stub = self.replicas.stub(address)
+            try:
+                listed = stub.ListScenes(scene_pb2.ListScenesRequest(owner=self.settings.instance_id), timeout=timeout_s)
+            except grpc.RpcError as error:
+                log.info("reconcile_skipped", replica=address, code=error.code().name)
+                continue
+            with self._lock:
+                running = set(self._running)
+            for scene in listed.scenes:
+                if scene.job_id not in running:
+                    self._delete_scene(stub, scene.scene_id, scene.job_id)
+                    deleted.append(scene.scene_id)
+        if deleted:
+            log.info("orphaned_scenes_deleted", scenes=deleted)
+        return deleted
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stops dispatching; running jobs checkpoint, free their scene and stay RUNNING for the next start."""
@@ -375,6 +417,8 @@ class JobRunner:
 
     def _execute(self, record: JobRecord, entry: _Running) -> None:
         spec = orchestrator_pb2.JobSpec.FromString(record.spec)
+        if spec.HasField("deadline"):
+            entry.deadline = spec.deadline.ToNanoseconds() / 1e9
         plan = self.plan(spec)
         if not record.provenance_uri:
             record = self._write_provenance(record, spec, plan)
@@ -392,36 +436,25 @@ class JobRunner:
         self, record: JobRecord, spec: orchestrator_pb2.JobSpec, plan: JobPlan, stage: PlannedStage, entry: _Running
     ) -> JobRecord:
         job_id = record.job_id
-        request = scene_pb2.CreateSceneRequest(job_id=job_id)
-        request.config.CopyFrom(stage.config)
-        if record.checkpoint_stage == stage.name and record.checkpoint_uri:
-            request.init_checkpoint_uri = self._newest_checkpoint(job_id, stage.name, record.checkpoint_uri)
-        elif stage.name == "fine" and "coarse.ckpt" in record.artifacts:
-            request.init_checkpoint_uri = record.artifacts["coarse.ckpt"]  # convert the coarse scene
-        elif stage.name == "coarse" and spec.WhichOneof("input") == "edit":
-            request.init_checkpoint_uri = self._edit_source(spec.edit.source_job_id).artifacts["coarse.ckpt"]
-        elif stage.name == "fine" and spec.WhichOneof("input") == "mesh":
-            request.init_mesh = spec.mesh.mesh
-            request.init_mesh_format = spec.mesh.format or "glb"
         stub = self.replicas.stub(entry.replica)
-        created = self._scene_call(entry, stub.CreateScene, request, job_id)
-        scene_id, step = created.scene_id, created.step
+        scene_id, step = self._create_stage_scene(record, spec, stage, entry, stub)
         record = self.jobs.update(job_id, stage=stage.name, step=step, total_steps=stage.steps)
         self.events.publish(job_id, orchestrator_pb2.JobEvent(
             stage_started=orchestrator_pb2.StageStarted(stage=presets_module.STAGE_ENUM[stage.name], total_steps=stage.steps)
         ))
         log.info("stage_started", stage=stage.name, step=step, total_steps=stage.steps, replica=entry.replica)
         try:
-            checkpoint_uri = record.checkpoint_uri if record.checkpoint_stage == stage.name else ""
+            newest = record.stage_checkpoints(stage.name)
+            checkpoint_uri = newest[0].uri if newest and newest[0].step == step else ""
             started = time.monotonic()
             start_step = step
             while step < stage.steps or not checkpoint_uri:
-                self._check_interrupts(job_id, entry, spec)
+                self._check_interrupts(job_id, entry)
                 chunk = min(plan.checkpoint_every - step % plan.checkpoint_every, stage.steps - step)
                 if chunk > 0:
                     step = self._run_chunk(entry, stub, scene_id, job_id, stage, plan, chunk, started, start_step)
                 checkpoint_uri, step = self._checkpoint(entry, stub, scene_id, job_id, stage)
-            record = self.jobs.update(job_id, artifacts={**self.jobs.get(job_id).artifacts, f"{stage.name}.ckpt": checkpoint_uri})
+            record = self._finish_stage_checkpoint(job_id, stage.name, checkpoint_uri)
             self.events.publish(job_id, orchestrator_pb2.JobEvent(stage_finished=orchestrator_pb2.StageFinished(
                 stage=presets_module.STAGE_ENUM[stage.name], checkpoint_uri=checkpoint_uri
             )))
@@ -436,21 +469,81 @@ class JobRunner:
         finally:
             self._delete_scene(stub, scene_id, job_id)
 
-    def _newest_checkpoint(self, job_id: str, stage: str, recorded: str) -> str:
-        """The recorded checkpoint, or a newer one of the same stage in the store (a scene replica saves its
-        scenes when it is shut down, after the orchestrator last heard from it)."""
-        keys = sorted(k for k in self.store.list(f"jobs/{job_id}/{stage}") if k.endswith(".ckpt"))
-        if not keys:
-            return recorded
+    def _create_stage_scene(self, record: JobRecord, spec, stage: PlannedStage, entry: _Running, stub) -> tuple[str, int]:
+        """The stage's scene on the replica: resumed from the newest recorded checkpoint of the stage that the scene
+        can read and whose digest matches (unusable ones are dropped from the record, oldest last), else started
+        afresh (from the previous stage's final checkpoint, the edited job's, the user's mesh, or nothing)."""
+        for ref in record.stage_checkpoints(stage.name):
+            try:
+                created = self._create_scene(entry, stub, record.job_id, stage, ref)
+            except ServiceError as error:
+                if error.field not in ("init_checkpoint_uri", "init_checkpoint_sha256"):
+                    raise
+                log.warning("checkpoint_unusable", stage=stage.name, step=ref.step, reason=error.message)
+                current = self.jobs.get(record.job_id)
+                self.jobs.update(record.job_id, checkpoints=[c for c in current.checkpoints if c != ref])
+                self._delete_artifact(ref.uri)
+                continue
+            return created.scene_id, created.step
+        created = self._create_scene(entry, stub, record.job_id, stage, self._stage_start(record, spec, stage))
+        return created.scene_id, created.step
+
+    def _stage_start(self, record: JobRecord, spec, stage: PlannedStage) -> CheckpointRef | orchestrator_pb2.MeshInput | None:
+        kind = spec.WhichOneof("input")
+        if stage.name == "fine" and kind == "mesh":
+            return spec.mesh
+        if stage.name == "fine":
+            source = record.final_checkpoint("coarse")  # convert the coarse scene
+        elif kind == "edit":
+            source = self._edit_source(spec.edit.source_job_id).final_checkpoint("coarse")
+        else:
+            return None
+        if source is None:
+            raise FailedPrecondition(f"the {stage.name} stage has no finished coarse checkpoint to start from", "spec")
+        return source
+
+    def _create_scene(self, entry: _Running, stub, job_id: str, stage: PlannedStage, start) -> scene_pb2.CreateSceneResponse:
+        request = scene_pb2.CreateSceneRequest(
+            job_id=job_id, owner=self.settings.instance_id, lease_seconds=self.settings.scene_lease_s
+        )
+        request.config.CopyFrom(stage.config)
+        if isinstance(start, CheckpointRef):
+            request.init_checkpoint_uri, request.init_checkpoint_sha256 = start.uri, start.sha256
+        elif start is not None:
+            request.init_mesh, request.init_mesh_format = start.mesh, start.format or "glb"
+        return self._scene_call(entry, stub.CreateScene, request, job_id)
+
+    def _finish_stage_checkpoint(self, job_id: str, stage: str, uri: str) -> JobRecord:
+        """The stage's last checkpoint becomes its final one (kept, an artifact, the next stage's start)."""
+        record = self.jobs.get(job_id)
+        checkpoints = [dataclasses.replace(c, final=True) if c.stage == stage and c.uri == uri else c for c in record.checkpoints]
+        return self.jobs.update(
+            job_id, checkpoints=checkpoints, artifacts={**record.artifacts, f"{stage}.ckpt": uri}
+        )
+
+    def _record_checkpoint(self, job_id: str, ref: CheckpointRef) -> None:
+        """Adds `ref` to the job's checkpoints and deletes this stage's older ones beyond `keep_checkpoints`."""
+        record = self.jobs.get(job_id)
+        others = [c for c in record.checkpoints if c.uri != ref.uri]
+        ours = sorted([c for c in others if c.stage == ref.stage and not c.final] + [ref], key=lambda c: c.step, reverse=True)
+        kept, dropped = ours[: self.settings.keep_checkpoints], ours[self.settings.keep_checkpoints :]
+        rest = [c for c in others if c.stage != ref.stage or c.final]
+        self.jobs.update(
+            job_id, checkpoints=rest + sorted(kept, key=lambda c: c.step),
+            checkpoint_uri=ref.uri, checkpoint_stage=ref.stage, step=ref.step,
+        )
+        for old in dropped:
+            self._delete_artifact(old.uri)
+
+    def _delete_artifact(self, uri: str) -> None:
         try:
-            recorded_key = self.store.key_from_uri(recorded)
-        except (ValueError, KeyError):
-            return recorded
-        return self.store.uri(keys[-1]) if keys[-1] > recorded_key else recorded
+            self.store.delete(self.store.key_from_uri(uri))
+        except Exception as error:  # noqa: BLE001 - a leftover file costs space, never the job
+            log.info("artifact_delete_failed", reason=type(error).__name__)
 
     def _run_chunk(self, entry, stub, scene_id, job_id, stage, plan, chunk, started, start_step) -> int:
         request = scene_pb2.RunStepsRequest(scene_id=scene_id, num_steps=chunk, progress_every=plan.progress_every)
-        call = stub.RunSteps(request, timeout=self.settings.rpc_timeout_s, metadata=_metadata(job_id))
+        call = stub.RunSteps(request, timeout=self._call_timeout(entry), metadata=_metadata(job_id))
         entry.call = call
         step = None
         try:
@@ -460,12 +553,13 @@ class JobRunner:
                 done = max(1, step - start_step)
                 eta = (time.monotonic() - started) / done * (stage.steps - step)
                 self.jobs.update(job_id, step=step)
+                self._check_deadline(entry)
                 self.events.publish(job_id, orchestrator_pb2.JobEvent(progress=orchestrator_pb2.JobProgress(
                     stage=presets_module.STAGE_ENUM[stage.name], step=step, total_steps=stage.steps,
                     losses=dict(update.losses), eta_seconds=eta,
                 )))
         except grpc.RpcError as error:
-            self._check_interrupts(job_id, entry, None)
+            self._check_interrupts(job_id, entry)
             raise self._translate(error) from None
         finally:
             entry.call = None
@@ -475,8 +569,8 @@ class JobRunner:
 
     def _checkpoint(self, entry, stub, scene_id: str, job_id: str, stage: PlannedStage) -> tuple[str, int]:
         saved = self._scene_call(entry, stub.SaveCheckpoint, scene_pb2.SaveCheckpointRequest(scene_id=scene_id), job_id)
+        self._record_checkpoint(job_id, CheckpointRef(stage.name, saved.step, saved.checkpoint_uri, saved.sha256))
         preview = self._preview(entry, stub, scene_id, job_id, stage, saved.step)
-        self.jobs.update(job_id, checkpoint_uri=saved.checkpoint_uri, checkpoint_stage=stage.name, step=saved.step)
         self.events.publish(job_id, orchestrator_pb2.JobEvent(progress=orchestrator_pb2.JobProgress(
             stage=presets_module.STAGE_ENUM[stage.name], step=saved.step, total_steps=stage.steps, preview_uri=preview,
         )))
@@ -502,7 +596,13 @@ class JobRunner:
             return record
         last = plan.stages[-1].name
         stub = self.replicas.stub(entry.replica)
-        request = scene_pb2.CreateSceneRequest(job_id=record.job_id, init_checkpoint_uri=record.artifacts[f"{last}.ckpt"])
+        final = record.final_checkpoint(last)
+        if final is None:
+            raise FailedPrecondition(f"the job has no final {last} checkpoint to export", "spec")
+        request = scene_pb2.CreateSceneRequest(
+            job_id=record.job_id, init_checkpoint_uri=final.uri, init_checkpoint_sha256=final.sha256,
+            owner=self.settings.instance_id, lease_seconds=self.settings.scene_lease_s,
+        )
         created = self._scene_call(entry, stub.CreateScene, request, record.job_id)
         try:
             self.jobs.update(record.job_id, stage="export")
@@ -541,23 +641,37 @@ class JobRunner:
 
     # -- scene calls ------------------------------------------------------------------------------------------
 
-    def _check_interrupts(self, job_id: str, entry: _Running, spec: orchestrator_pb2.JobSpec | None) -> None:
+    def _check_interrupts(self, job_id: str, entry: _Running) -> None:
         if self._stop.is_set():
             raise _Stopping()
         if entry.cancel.is_set() or self.jobs.get(job_id).cancel_requested:
             raise _Cancelled()
-        if spec is not None and spec.HasField("deadline") and spec.deadline.ToDatetime().timestamp() <= time.time():
+        self._check_deadline(entry)
+
+    @staticmethod
+    def _check_deadline(entry: _Running) -> None:
+        if entry.deadline is not None and entry.deadline <= time.time():
             raise DeadlineExceeded("the job's deadline passed before it finished", "spec.deadline")
+
+    def _call_timeout(self, entry: _Running) -> float:
+        """A scene call ends by the job's deadline at the latest (a chunk of steps never runs past it)."""
+        if entry.deadline is None:
+            return self.settings.rpc_timeout_s
+        return max(0.001, min(self.settings.rpc_timeout_s, entry.deadline - time.time()))
 
     def _scene_call(self, entry: _Running, method, request, job_id: str):
         try:
-            return method(request, timeout=self.settings.rpc_timeout_s, metadata=_metadata(job_id))
+            return method(request, timeout=self._call_timeout(entry), metadata=_metadata(job_id))
         except grpc.RpcError as error:
+            self._check_deadline(entry)
             raise self._translate(error) from None
 
     @staticmethod
     def _translate(error: grpc.RpcError) -> Exception:
         service_error = error_from_rpc(error)
+        if isinstance(service_error, Unavailable) and service_error.field == "guidance":
+            # The scene retried the guidance tier for its whole outage window: the replica is fine, the tier is not.
+            return Unavailable(f"the guidance tier was down: {service_error.message}", "guidance")
         if isinstance(service_error, Unavailable) or (
             isinstance(service_error, NotFound) and service_error.field == "scene_id"
         ):

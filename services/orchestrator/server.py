@@ -11,7 +11,9 @@ Authentication and TLS belong at the edge (an ingress or a server interceptor he
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -50,6 +52,16 @@ class OrchestratorConfig(BaseModel):
     # Queued jobs beyond which submits get RESOURCE_EXHAUSTED with a retry hint.
     queue_size: int = Field(default=16, ge=1)
     max_attempts: int = Field(default=3, ge=1)
+    # Owner name of the scenes this orchestrator creates; a restarted orchestrator with the same id deletes the
+    # scenes it left behind. Default: derived from the host name and the database path (a StatefulSet pod's are
+    # stable). Two orchestrators sharing scene replicas must have different ids.
+    instance_id: str = ""
+    # Lease asked for each scene (a scene idle this long is deleted by its replica); 0: the replica's default.
+    scene_lease_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # A replica that answered UNAVAILABLE gets no new job for this long.
+    replica_cooldown_s: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    # Newest checkpoints kept per stage of a job (each stage's final one is always kept).
+    keep_checkpoints: int = Field(default=3, ge=1)
     checkpoint_every: int | None = Field(default=None, gt=0)  # overrides every preset's, when set
     registry_path: Path = Path("deploy/config/registry.yaml")
     presets_path: Path = Path("deploy/config/presets.yaml")
@@ -80,6 +92,13 @@ def code_version() -> str:
     return f"{text}+{commit}" if commit else text
 
 
+def instance_id(config: OrchestratorConfig) -> str:
+    if config.instance_id:
+        return config.instance_id
+    digest = hashlib.sha256(str(config.database_path.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
+
+
 def start(
     config: OrchestratorConfig, priors: PriorChecker | None = None, store: ArtifactStore | None = None
 ) -> RunningServer:
@@ -94,11 +113,12 @@ def start(
         priors = guidance
     config.database_path.parent.mkdir(parents=True, exist_ok=True)
     jobs = JobStore(config.database_path)
-    replicas = SceneReplicas(config.scene_replicas, config.jobs_per_replica)
-    runner = JobRunner(
-        jobs, store or open_store(config.store_uri), replicas, presets, priors,
-        RunnerSettings(queue_size=config.queue_size, max_attempts=config.max_attempts, code_version=code_version()),
+    replicas = SceneReplicas(config.scene_replicas, config.jobs_per_replica, cooldown_s=config.replica_cooldown_s)
+    settings = RunnerSettings(
+        queue_size=config.queue_size, max_attempts=config.max_attempts, code_version=code_version(),
+        instance_id=instance_id(config), scene_lease_s=config.scene_lease_s, keep_checkpoints=config.keep_checkpoints,
     )
+    runner = JobRunner(jobs, store or open_store(config.store_uri), replicas, presets, priors, settings)
     runner.start()
     metrics = start_metrics(runner, config.host, config.metrics_port) if config.metrics_port is not None else None
 
