@@ -101,6 +101,7 @@ class _Running:
     cancel: threading.Event
     call: object | None = None  # the RunSteps stream in flight, cancelled on cancel/stop
     deadline: float | None = None  # the job's deadline (time.time()), if it has one
+    reached_replica: bool = False  # a scene call of this start succeeded (the start counts against max_attempts)
 
 
 def job_prompt(spec: orchestrator_pb2.JobSpec) -> tuple[str, str]:
@@ -370,7 +371,7 @@ class JobRunner:
                 log.info("job_paused_for_shutdown")  # stays RUNNING; recover() requeues it on the next start
             except _ReplicaLost as lost:
                 self.replicas.mark_down(entry.replica)
-                self._requeue_or_fail(job_id, str(lost))
+                self._requeue_or_fail(job_id, str(lost), counted=entry.reached_replica)
             except ServiceError as error:
                 self._fail(job_id, f"{error.code.name}: {error.message}")
             except Exception as error:  # noqa: BLE001 - a job never takes the orchestrator down
@@ -394,12 +395,15 @@ class JobRunner:
         except Exception:  # noqa: BLE001 - last resort; recover() still requeues it on the next start
             pass
 
-    def _requeue_or_fail(self, job_id: str, reason: str) -> None:
+    def _requeue_or_fail(self, job_id: str, reason: str, counted: bool = True) -> None:
+        """Back to the queue, unless the job has used up its starts. A start that never reached its replica (down
+        or restarting) does not count: waiting for a replica costs a job nothing but time."""
         record = self.jobs.get(job_id)
-        if record.attempts >= self.settings.max_attempts:
+        if counted and record.attempts >= self.settings.max_attempts:
             self._fail(job_id, f"gave up after {record.attempts} attempts: {reason}")
             return
-        self.jobs.transition(job_id, JobState.QUEUED, error=f"resuming after: {reason}")
+        attempts = record.attempts if counted else max(0, record.attempts - 1)
+        self.jobs.transition(job_id, JobState.QUEUED, error=f"resuming after: {reason}", attempts=attempts)
         log.warning("job_requeued", reason=reason, attempts=record.attempts)
 
     def _fail(self, job_id: str, reason: str) -> None:
@@ -661,7 +665,9 @@ class JobRunner:
 
     def _scene_call(self, entry: _Running, method, request, job_id: str):
         try:
-            return method(request, timeout=self._call_timeout(entry), metadata=_metadata(job_id))
+            reply = method(request, timeout=self._call_timeout(entry), metadata=_metadata(job_id))
+            entry.reached_replica = True
+            return reply
         except grpc.RpcError as error:
             self._check_deadline(entry)
             raise self._translate(error) from None
