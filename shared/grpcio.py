@@ -66,6 +66,8 @@ class RunningServer:
     servicer: Any
     health: health.HealthServicer
     on_stop: Callable[[], None] | None = None
+    # Runs after the health turns NOT_SERVING and before the server stops taking calls: in-flight work winds down.
+    before_stop: Callable[[], None] | None = None
 
     @property
     def address(self) -> str:
@@ -73,6 +75,8 @@ class RunningServer:
 
     def stop(self, grace: float | None = 1.0) -> None:
         self.health.enter_graceful_shutdown()
+        if self.before_stop is not None:
+            self.before_stop()
         self.server.stop(grace).wait()
         if self.on_stop is not None:
             self.on_stop()
@@ -88,6 +92,7 @@ def start_server(
     maximum_concurrent_rpcs: int | None = None,
     enable_reflection: bool = False,
     on_stop: Callable[[], None] | None = None,
+    before_stop: Callable[[], None] | None = None,
 ) -> RunningServer:
     """Starts `servicer` with grpc.health.v1 (SERVING for "" and `service_name`), optional reflection, and our
     message limits; `address` may use port 0 for any free port."""
@@ -107,7 +112,7 @@ def start_server(
     server.start()
     for name in ("", service_name):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, servicer, health_servicer, on_stop)
+    return RunningServer(server, port, servicer, health_servicer, on_stop, before_stop)
 
 
 def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 import torch
@@ -351,20 +353,41 @@ def test_bad_coarse_checkpoints_and_empty_surfaces_are_named(scene):
     stub.DeleteScene(scene_pb2.DeleteSceneRequest(scene_id=created.scene_id), timeout=10)
 
 
-def test_shutdown_checkpoints_every_scene(guidance_server, tmp_path):
+def test_shutdown_ends_running_steps_with_a_checkpoint_to_resume_from(guidance_server, tmp_path):
+    import hashlib
+    import threading
+
     config = SceneServiceConfig(port=0, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS)
     client = GuidanceClient(registry_for(guidance_server.address))
     running = scene_server.start(config, guidance=client)
+    channel = insecure_channel(running.address)
+    updates, errors = [], []
     try:
-        channel = insecure_channel(running.address)
         stub = scene_pb2_grpc.SceneServiceStub(channel)
         created = stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="job-drain", config=scene_pb2.StageConfig(prompt="a red torus")), timeout=30)
-        list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=1), timeout=30))
-        channel.close()
+        call = stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=10_000), timeout=120)
+
+        def consume():
+            try:
+                updates.extend(call)
+            except grpc.RpcError as error:
+                errors.append(error)
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        while not updates:
+            time.sleep(0.01)
+        running.stop(grace=None)  # what SIGTERM does
+        reader.join(timeout=60)
     finally:
+        channel.close()
         running.stop(grace=None)
         client.close()
-    assert (tmp_path / "jobs/job-drain/coarse/step-0000001.ckpt").is_file()
+    assert errors and errors[0].code() == grpc.StatusCode.UNAVAILABLE, errors
+    last = updates[-1]
+    assert last.checkpoint_uri and 0 < last.step < 10_000 and last.step == updates[-2].step
+    data = (tmp_path / f"jobs/job-drain/coarse/step-{last.step:07d}.ckpt").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == last.checkpoint_sha256
 
 
 def test_metrics_report_scenes_and_budget(guidance_server, tmp_path):

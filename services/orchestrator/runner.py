@@ -553,6 +553,11 @@ class JobRunner:
         try:
             for update in call:
                 step = update.step
+                if update.checkpoint_uri:  # the replica is shutting down: its last word is this checkpoint
+                    self._record_checkpoint(
+                        job_id, CheckpointRef(stage.name, step, update.checkpoint_uri, update.checkpoint_sha256)
+                    )
+                    continue
                 self.step_seconds = (self.step_seconds + [sum(update.phase_seconds.values())])[-256:]
                 done = max(1, step - start_step)
                 eta = (time.monotonic() - started) / done * (stage.steps - step)

@@ -37,7 +37,7 @@ from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
 from shared.devices import resolve_device
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from shared.grpcio import RunningServer, abort_with, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient
 from shared.meshes import load_mesh_bytes
@@ -71,8 +71,10 @@ class SceneServiceConfig(BaseModel):
     max_grid_cells: int = Field(default=256, ge=4)
     max_message_bytes: int = 64 * 2**20
     max_workers: int = Field(default=16, ge=2)
-    # On shutdown (SIGTERM), save every scene's checkpoint to the store; the orchestrator resumes from the newest.
+    # On shutdown (SIGTERM), a scene running steps stops after its current step, is checkpointed, and its stream ends
+    # with that checkpoint (URI and digest) for the orchestrator to record and resume from; at most this long.
     checkpoint_on_shutdown: bool = True
+    drain_timeout_s: float = Field(default=60.0, ge=0)
     # Prometheus /metrics (scenes held, their budget, this process's GPU memory); None: not served, 0: any free port.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     # A scene not used for this long is deleted (its owner, an orchestrator, crashed or lost it); a CreateScene may
@@ -184,6 +186,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         self.device = resolve_device(config.device)
         self.defaults = CoarseConfig.model_validate(config.coarse_defaults)
         self.fine_defaults = FineConfig.model_validate(config.fine_defaults)
+        self.draining = threading.Event()  # shutting down: running steps end with a checkpoint
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 
@@ -219,6 +222,9 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                     if not context.is_active():
                         log.info("run_cancelled", step=entry.stage.step_count)
                         return
+                    if self.draining.is_set():
+                        yield self._drained(entry)
+                        raise Unavailable("this scene replica is shutting down; resume from the checkpoint sent")
                     report = entry.stage.step()
                     entry.renew()
                     if (index + 1) % every == 0 or index + 1 == request.num_steps:
@@ -258,13 +264,33 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
     def SaveCheckpoint(self, request, context):
         entry = self._entry(request.scene_id, context)
         with entry.lock:
-            step = entry.stage.step_count
-            data = checkpoints.dumps(entry.stage.to_checkpoint())
+            uri, step, digest = self._save(entry)
+        return scene_pb2.SaveCheckpointResponse(checkpoint_uri=uri, step=step, sha256=digest)
+
+    def _save(self, entry: SceneEntry) -> tuple[str, int, str]:
+        """The scene's checkpoint in the store (the caller holds the scene's lock): URI, step, SHA-256."""
+        step = entry.stage.step_count
+        data = checkpoints.dumps(entry.stage.to_checkpoint())
         key = f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt"
         uri = self.store.put(key, data)
         digest = hashlib.sha256(data).hexdigest()
         log.info("checkpoint_saved", job_id=entry.job_id, step=step, key=key, bytes=len(data), sha256=digest)
-        return scene_pb2.SaveCheckpointResponse(checkpoint_uri=uri, step=step, sha256=digest)
+        return uri, step, digest
+
+    def _drained(self, entry: SceneEntry) -> scene_pb2.RunStepsResponse:
+        uri, step, digest = self._save(entry)
+        log.info("scene_drained", job_id=entry.job_id, scene_id=entry.scene_id, step=step)
+        return scene_pb2.RunStepsResponse(step=step, checkpoint_uri=uri, checkpoint_sha256=digest)
+
+    def drain(self, timeout_s: float) -> int:
+        """Shutdown: scenes running steps stop after their current step and send their checkpoint (see RunSteps);
+        waits until none runs, at most `timeout_s`. Returns how many were still busy then."""
+        self.draining.set()
+        deadline = time.monotonic() + timeout_s
+        while (busy := sum(e.busy for e in self.scenes.entries())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("scenes_drained", still_busy=busy)
+        return busy
 
     def ListScenes(self, request, context):
         now = time.monotonic()
@@ -277,22 +303,6 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             if not request.owner or e.owner == request.owner
         ]
         return scene_pb2.ListScenesResponse(scenes=summaries)
-
-    def checkpoint_all(self) -> list[str]:
-        """Saves every scene that is not busy (shutdown: SIGTERM from Kubernetes); the orchestrator resumes from
-        the newest checkpoint of a job's stage. Returns the URIs written."""
-        uris = []
-        for entry in self.scenes.entries():
-            if not entry.lock.acquire(timeout=30):
-                continue
-            try:
-                step = entry.stage.step_count
-                data = checkpoints.dumps(entry.stage.to_checkpoint())
-            finally:
-                entry.lock.release()
-            uris.append(self.store.put(f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt", data))
-        log.info("scenes_checkpointed_on_shutdown", count=len(uris))
-        return uris
 
     def ExportMesh(self, request, context):
         entry = self._entry(request.scene_id, context)
@@ -494,10 +504,12 @@ def start(
     )
     sweeper.start()
 
+    def before_stop() -> None:
+        if config.checkpoint_on_shutdown:
+            servicer.drain(config.drain_timeout_s)
+
     def on_stop() -> None:
         sweeping.set()
-        if config.checkpoint_on_shutdown:
-            servicer.checkpoint_all()
         if metrics is not None:
             metrics.shutdown()
 
@@ -509,6 +521,7 @@ def start(
         max_workers=config.max_workers,
         max_message_bytes=config.max_message_bytes,
         on_stop=on_stop,
+        before_stop=before_stop,
     )
     running.metrics_port = metrics.port if metrics is not None else None
     return running
