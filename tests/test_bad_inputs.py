@@ -414,3 +414,44 @@ def test_every_server_still_serves_after_the_table(stubs):
     stubs.orchestrator.CancelJob(orchestrator_pb2.CancelJobRequest(name=submitted.name), timeout=10)
     listed = stubs.orchestrator.ListJobs(orchestrator_pb2.ListJobsRequest(page_size=5000), timeout=10).jobs
     assert [j.name for j in listed] == [submitted.name]  # only the good job was ever stored
+
+
+class _BrokenEngine:
+    """Raises what a bug raises: text with a path and a pid, which must stay in the server's log."""
+
+    def list_priors(self):
+        raise RuntimeError(f"boom in {REPO}/services/x.py (pid 4242)")
+
+    def check_prompt(self, *args):
+        raise KeyError(f"{REPO}/secret")
+
+
+def test_a_bug_is_internal_with_a_generic_message_and_the_server_keeps_serving():
+    from services.guidance.servicer import GuidanceServicer
+    from shared.grpcio import INTERNAL_ERROR_MESSAGE, start_server
+
+    running = start_server(GuidanceServicer(_BrokenEngine()), guidance_pb2_grpc.add_GuidanceServiceServicer_to_server,
+                           "magic3d.v1.GuidanceService", "127.0.0.1:0", max_workers=2)
+    channel = insecure_channel(running.address)
+    try:
+        stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
+        for call in (lambda: stub.ListPriors(guidance_pb2.ListPriorsRequest(), timeout=10),
+                     lambda: stub.CheckPrompt(check(), timeout=10)):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.INTERNAL
+            assert caught.value.details() == INTERNAL_ERROR_MESSAGE
+        with pytest.raises(grpc.RpcError) as caught:  # a servicer's own status still passes through
+            stub.ComputeSds(guidance_pb2.ComputeSdsRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prior" in field_violations(caught.value)
+    finally:
+        channel.close()
+        running.stop(grace=None)
+
+
+def test_service_errors_are_bounded_in_size():
+    from shared.errors import NotFound
+
+    status = NotFound(f"no job {'x' * 10_000!r} (and {'y' * 10_000})", "name").to_rpc_status()
+    assert len(status.message) <= MAX_MESSAGE_CHARS and status.message.endswith("\u2026")
+    assert len(status.SerializeToString()) < 3 * MAX_MESSAGE_CHARS
