@@ -455,3 +455,18 @@ def test_service_errors_are_bounded_in_size():
     status = NotFound(f"no job {'x' * 10_000!r} (and {'y' * 10_000})", "name").to_rpc_status()
     assert len(status.message) <= MAX_MESSAGE_CHARS and status.message.endswith("\u2026")
     assert len(status.SerializeToString()) < 3 * MAX_MESSAGE_CHARS
+
+
+def test_limits_fall_back_to_the_declared_defaults_when_no_replica_answers():
+    import time
+
+    from services.orchestrator.scenes import SceneReplicas
+    from shared.grpcio import free_port
+    from shared.stage_limits import SceneLimits
+
+    replicas = SceneReplicas([f"127.0.0.1:{free_port()}"], limits_timeout_s=0.5, max_mesh_faces=123)
+    started = time.monotonic()
+    assert replicas.limits() == SceneLimits(max_mesh_faces=123)
+    assert replicas.limits() == SceneLimits(max_mesh_faces=123)  # cooling down: not asked again
+    assert time.monotonic() - started < 2.0
+    replicas.close()
