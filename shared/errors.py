@@ -13,6 +13,22 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+# Bounds on what one error carries to a client: gRPC trailers are small (8 KiB by default in most stacks), and an
+# echoed request value (a 10 KB job id) must not overflow them.
+MAX_MESSAGE_CHARS = 1024
+MAX_ECHO_CHARS = 80
+
+
+def shorten(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text` cut to `limit` characters with an ellipsis (for values echoed into messages: ids, names, prompts)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "\u2026"
+
+
+def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """repr() of a client-given value, shortened: `no job 'abc...'`."""
+    return repr(value) if len(str(value)) <= limit else repr(shorten(str(value), limit))
+
 
 @dataclass
 class ServiceError(Exception):
@@ -31,7 +47,9 @@ class ServiceError(Exception):
         if self.field is not None:
             bad = error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.message)
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=shorten(self.field, 256), description=shorten(self.message, MAX_MESSAGE_CHARS)
+                    )
                 ]
             )
             details.append(_pack(bad))
@@ -39,7 +57,9 @@ class ServiceError(Exception):
             delay = duration_pb2.Duration()
             delay.FromNanoseconds(int(self.retry_after_s * 1e9))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        return status_pb2.Status(code=getattr(code_pb2, self.code.name), message=str(self), details=details)
+        return status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=shorten(str(self), MAX_MESSAGE_CHARS), details=details
+        )
 
 
 def _pack(message) -> any_pb2.Any:

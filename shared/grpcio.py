@@ -15,13 +15,64 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from shared.errors import ServiceError
+from shared.logging import get_logger
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# What a client learns of a bug: the code and this line, never the exception's text (paths, pids, tracebacks).
+INTERNAL_ERROR_MESSAGE = "internal error; the service logged it"
+
+log = get_logger(__name__)
 
 
 def abort_with(context: grpc.ServicerContext, error: ServiceError) -> None:
     """Ends the RPC with the error's code, message and google.rpc.Status details (field violations, retry info)."""
     context.abort_with_status(rpc_status.to_status(error.to_rpc_status()))
+
+
+class LastResortInterceptor(grpc.ServerInterceptor):
+    """Turns an exception that escaped a handler (a bug, not a ServiceError) into INTERNAL with a generic message,
+    and logs its traceback here. Without it grpcio answers UNKNOWN with the exception's text. Aborts (the
+    servicers' own statuses) pass through untouched."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=_guard_unary(handler.unary_unary, method))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=_guard_unary(handler.stream_unary, method))
+        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
+
+
+def _internal(context: grpc.ServicerContext, method: str) -> None:
+    if context.code() is not None:  # the handler chose its status (abort_with) before raising: keep it
+        raise
+    log.exception("rpc_failed", method=method)
+    context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
+
+
+def _guard_unary(behaviour: Callable, method: str) -> Callable:
+    def guarded(request, context):
+        try:
+            return behaviour(request, context)
+        except Exception:  # noqa: BLE001 - the last resort: every error leaves as a proper status
+            _internal(context, method)
+
+    return guarded
+
+
+def _guard_stream(behaviour: Callable, method: str) -> Callable:
+    def guarded(request, context):
+        try:
+            yield from behaviour(request, context)
+        except Exception:  # noqa: BLE001 - as above, for streams
+            _internal(context, method)
+
+    return guarded
 
 
 def message_size_options(max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -100,6 +151,7 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service_name.rsplit(".", 1)[-1]),
         options=message_size_options(max_message_bytes),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+        interceptors=[LastResortInterceptor()],
     )
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()

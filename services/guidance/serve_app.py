@@ -53,7 +53,7 @@ from services.guidance.engine import EngineStats, check_prompt
 from services.guidance.pool import BUILDERS, PriorBuilder, PriorPool
 from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest, SdsResult
 from shared.errors import InvalidArgument, NotFound, ServiceError
-from shared.grpcio import DEFAULT_MAX_MESSAGE_BYTES, free_port
+from shared.grpcio import DEFAULT_MAX_MESSAGE_BYTES, INTERNAL_ERROR_MESSAGE, free_port
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -266,8 +266,11 @@ class GuidanceDeployment:
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 
-    async def ListPriors(self, request: guidance_pb2.ListPriorsRequest) -> guidance_pb2.ListPriorsResponse:
-        infos = await asyncio.to_thread(lambda: [self.pool.get(spec.name).info for spec in self.config.priors])
+    async def ListPriors(self, request: guidance_pb2.ListPriorsRequest, grpc_context=None):
+        try:
+            infos = await asyncio.to_thread(lambda: [self.pool.get(spec.name).info for spec in self.config.priors])
+        except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
+            return _failed(grpc_context, error, guidance_pb2.ListPriorsResponse(), "list_priors_failed")
         return guidance_pb2.ListPriorsResponse(priors=[messages.prior_info_to_proto(info) for info in infos])
 
     async def ComputeSds(self, request: guidance_pb2.ComputeSdsRequest, grpc_context=None):
@@ -290,6 +293,8 @@ class GuidanceDeployment:
                 raise
             set_error(grpc_context, error)
             return guidance_pb2.ComputeSdsResponse()
+        except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
+            return _failed(grpc_context, error, guidance_pb2.ComputeSdsResponse(), "sds_failed", job_id=request.job_id)
         result.server_time_s = time.perf_counter() - start
         return messages.sds_response_to_proto(result, name, checkpoint)
 
@@ -308,6 +313,8 @@ class GuidanceDeployment:
                 raise
             set_error(grpc_context, error)
             return guidance_pb2.CheckPromptResponse()
+        except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
+            return _failed(grpc_context, error, guidance_pb2.CheckPromptResponse(), "check_prompt_failed")
         return messages.prompt_check_to_proto(check)
 
     def _check_known(self, name: str, checkpoint: str) -> None:
@@ -350,13 +357,24 @@ class GuidanceDeployment:
                 return [r for request in requests for r in self._run_group(name, checkpoint, [request])]
             if not isinstance(error, ServiceError):
                 log.exception("sds_failed", job_id=requests[0].job_id, prior=name)
-                error = ServiceError(f"SDS failed: {type(error).__name__}: {error}")
+                error = ServiceError(INTERNAL_ERROR_MESSAGE)  # the traceback is in the log, not for the client
             return [error]
         with self._stats_lock:
             self._stats.denoiser_calls += 1
             self._stats.requests += len(requests)
             self._stats.images += _images(requests)
         return results
+
+
+def _failed(grpc_context, error: Exception, empty, event: str, **fields):
+    """A bug (not a ServiceError): logged with its traceback here, INTERNAL with a generic message to the client
+    (through a DeploymentHandle: raised as that ServiceError)."""
+    log.error(event, exc_info=error, **fields)
+    internal = ServiceError(INTERNAL_ERROR_MESSAGE)
+    if grpc_context is None:
+        raise internal from None
+    set_error(grpc_context, internal)
+    return empty
 
 
 def set_error(grpc_context, error: ServiceError) -> None:

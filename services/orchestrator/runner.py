@@ -35,6 +35,7 @@ from google.protobuf import json_format
 from magic3d.v1 import common_pb2, orchestrator_pb2, scene_pb2
 
 from services.orchestrator import presets as presets_module
+from services.orchestrator import validation
 from services.orchestrator.events import EventHub
 from services.orchestrator.jobs import (
     TERMINAL,
@@ -275,6 +276,7 @@ class JobRunner:
         prompt, negative = job_prompt(spec)
         if not prompt.strip():
             raise InvalidArgument("the prompt must not be empty or blank", f"spec.{kind}.prompt")
+        validation.validate_spec(self, spec)  # deadline well-formed, stage numbers, scene limits, mesh
         if spec.HasField("deadline") and spec.deadline.ToDatetime().timestamp() <= time.time():
             raise InvalidArgument("the deadline has already passed", "spec.deadline")
         if kind == "edit":
@@ -713,20 +715,7 @@ def _png(pixels) -> bytes:
 
 
 def _read_mesh(mesh: orchestrator_pb2.MeshInput):
-    from shared.meshes import load_mesh_bytes
-
-    if not mesh.mesh:
-        raise InvalidArgument("the mesh is empty", "spec.mesh.mesh")
-    fmt = (mesh.format or "glb").lower()
-    if fmt not in ("glb", "obj"):
-        raise InvalidArgument(f"unknown mesh format {mesh.format!r}; known: glb, obj", "spec.mesh.format")
-    try:
-        loaded = load_mesh_bytes(mesh.mesh, fmt)
-    except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable upload
-        raise InvalidArgument(f"unreadable {fmt} mesh: {error}", "spec.mesh.mesh") from None
-    if loaded.faces.shape[0] == 0:
-        raise InvalidArgument("the mesh has no faces", "spec.mesh.mesh")
-    return loaded
+    return validation.read_mesh(mesh)
 
 
 def project_logging_context(job_id: str):

@@ -66,6 +66,9 @@ class OrchestratorConfig(BaseModel):
     registry_path: Path = Path("deploy/config/registry.yaml")
     presets_path: Path = Path("deploy/config/presets.yaml")
     max_workers: int = Field(default=32, ge=4)
+    # Faces of an uploaded mesh (JobSpec.mesh) beyond which a submit is refused (INVALID_ARGUMENT, not decimated);
+    # the scene replicas' own limit (GetLimits) applies too, whichever is smaller.
+    max_mesh_faces: int = Field(default=200_000, ge=4)
 
     @classmethod
     def load(cls, path: str | Path) -> "OrchestratorConfig":
@@ -113,7 +116,10 @@ def start(
         priors = guidance
     config.database_path.parent.mkdir(parents=True, exist_ok=True)
     jobs = JobStore(config.database_path)
-    replicas = SceneReplicas(config.scene_replicas, config.jobs_per_replica, cooldown_s=config.replica_cooldown_s)
+    replicas = SceneReplicas(
+        config.scene_replicas, config.jobs_per_replica, cooldown_s=config.replica_cooldown_s,
+        max_mesh_faces=config.max_mesh_faces,
+    )
     settings = RunnerSettings(
         queue_size=config.queue_size, max_attempts=config.max_attempts, code_version=code_version(),
         instance_id=instance_id(config), scene_lease_s=config.scene_lease_s, keep_checkpoints=config.keep_checkpoints,

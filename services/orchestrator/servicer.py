@@ -15,7 +15,7 @@ from services.orchestrator import presets as presets_module
 from services.orchestrator.jobs import JobRecord, JobState
 from services.orchestrator.runner import JobRunner
 from shared import logging as project_logging
-from shared.errors import InvalidArgument, NotFound, ServiceError
+from shared.errors import InvalidArgument, NotFound, ServiceError, echo
 from shared.grpcio import abort_with
 
 log = project_logging.get_logger(__name__)
@@ -63,7 +63,7 @@ def snapshot_event(record: JobRecord, queue_position: int = 0) -> orchestrator_p
 def job_id_from_name(name: str, field: str = "name") -> str:
     prefix, _, job_id = name.partition("/")
     if prefix != "jobs" or not job_id or "/" in job_id:
-        raise InvalidArgument(f"job names look like 'jobs/<id>', got {name!r}", field)
+        raise InvalidArgument(f"job names look like 'jobs/<id>', got {echo(name)}", field)
     return job_id
 
 
@@ -104,7 +104,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.CancelJobResponse(job=job_to_proto(record))
 
     def ListJobs(self, request, context):
-        try:
+        if request.page_size < 0:
+            abort_with(context, InvalidArgument(f"must be >= 0 (0: 50 jobs), got {request.page_size}", "page_size"))
+        try:  # sizes over the store's maximum (1000) are clamped to it
             records, token = self.runner.jobs.list(request.page_size or 50, request.page_token)
         except ValueError as error:
             abort_with(context, InvalidArgument(str(error), "page_token"))

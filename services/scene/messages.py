@@ -78,16 +78,7 @@ def _common_updates(message: scene_pb2.StageConfig, default_cameras) -> dict:
         if value:
             updates[name] = value
     if message.priors:
-        updates["priors"] = tuple(
-            PriorTerm(
-                prior=term.prior,
-                weight=term.weight or 1.0,
-                checkpoint_id=term.checkpoint_id,
-                guidance_scale=term.guidance_scale if term.HasField("guidance_scale") else None,
-                weighting=_WEIGHTING_FROM_PROTO.get(term.weighting),
-            )
-            for term in message.priors
-        )
+        updates["priors"] = _prior_terms(message)
     for name in ("t_min", "t_max"):
         if message.HasField(name):
             updates[name] = schedule_from_proto(getattr(message, name), f"config.{name}")
@@ -103,6 +94,24 @@ def _common_updates(message: scene_pb2.StageConfig, default_cameras) -> dict:
         }
         updates["cameras"] = _replace(default_cameras, ranges, "config.cameras")
     return updates
+
+
+def _prior_terms(message: scene_pb2.StageConfig) -> tuple[PriorTerm, ...]:
+    terms = []
+    for index, term in enumerate(message.priors):
+        try:
+            terms.append(PriorTerm(
+                prior=term.prior,
+                weight=term.weight or 1.0,
+                checkpoint_id=term.checkpoint_id,
+                guidance_scale=term.guidance_scale if term.HasField("guidance_scale") else None,
+                weighting=_WEIGHTING_FROM_PROTO.get(term.weighting),
+            ))
+        except ValidationError as error:  # its text is pydantic's: name the field, keep the reason short
+            first = error.errors()[0]
+            location = ".".join(str(part) for part in first["loc"])
+            raise InvalidArgument(first["msg"], f"config.priors[{index}].{location}") from None
+    return tuple(terms)
 
 
 def _validated(model, defaults, updates: dict):

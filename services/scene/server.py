@@ -37,11 +37,20 @@ from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
 from shared.devices import resolve_device
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from shared.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    echo,
+)
 from shared.grpcio import RunningServer, abort_with, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient
 from shared.meshes import load_mesh_bytes
 from shared.registry import Registry
+from shared.stage_limits import SceneLimits, check_hash_table, check_mesh_bytes, check_stage_config
 from shared.store import ArtifactNotFound, ArtifactStore, open_store
 
 log = project_logging.get_logger(__name__)
@@ -69,6 +78,12 @@ class SceneServiceConfig(BaseModel):
     fine_defaults: dict = {"prompt": "unset"}
     # Largest tetrahedral grid a fine scene may ask for (cells per side).
     max_grid_cells: int = Field(default=256, ge=4)
+    # Largest sizes a scene may ask for (published by GetLimits with the two above; larger asks: INVALID_ARGUMENT).
+    max_resolution: int = Field(default=1024, ge=16)
+    max_batch_size: int = Field(default=16, ge=1)
+    max_samples_per_ray: int = Field(default=512, ge=1)
+    # Faces of an uploaded mesh (CreateSceneRequest.init_mesh); larger ones are refused, not decimated.
+    max_mesh_faces: int = Field(default=200_000, ge=4)
     max_message_bytes: int = 64 * 2**20
     max_workers: int = Field(default=16, ge=2)
     # On shutdown (SIGTERM), a scene running steps stops after its current step, is checkpointed, and its stream ends
@@ -87,6 +102,17 @@ class SceneServiceConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> "SceneServiceConfig":
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+    def limits(self) -> SceneLimits:
+        return SceneLimits(
+            max_resolution=self.max_resolution,
+            max_batch_size=self.max_batch_size,
+            max_samples_per_ray=self.max_samples_per_ray,
+            max_grid_cells=self.max_grid_cells,
+            max_hash_table_bytes=self.scene_memory_budget_bytes,
+            max_mesh_faces=self.max_mesh_faces,
+            max_message_bytes=self.max_message_bytes,
+        )
 
 
 @dataclass
@@ -148,7 +174,7 @@ class SceneTable:
         """The scene, its lease renewed: any call on a scene shows that its owner is still there."""
         with self._lock:
             if scene_id not in self._entries:
-                raise NotFound(f"no scene {scene_id!r} on this replica", "scene_id")
+                raise NotFound(f"no scene {echo(scene_id)} on this replica", "scene_id")
             entry = self._entries[scene_id]
             entry.renew()
             return entry
@@ -167,7 +193,7 @@ class SceneTable:
     def remove(self, scene_id: str) -> None:
         with self._lock:
             if self._entries.pop(scene_id, None) is None:
-                raise NotFound(f"no scene {scene_id!r} on this replica", "scene_id")
+                raise NotFound(f"no scene {echo(scene_id)} on this replica", "scene_id")
 
     def entries(self) -> list[SceneEntry]:
         with self._lock:
@@ -187,6 +213,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         self.defaults = CoarseConfig.model_validate(config.coarse_defaults)
         self.fine_defaults = FineConfig.model_validate(config.fine_defaults)
         self.draining = threading.Event()  # shutting down: running steps end with a checkpoint
+        self.limits = config.limits()
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 
@@ -335,6 +362,9 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 face_count=exported.faces, watertight=exported.report.watertight,
             )
 
+    def GetLimits(self, request, context):
+        return self.limits.to_proto()
+
     def DeleteScene(self, request, context):
         try:
             self.scenes.remove(request.scene_id)
@@ -365,22 +395,16 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         config = coarse_config_from_proto(message, self.defaults)
         if not message.prompt:
             raise InvalidArgument("a prompt is required", "config.prompt")
-        table = config.hash_table_bytes()
-        if table > self.config.scene_memory_budget_bytes:
-            raise InvalidArgument(
-                f"hash table needs {table / 2**20:.1f} MiB, over this service's budget of "
-                f"{self.config.scene_memory_budget_bytes / 2**20:.1f} MiB per scene",
-                "config.hash_grid",
-            )
+        check_hash_table(config.hash_table_bytes(), self.limits, "config.hash_grid")
         return config
 
     def _fine_config(self, message: scene_pb2.StageConfig) -> FineConfig:
         config = fine_config_from_proto(message, self.fine_defaults)
         if not message.prompt:
             raise InvalidArgument("a prompt is required", "config.prompt")
-        if config.dmtet.grid_cells > self.config.max_grid_cells:
+        if config.dmtet.grid_cells > self.limits.max_grid_cells:  # the default's, when the request sets none
             raise InvalidArgument(
-                f"{config.dmtet.grid_cells} cells per side is over this service's limit of {self.config.max_grid_cells}",
+                f"{config.dmtet.grid_cells} cells per side is over this service's limit of {self.limits.max_grid_cells}",
                 "config.dmtet.grid_cells",
             )
         return config
@@ -388,6 +412,8 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
     def _new_stage(self, request: scene_pb2.CreateSceneRequest) -> CoarseStage | FineStage:
         """A new coarse scene, a resumed one (coarse or fine), or a fine scene converted from a coarse checkpoint."""
         wanted = request.config.stage
+        defaults = self.fine_defaults if wanted == scene_pb2.STAGE_FINE else self.defaults
+        check_stage_config(request.config, self.limits, "config", (defaults.t_min, defaults.t_max))
         if request.init_mesh:
             return self._fine_from_mesh(request)
         if not request.init_checkpoint_uri:
@@ -427,10 +453,11 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         if request.config.stage != scene_pb2.STAGE_FINE or request.init_checkpoint_uri:
             raise InvalidArgument("a mesh starts a fine-stage scene (config.stage = STAGE_FINE), alone", "init_mesh")
         config = self._fine_config(request.config)
+        check_mesh_bytes(request.init_mesh, request.init_mesh_format, self.limits.max_mesh_faces, "init_mesh", "init_mesh_format")
         try:
             mesh = load_mesh_bytes(request.init_mesh, request.init_mesh_format or "glb")
-        except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable upload
-            raise InvalidArgument(f"unreadable mesh: {error}", "init_mesh") from None
+        except Exception:  # noqa: BLE001 - any parse failure means an unreadable upload (its text names temp paths)
+            raise InvalidArgument("unreadable mesh", "init_mesh") from None
         stage, report = FineStage.from_mesh(mesh.vertices, mesh.faces, config, self.guidance, request.job_id, self.device)
         log.info("fine_stage_from_mesh", faces=report.faces, uploaded_faces=int(mesh.faces.shape[0]))
         return stage
