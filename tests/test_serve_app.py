@@ -276,7 +276,7 @@ def standalone_server():
 def client(local, standalone_server):
     registry = Registry.model_validate(
         {
-            "client": {"timeout_s": 30, "max_attempts": 8, "initial_backoff_s": 0.2, "max_backoff_s": 1.0},
+            "client": {"timeout_s": 30, "outage_window_s": 30, "initial_backoff_s": 0.2, "max_backoff_s": 1.0},
             "priors": {
                 "via-serve": {"kind": "serve", "address": local.grpc_address, "application": APP, "prior": "analytic"},
                 "via-standalone": {"kind": "standalone", "address": standalone_server.address, "prior": "analytic"},

@@ -37,7 +37,7 @@ from shared import tensors
 from shared.devices import resolve_device
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from shared.grpcio import RunningServer, abort_with, serve_until_signalled, start_server
-from shared.guidance_client import GuidanceClient
+from shared.guidance_client import GuidanceClient, stop_retrying_when
 from shared.meshes import load_mesh_bytes
 from shared.registry import Registry
 from shared.store import ArtifactNotFound, ArtifactStore, open_store
@@ -184,7 +184,10 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                     if not context.is_active():
                         log.info("run_cancelled", step=entry.stage.step_count)
                         return
-                    report = entry.stage.step()
+                    # A guidance outage is retried for the client's outage window; a caller that goes away meanwhile
+                    # must not keep the scene busy that long.
+                    with stop_retrying_when(lambda: not context.is_active()):
+                        report = entry.stage.step()
                     if (index + 1) % every == 0 or index + 1 == request.num_steps:
                         log.info("progress", step=report.step, **{f"loss_{k}": round(v, 5) for k, v in report.losses.items()})
                         yield scene_pb2.RunStepsResponse(
@@ -197,7 +200,10 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 entry.failure = error.message
                 log.warning("scene_failed", reason=error.message)
                 abort_with(context, error)
-            except ServiceError as error:  # guidance unreachable after its retries, bad prior, ...: steps done stay
+            except ServiceError as error:  # guidance down for its outage window, bad prior, ...: steps done stay
+                if not context.is_active():
+                    log.info("run_cancelled", step=entry.stage.step_count, reason=error.message)
+                    return
                 log.warning("run_interrupted", code=error.code.name, reason=error.message, step=entry.stage.step_count)
                 abort_with(context, error)
             finally:
