@@ -54,7 +54,6 @@ from shared.registry import Endpoint, Registry
 
 log = get_logger(__name__)
 
-SERVICE = guidance_pb2.DESCRIPTOR.services_by_name["GuidanceService"].full_name
 # Down, restarting or overloaded: the same call may well succeed a little later. A single attempt past its deadline
 # counts too: a replica that hangs (a wedged GPU, a dead node not yet noticed) looks like this, and Serve routes the
 # next attempt to another replica.
@@ -246,7 +245,7 @@ class GuidanceClient:
             if self._closed:
                 raise Unavailable("guidance client is closed")
             if address not in self._stubs:
-                # No channel-level retry policy (`service=`): the attempts are ours (`_call`), and gRPC's own
+                # No channel-level retry policy: the attempts are ours (`_call`), and gRPC's own
                 # backed-off retries inside an attempt would only stretch it past the outage window.
                 channel = insecure_channel(
                     address, max_bytes=self.settings.max_message_bytes,
