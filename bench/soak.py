@@ -155,7 +155,8 @@ class SoakStack:
         write = lambda name, data: _write_yaml(root / f"{name}.yaml", data)  # noqa: E731
         write("guidance", {"priors": [{"name": "analytic", "kind": "analytic", "resolution": 16}],
                            "batching": {"wait_s": 0}})
-        write("registry", {"client": {"timeout_s": 30, "max_attempts": 4, "initial_backoff_s": 0.1, "max_backoff_s": 1.0},
+        write("registry", {"client": {"timeout_s": 30, "initial_backoff_s": 0.1, "max_backoff_s": 1.0,
+                                      "outage_window_s": outage_window_s},
                            "priors": {"analytic": {"kind": "standalone", "address": f"127.0.0.1:{ports['guidance']}"}}})
         write("presets", TINY_PRESETS)
         write("scene", {"capacity": 4, "device": "cpu", "store_uri": store, "registry_path": str(root / "registry.yaml"),

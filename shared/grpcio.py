@@ -100,11 +100,23 @@ def retry_service_config(service: str, max_attempts: int = 4, initial_backoff_s:
 
 
 def insecure_channel(
-    address: str, service: str | None = None, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    address: str,
+    service: str | None = None,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_reconnect_backoff_s: float | None = None,
 ) -> grpc.Channel:
+    """`max_reconnect_backoff_s` caps gRPC's own reconnect backoff (default 120 s): after a long outage the channel
+    would otherwise notice a restarted server only at its next, far-off reconnect attempt."""
     options: list[tuple[str, object]] = list(message_size_options(max_bytes))
     if service is not None:
         options += [("grpc.enable_retries", 1), ("grpc.service_config", retry_service_config(service))]
+    if max_reconnect_backoff_s is not None:
+        backoff_ms = max(1, int(max_reconnect_backoff_s * 1000))
+        options += [
+            ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(1000, backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ]
     return grpc.insecure_channel(address, options=options)
 
 

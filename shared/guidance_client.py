@@ -5,18 +5,24 @@
     client.close()
 
 The same calls work against a standalone grpcio server and a Ray Serve application (the registry says which):
-one channel per address, a deadline per call, bounded retries with exponential backoff (honouring the server's
-google.rpc.RetryInfo) on UNAVAILABLE and RESOURCE_EXHAUSTED, and failures raised as `shared.errors` exceptions
-carrying the field the server named.
+one channel per address, a deadline per attempt, and failures raised as `shared.errors` exceptions carrying the
+field the server named. Failures that mean the tier is down or restarting (`is_outage`) are retried with jittered
+exponential backoff (honouring the server's google.rpc.RetryInfo) for the registry's `client.outage_window_s`;
+then the call raises Unavailable with field "guidance". A caller that may go away meanwhile (a scene's RunSteps)
+wraps the call in `stop_retrying_when(check)` and gets Cancelled instead of waiting out the window.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import itertools
 import random
+import re
 import threading
 import time
-from typing import ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import grpc
 from google.rpc import error_details_pb2
@@ -43,10 +49,49 @@ from shared.errors import (
     Unimplemented,
 )
 from shared.grpcio import insecure_channel
+from shared.logging import get_logger
 from shared.registry import Endpoint, Registry
 
-SERVICE = guidance_pb2.DESCRIPTOR.services_by_name["GuidanceService"].full_name
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+log = get_logger(__name__)
+
+# Down, restarting or overloaded: the same call may well succeed a little later. A single attempt past its deadline
+# counts too: a replica that hangs (a wedged GPU, a dead node not yet noticed) looks like this, and Serve routes the
+# next attempt to another replica.
+OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+# How Ray reports a replica that died (or cannot be reached) mid-call. Serve's gRPC proxy answers those with
+# INTERNAL and str() of the exception (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError),
+# never UNAVAILABLE; any other INTERNAL/UNKNOWN is a bug on the server and is not retried.
+_REPLICA_GONE = re.compile(
+    r"actor died|ActorDiedError|RayActorError|ActorUnavailableError|actor \S* ?is unavailable"
+    r"|actor experienced an error|worker died unexpectedly|WorkerCrashedError",
+    re.IGNORECASE,
+)
+# Polling period of the caller's cancellation check while waiting between attempts.
+_CANCEL_POLL_S = 0.1
+_stop_check: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("guidance_stop", default=None)
+
+
+def is_outage(code: grpc.StatusCode, message: str) -> bool:
+    """Whether a failed attempt means the tier is down or restarting (retry later), not that the call is wrong."""
+    if code in OUTAGE_CODES:
+        return True
+    return code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and bool(_REPLICA_GONE.search(message))
+
+
+@contextlib.contextmanager
+def stop_retrying_when(check: Callable[[], bool]) -> Iterator[None]:
+    """Within the block, guidance calls of this thread stop retrying an outage (raising Cancelled) once `check()`."""
+    token = _stop_check.set(check)
+    try:
+        yield
+    finally:
+        _stop_check.reset(token)
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """One line of at most `limit` characters (Serve's messages carry whole tracebacks)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class DeadlineExceeded(ServiceError):
@@ -120,16 +165,18 @@ class GuidanceClient:
     def endpoint(self, name: str) -> Endpoint:
         return self.registry.resolve(name)
 
-    def list_priors(self, name: str, timeout_s: float | None = None) -> list[PriorInfo]:
+    def list_priors(
+        self, name: str, timeout_s: float | None = None, outage_window_s: float | None = None
+    ) -> list[PriorInfo]:
         """Every prior served where the logical prior `name` is served."""
         endpoint = self.endpoint(name)
-        response = self._call(endpoint, "ListPriors", guidance_pb2.ListPriorsRequest(), timeout_s)
+        response = self._call(endpoint, "ListPriors", guidance_pb2.ListPriorsRequest(), timeout_s, outage_window_s)
         return [messages.prior_info_from_proto(p) for p in response.priors]
 
-    def prior_info(self, name: str, timeout_s: float | None = None) -> PriorInfo:
+    def prior_info(self, name: str, timeout_s: float | None = None, outage_window_s: float | None = None) -> PriorInfo:
         """The description of the prior behind logical name `name`."""
         endpoint = self.endpoint(name)
-        for info in self.list_priors(name, timeout_s):
+        for info in self.list_priors(name, timeout_s, outage_window_s):
             if info.name == endpoint.prior:
                 return info
         raise NotFound(f"{endpoint.address} does not serve prior {endpoint.prior!r}", "prior")
@@ -141,6 +188,7 @@ class GuidanceClient:
         negative_prompt: str = "",
         checkpoint_id: str = "",
         timeout_s: float | None = None,
+        outage_window_s: float | None = None,
     ) -> PromptCheck:
         """Checks a prompt against the prior behind logical name `prior` before any work starts.
 
@@ -156,13 +204,16 @@ class GuidanceClient:
         message = guidance_pb2.CheckPromptRequest(
             prior=endpoint.prior, checkpoint_id=checkpoint, prompt=prompt, negative_prompt=negative_prompt
         )
-        response = self._call(endpoint, "CheckPrompt", message, timeout_s)
+        response = self._call(endpoint, "CheckPrompt", message, timeout_s, outage_window_s)
         return messages.prompt_check_from_proto(response)
 
-    def compute_sds(self, request: SdsRequest, timeout_s: float | None = None) -> SdsResult:
+    def compute_sds(
+        self, request: SdsRequest, timeout_s: float | None = None, outage_window_s: float | None = None
+    ) -> SdsResult:
         """SDS gradients for `request`, whose `prior` is a logical name (resolved through the registry).
 
         A checkpoint id in the request wins over the registry's; the result's gradient has the images' shape.
+        `timeout_s` bounds each attempt, `outage_window_s` how long an outage is retried (None: the registry's).
         """
         endpoint = self.endpoint(request.prior)
         checkpoint = request.checkpoint_id or endpoint.checkpoint_id
@@ -171,7 +222,7 @@ class GuidanceClient:
         message = messages.sds_request_to_proto(request)
         message.prior = endpoint.prior
         message.checkpoint_id = checkpoint
-        response = self._call(endpoint, "ComputeSds", message, timeout_s)
+        response = self._call(endpoint, "ComputeSds", message, timeout_s, outage_window_s)
         return messages.sds_result_from_proto(response)
 
     def close(self) -> None:
@@ -194,31 +245,57 @@ class GuidanceClient:
             if self._closed:
                 raise Unavailable("guidance client is closed")
             if address not in self._stubs:
-                channel = insecure_channel(address, service=SERVICE, max_bytes=self.settings.max_message_bytes)
+                # No channel-level retry policy: the attempts are ours (`_call`), and gRPC's own
+                # backed-off retries inside an attempt would only stretch it past the outage window.
+                channel = insecure_channel(
+                    address, max_bytes=self.settings.max_message_bytes,
+                    max_reconnect_backoff_s=self.settings.max_backoff_s,
+                )
                 self._stubs[address] = (channel, guidance_pb2_grpc.GuidanceServiceStub(channel))
             return self._stubs[address][1]
 
-    def _call(self, endpoint: Endpoint, method: str, message, timeout_s: float | None):
-        """One RPC under one overall deadline; UNAVAILABLE / RESOURCE_EXHAUSTED retried with jittered backoff."""
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.settings.timeout_s)
+    def _call(
+        self, endpoint: Endpoint, method: str, message, timeout_s: float | None, outage_window_s: float | None
+    ):
+        """One RPC, each attempt under its own deadline; outages retried with jittered backoff for the window."""
+        attempt_timeout = timeout_s if timeout_s is not None else self.settings.timeout_s
+        window = outage_window_s if outage_window_s is not None else self.settings.outage_window_s
         backoff = self.settings.initial_backoff_s
         rpc = getattr(self._stub(endpoint.address), method)
-        for attempt in range(1, self.settings.max_attempts + 1):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded(f"{method} on {endpoint.address}: deadline passed before attempt {attempt}")
+        down_since: float | None = None
+        for attempt in itertools.count(1):
             try:
-                # Fail fast when the server is down (no wait_for_ready): our own bounded, backed-off attempts decide
-                # how long to keep trying, so an unreachable tier surfaces as UNAVAILABLE, not as a spent deadline.
-                return rpc(message, timeout=remaining, metadata=endpoint.metadata or None)
+                # Fail fast when the server is down (no wait_for_ready): our own backed-off attempts decide how long
+                # to keep trying, so an unreachable tier surfaces as UNAVAILABLE, not as a spent deadline.
+                return rpc(message, timeout=attempt_timeout, metadata=endpoint.metadata or None)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
-                if rpc_error.code() not in RETRYABLE or attempt == self.settings.max_attempts:
+                code = rpc_error.code() if callable(getattr(rpc_error, "code", None)) else grpc.StatusCode.UNKNOWN
+                details = (rpc_error.details() if callable(getattr(rpc_error, "details", None)) else None) or ""
+                if not is_outage(code, details):
                     raise error from None
-                delay = min(max(backoff, error.retry_after_s or 0.0), self.settings.max_backoff_s)
-                delay *= 0.5 + random.random() / 2
-                if time.monotonic() + delay >= deadline:
-                    raise error from None
-                time.sleep(delay)
-                backoff = min(backoff * 2, self.settings.max_backoff_s)
+            now = time.monotonic()
+            down_since = now if down_since is None else down_since
+            down_for, last = now - down_since, shorten(f"{code.name}: {details}")
+            if down_for >= window:
+                raise Unavailable(f"guidance tier unreachable for {down_for:.0f} s: {last}", "guidance")
+            delay = min(max(backoff, error.retry_after_s or 0.0), self.settings.max_backoff_s)
+            delay = min(delay * (0.5 + random.random() / 2), window - down_for)
+            log.warning("guidance_retry", method=method, address=endpoint.address, attempt=attempt,
+                        elapsed_s=round(down_for, 2), delay_s=round(delay, 2), error=last)
+            self._wait(delay, method)
+            backoff = min(backoff * 2, self.settings.max_backoff_s)
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _wait(delay: float, method: str) -> None:
+        """Sleeps `delay` seconds between attempts; raises Cancelled as soon as the caller's stop check says so."""
+        check = _stop_check.get()
+        end = time.monotonic() + delay
+        while True:
+            if check is not None and check():
+                raise Cancelled(f"{method} stopped retrying the guidance tier: the caller went away", "guidance")
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, _CANCEL_POLL_S) if check is not None else left)

@@ -1,6 +1,6 @@
 """Where each logical prior is served: the client-side registry of the guidance tier (YAML, validated by pydantic).
 
-    client: {timeout_s: 60, max_attempts: 3}
+    client: {timeout_s: 60, outage_window_s: 120}
     priors:
       analytic:                      # a plain grpcio guidance server
         kind: standalone
@@ -66,10 +66,12 @@ Route = Annotated[Union[StandaloneRoute, ServeRoute, AliasRoute], Field(discrimi
 class ClientSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # Deadline of one ComputeSds/ListPriors call, retries included.
+    # Deadline of one attempt of a ComputeSds/ListPriors/CheckPrompt call.
     timeout_s: float = Field(default=60.0, gt=0)
-    # Attempts per call on UNAVAILABLE / RESOURCE_EXHAUSTED (besides gRPC's own transparent retries).
-    max_attempts: int = Field(default=3, ge=1, le=10)
+    # How long the tier may stay down (unreachable, restarting, overloaded, a Serve replica dying mid-call) before a
+    # call gives up with Unavailable (field "guidance"): such failures are retried with backoff until then, counted
+    # from the call's first failure. A restarting replica or a rolling update takes tens of seconds.
+    outage_window_s: float = Field(default=120.0, ge=0)
     initial_backoff_s: float = Field(default=0.2, gt=0)
     max_backoff_s: float = Field(default=5.0, gt=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)

@@ -289,7 +289,7 @@ def test_check_prompt_on_the_analytic_prior(analytic_server):
 def test_guidance_client_check_prompt_through_an_alias(server, analytic_server):
     registry = Registry.model_validate(
         {
-            "client": {"timeout_s": 10, "max_attempts": 2},
+            "client": {"timeout_s": 10, "outage_window_s": 2},
             "priors": {
                 "counting": {"kind": "standalone", "address": server.address},
                 "analytic-local": {"kind": "standalone", "address": analytic_server.address, "prior": "analytic"},

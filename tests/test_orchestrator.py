@@ -484,3 +484,30 @@ def test_a_job_past_its_deadline_stops_within_a_step_not_at_its_next_checkpoint(
     assert failed.state == orchestrator_pb2.JOB_STATE_FAILED and "DEADLINE_EXCEEDED" in failed.error
     assert 0 < failed.step < 400  # stopped mid-chunk (the chunk is the whole stage)
     assert failed.update_time.ToNanoseconds() / 1e9 - deadline < 1.5
+
+
+def test_guidance_down_past_the_outage_window_fails_the_job_saying_so_and_spares_the_replica(tmp_path):
+    config = GuidanceConfig(
+        priors=[PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, resolution=16)], port=0, batching={"wait_s": 0}
+    )
+    guidance_server = standalone.start(config)
+    registry = Registry.model_validate({
+        "client": {"timeout_s": 10, "outage_window_s": 1.0, "initial_backoff_s": 0.05, "max_backoff_s": 0.2},
+        "priors": {"analytic": {"kind": "standalone", "address": guidance_server.address}},
+    })
+    stack = Stack(registry, tmp_path)
+    try:
+        job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=text_spec(preset="slow")), timeout=10).job
+        wait_for(stack.stub, job.name, (orchestrator_pb2.JOB_STATE_RUNNING,))
+        guidance_server.stop(grace=None)
+        failed = wait_for(stack.stub, job.name, FINISHED, timeout_s=60)
+        assert failed.state == orchestrator_pb2.JOB_STATE_FAILED
+        assert "guidance tier was down" in failed.error and "unreachable for 1 s" in failed.error, failed.error
+        runner = stack.orchestrator.servicer.runner
+        assert runner.jobs.get(job.name.removeprefix("jobs/")).attempts == 1
+        replica = runner.replicas.acquire()  # not set aside: it was not the replica's fault
+        assert replica == stack.scenes[0].address
+        runner.replicas.release(replica)
+    finally:
+        stack.close()
+        guidance_server.stop(grace=None)

@@ -17,7 +17,7 @@ from services.scene import server as scene_server
 from services.scene.server import SceneServiceConfig
 from shared import cameras, tensors
 from shared.errors import field_violations
-from shared.grpcio import insecure_channel
+from shared.grpcio import free_port, insecure_channel
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 
@@ -40,10 +40,11 @@ TINY_FINE_DEFAULTS = {
 }
 
 
-def registry_for(address: str, max_attempts: int = 3) -> Registry:
+def registry_for(address: str, outage_window_s: float = 10.0) -> Registry:
     return Registry.model_validate(
         {
-            "client": {"timeout_s": 10, "max_attempts": max_attempts, "initial_backoff_s": 0.05, "max_backoff_s": 0.2},
+            "client": {"timeout_s": 10, "outage_window_s": outage_window_s, "initial_backoff_s": 0.05,
+                       "max_backoff_s": 0.2},
             "priors": {"analytic": {"kind": "standalone", "address": address}},
         }
     )
@@ -167,8 +168,8 @@ def test_bad_requests_and_unknown_scenes(scene):
 
 
 def test_unreachable_guidance_is_unavailable_and_completed_steps_stay(tmp_path):
-    # A port nothing listens on: the client retries with backoff a bounded number of times, then gives up.
-    client = GuidanceClient(registry_for("127.0.0.1:9", max_attempts=2))
+    # A port nothing listens on: the client retries with backoff for its outage window, then gives up.
+    client = GuidanceClient(registry_for("127.0.0.1:9", outage_window_s=1))
     config = SceneServiceConfig(port=0, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS)
     running = scene_server.start(config, guidance=client)
     channel = insecure_channel(running.address)
@@ -178,6 +179,7 @@ def test_unreachable_guidance_is_unavailable_and_completed_steps_stay(tmp_path):
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=2), timeout=60))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "guidance tier unreachable" in field_violations(caught.value)["guidance"]
         saved = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=created.scene_id), timeout=10)
         assert saved.step == 0  # no partial step was applied
     finally:
@@ -187,8 +189,6 @@ def test_unreachable_guidance_is_unavailable_and_completed_steps_stay(tmp_path):
 
 
 def test_scenes_are_listed_by_owner_and_idle_ones_expire_with_their_lease(guidance_server, tmp_path):
-    import time
-
     config = SceneServiceConfig(port=0, capacity=2, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS,
                                 lease_sweep_s=0.2, max_lease_s=60)
     client = GuidanceClient(registry_for(guidance_server.address))
@@ -218,6 +218,69 @@ def test_scenes_are_listed_by_owner_and_idle_ones_expire_with_their_lease(guidan
                      grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds")
         expect_error(lambda: stub.CreateScene(scene_pb2.CreateSceneRequest(job_id="j", config=stage, lease_seconds=-1), timeout=10),
                      grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds")
+    finally:
+        channel.close()
+        running.stop(grace=None)
+        client.close()
+
+
+def _guidance_on(port: int):
+    config = GuidanceConfig(
+        priors=[PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, resolution=16)], port=port, batching={"wait_s": 0}
+    )
+    return standalone.start(config)
+
+
+def test_guidance_down_past_the_window_keeps_the_steps_done_and_names_guidance(tmp_path):
+    port = free_port()
+    guidance = _guidance_on(port)
+    client = GuidanceClient(registry_for(f"127.0.0.1:{port}", outage_window_s=1))
+    running = scene_server.start(
+        SceneServiceConfig(port=0, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS), guidance=client
+    )
+    channel = insecure_channel(running.address)
+    try:
+        stub = scene_pb2_grpc.SceneServiceStub(channel)
+        created = create(stub)
+        run = scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=2)
+        assert list(stub.RunSteps(run, timeout=60))[-1].step == 2
+        guidance.stop(grace=None)
+        start = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.RunSteps(run, timeout=60))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - start < 10
+        assert "guidance tier unreachable for 1 s" in field_violations(caught.value)["guidance"]
+        saved = stub.SaveCheckpoint(scene_pb2.SaveCheckpointRequest(scene_id=created.scene_id), timeout=10)
+        assert saved.step == 2  # the two steps stay, the failed one left nothing behind
+        guidance = _guidance_on(port)  # back: the same scene carries on
+        assert list(stub.RunSteps(run, timeout=60))[-1].step == 4
+    finally:
+        channel.close()
+        running.stop(grace=None)
+        guidance.stop(grace=None)
+        client.close()
+
+
+def test_a_cancelled_run_does_not_wait_out_the_guidance_outage(tmp_path):
+    client = GuidanceClient(registry_for(f"127.0.0.1:{free_port()}", outage_window_s=60))  # nothing listens there
+    running = scene_server.start(
+        SceneServiceConfig(port=0, device="cpu", store_uri=str(tmp_path), coarse_defaults=TINY_DEFAULTS), guidance=client
+    )
+    channel = insecure_channel(running.address)
+    try:
+        stub = scene_pb2_grpc.SceneServiceStub(channel)
+        created = create(stub)
+        call = stub.RunSteps(scene_pb2.RunStepsRequest(scene_id=created.scene_id, num_steps=1), timeout=60)
+        entry = running.servicer.scenes.get(created.scene_id)
+        deadline = time.monotonic() + 10
+        while not entry.lock.locked() and time.monotonic() < deadline:  # the step is retrying guidance
+            time.sleep(0.05)
+        assert entry.lock.locked()
+        call.cancel()
+        cancelled_at = time.monotonic()
+        while entry.lock.locked() and time.monotonic() < cancelled_at + 10:
+            time.sleep(0.05)
+        assert not entry.lock.locked() and time.monotonic() - cancelled_at < 3  # the scene is free again
     finally:
         channel.close()
         running.stop(grace=None)

@@ -276,7 +276,7 @@ def standalone_server():
 def client(local, standalone_server):
     registry = Registry.model_validate(
         {
-            "client": {"timeout_s": 30, "max_attempts": 8, "initial_backoff_s": 0.2, "max_backoff_s": 1.0},
+            "client": {"timeout_s": 30, "outage_window_s": 30, "initial_backoff_s": 0.2, "max_backoff_s": 1.0},
             "priors": {
                 "via-serve": {"kind": "serve", "address": local.grpc_address, "application": APP, "prior": "analytic"},
                 "via-standalone": {"kind": "standalone", "address": standalone_server.address, "prior": "analytic"},
@@ -354,3 +354,51 @@ def test_check_prompt_through_the_proxy_and_the_client(stub, client):
         client.check_prompt("swappable", "a red torus", checkpoint_id="no-such-checkpoint", timeout_s=30)
     assert not_found.value.field == "checkpoint_id"
     assert client.check_prompt("swappable", "a red torus", timeout_s=30).token_count == 5
+
+
+def _replica_actors(app: str) -> list[tuple[str, str]]:
+    """(name, namespace) of the live replica actors of `app`'s deployment (Serve names them SERVE_REPLICA::<app>#...)."""
+    import ray
+
+    return [
+        (actor["name"], actor["namespace"])
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if actor["name"].startswith(f"SERVE_REPLICA::{app}#")
+    ]
+
+
+def test_a_replica_killed_mid_call_is_retried_until_serve_replaces_it(local):
+    """Last in the module: it kills the slow app's only replica while it computes (its denoiser takes 0.5 s). Serve's
+    proxy answers that call INTERNAL "actor died"; the client retries it within its outage window until Serve has
+    started a new replica."""
+    import ray
+
+    registry = Registry.model_validate(
+        {
+            "client": {"timeout_s": 30, "outage_window_s": 90, "initial_backoff_s": 0.2, "max_backoff_s": 2.0},
+            "priors": {"slow": {"kind": "serve", "address": local.grpc_address, "application": SLOW_APP}},
+        }
+    )
+    with GuidanceClient(registry) as client:
+        client.compute_sds(sds_request(1, prior="slow", seed=11), timeout_s=30)  # routed and warm
+        (victim,) = _replica_actors(SLOW_APP)
+        outcome: dict[str, object] = {}
+
+        def call() -> None:
+            start = time.monotonic()
+            try:
+                outcome["result"] = client.compute_sds(sds_request(1, prior="slow", seed=12), timeout_s=30)
+            except Exception as error:  # noqa: BLE001 - asserted below
+                outcome["error"] = error
+            outcome["elapsed"] = time.monotonic() - start
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(0.3)  # inside the replica's 0.5 s denoiser call
+        ray.kill(ray.get_actor(victim[0], namespace=victim[1]), no_restart=True)
+        thread.join(timeout=120)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.grad.shape == (1, 3, 64, 64) and torch.isfinite(result.grad).all()
+    assert outcome["elapsed"] < 90
+    assert victim not in _replica_actors(SLOW_APP)  # served by a new replica

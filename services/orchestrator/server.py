@@ -60,6 +60,8 @@ class OrchestratorConfig(BaseModel):
     scene_lease_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # A replica that answered UNAVAILABLE gets no new job for this long.
     replica_cooldown_s: float = Field(default=30.0, ge=0, allow_inf_nan=False)
+    # How long a submit's prompt check waits for a guidance tier that is down before answering UNAVAILABLE.
+    guidance_check_window_s: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     # Newest checkpoints kept per stage of a job (each stage's final one is always kept).
     keep_checkpoints: int = Field(default=3, ge=1)
     checkpoint_every: int | None = Field(default=None, gt=0)  # overrides every preset's, when set
@@ -112,7 +114,11 @@ def start(
             preset.checkpoint_every = config.checkpoint_every
     guidance = None
     if priors is None:
-        guidance = GuidanceClient(Registry.load(config.registry_path))
+        # Checks at submit wait out a guidance outage only briefly: the client gets UNAVAILABLE (field "guidance") and
+        # retries, rather than a submit that hangs for the scenes' whole outage window.
+        registry = Registry.load(config.registry_path)
+        client = registry.client.model_copy(update={"outage_window_s": config.guidance_check_window_s})
+        guidance = GuidanceClient(registry.model_copy(update={"client": client}))
         priors = guidance
     config.database_path.parent.mkdir(parents=True, exist_ok=True)
     jobs = JobStore(config.database_path)

@@ -47,7 +47,7 @@ from shared.errors import (
     echo,
 )
 from shared.grpcio import RunningServer, abort_with, serve_until_signalled, start_server
-from shared.guidance_client import GuidanceClient
+from shared.guidance_client import GuidanceClient, stop_retrying_when
 from shared.meshes import load_mesh_bytes
 from shared.registry import Registry
 from shared.stage_limits import SceneLimits, check_hash_table, check_mesh_bytes, check_stage_config
@@ -252,7 +252,10 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                     if self.draining.is_set():
                         yield self._drained(entry)
                         raise Unavailable("this scene replica is shutting down; resume from the checkpoint sent")
-                    report = entry.stage.step()
+                    # A guidance outage is retried for the client's outage window; a caller that goes away meanwhile
+                    # must not keep the scene busy that long.
+                    with stop_retrying_when(lambda: not context.is_active()):
+                        report = entry.stage.step()
                     entry.renew()
                     if (index + 1) % every == 0 or index + 1 == request.num_steps:
                         log.info("progress", step=report.step, **{f"loss_{k}": round(v, 5) for k, v in report.losses.items()})
@@ -266,10 +269,14 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 entry.failure = error.message
                 log.warning("scene_failed", reason=error.message)
                 abort_with(context, error)
-            except ServiceError as error:  # guidance unreachable after its retries, bad prior, ...: steps done stay
+            except ServiceError as error:  # guidance down for its outage window, bad prior, ...: steps done stay
+                if not context.is_active():
+                    log.info("run_cancelled", step=entry.stage.step_count, reason=error.message)
+                    return
                 log.warning("run_interrupted", code=error.code.name, reason=error.message, step=entry.stage.step_count)
                 abort_with(context, error)
             finally:
+                entry.renew()  # a step that waited out a guidance outage may have outlasted the lease
                 entry.lock.release()
 
     def RenderPreview(self, request, context):
