@@ -38,7 +38,9 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    PermissionDenied,
     ServiceError,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -67,6 +69,8 @@ _ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 
@@ -108,9 +112,11 @@ def error_from_rpc(error: grpc.RpcError) -> ServiceError:
 class GuidanceClient:
     """Thread-safe; one channel per server address, shared by every logical prior routed to it."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, token: str | None = None) -> None:
+        """`token`: the service token to send; default: the registry client settings' (file or env var)."""
         self.registry = registry
         self.settings = registry.client
+        self._token = token if token is not None else self.settings.service_token()
         self._stubs: dict[str, tuple[grpc.Channel, guidance_pb2_grpc.GuidanceServiceStub]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -194,7 +200,10 @@ class GuidanceClient:
             if self._closed:
                 raise Unavailable("guidance client is closed")
             if address not in self._stubs:
-                channel = insecure_channel(address, service=SERVICE, max_bytes=self.settings.max_message_bytes)
+                channel = insecure_channel(
+                    address, service=SERVICE, max_bytes=self.settings.max_message_bytes, token=self._token,
+                    tls=self.settings.tls,
+                )
                 self._stubs[address] = (channel, guidance_pb2_grpc.GuidanceServiceStub(channel))
             return self._stubs[address][1]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from services.orchestrator import jobs as jobs_module
 from services.orchestrator.jobs import (
     MAX_PAGE_SIZE,
     TERMINAL,
@@ -332,6 +333,6 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE schema_version SET version = 99")
     conn.close()
-    with pytest.raises(SchemaVersionError, match=r"schema version 99, newer than the 1"):
+    with pytest.raises(SchemaVersionError, match=rf"schema version 99, newer than the {jobs_module.SCHEMA_VERSION}"):
         JobStore(path)
     JobStore(path.with_name("fresh.db")).close()  # a fresh file still opens

@@ -9,11 +9,15 @@ import time
 
 from magic3d.v1 import scene_pb2_grpc
 
+from shared.auth import ClientTlsConfig
 from shared.grpcio import insecure_channel
 
 
 class SceneReplicas:
-    def __init__(self, addresses: list[str], slots_per_replica: int = 1, cooldown_s: float = 30.0) -> None:
+    def __init__(
+        self, addresses: list[str], slots_per_replica: int = 1, cooldown_s: float = 30.0,
+        token: str | None = None, tls: ClientTlsConfig | None = None,
+    ) -> None:
         if not addresses:
             raise ValueError("at least one scene replica address is needed")
         self.addresses = list(dict.fromkeys(addresses))
@@ -23,6 +27,8 @@ class SceneReplicas:
         self._down_until = {address: 0.0 for address in self.addresses}
         self._channels: dict[str, object] = {}
         self._lock = threading.Lock()
+        self._token = token  # the service token scene replicas check
+        self._tls = tls
 
     @property
     def capacity(self) -> int:
@@ -59,7 +65,7 @@ class SceneReplicas:
     def stub(self, address: str) -> scene_pb2_grpc.SceneServiceStub:
         with self._lock:
             if address not in self._channels:
-                self._channels[address] = insecure_channel(address)
+                self._channels[address] = insecure_channel(address, token=self._token, tls=self._tls)
             return scene_pb2_grpc.SceneServiceStub(self._channels[address])
 
     def close(self) -> None:

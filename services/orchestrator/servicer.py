@@ -4,6 +4,10 @@ Jobs are resources named "jobs/<id>" (AIP-151 long-running operations): SubmitJo
 Generate submits and streams its events until it ends; WatchJob streams an existing job's events, starting with a
 snapshot of its current state (events are not persisted, so a watcher after a restart still learns where the job
 is); the stream ends with the job.
+
+Ownership: a job belongs to the principal that submitted it (`shared.auth.current_principal()`, set by the bearer
+token interceptor; with authentication off every caller is the local admin). List shows only the caller's jobs and
+Get/Watch/Cancel/Delete (and editing) of another principal's job is PERMISSION_DENIED, unless the caller is an admin.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from services.orchestrator import presets as presets_module
 from services.orchestrator.jobs import JobRecord, JobState
 from services.orchestrator.runner import JobRunner
 from shared import logging as project_logging
-from shared.errors import InvalidArgument, NotFound, ServiceError
+from shared.auth import Principal, current_principal
+from shared.errors import InvalidArgument, NotFound, PermissionDenied, ServiceError
 from shared.grpcio import abort_with
 
 log = project_logging.get_logger(__name__)
@@ -74,7 +79,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def Generate(self, request, context):
         try:
-            record, _ = self.runner.submit(request.spec, request.request_id)
+            record, _ = self._submit(request)
         except ServiceError as error:
             log.info("submit_rejected", code=error.code.name, field=error.field, reason=error.message)
             abort_with(context, error)
@@ -82,7 +87,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def SubmitJob(self, request, context):
         try:
-            record, _ = self.runner.submit(request.spec, request.request_id)
+            record, _ = self._submit(request)
         except ServiceError as error:
             log.info("submit_rejected", code=error.code.name, field=error.field, reason=error.message)
             abort_with(context, error)
@@ -97,7 +102,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def CancelJob(self, request, context):
         try:
-            record = self.runner.cancel(job_id_from_name(request.name))
+            record = self.runner.cancel(self._owned(request.name).job_id)
         except ServiceError as error:
             abort_with(context, error)
         log.info("cancel_requested", job_id=record.job_id, state=record.state.value)
@@ -105,14 +110,17 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def ListJobs(self, request, context):
         try:
-            records, token = self.runner.jobs.list(request.page_size or 50, request.page_token)
+            caller = current_principal()
+            records, token = self.runner.jobs.list(
+                request.page_size or 50, request.page_token, owner=None if caller.admin else caller.name
+            )
         except ValueError as error:
             abort_with(context, InvalidArgument(str(error), "page_token"))
         return orchestrator_pb2.ListJobsResponse(jobs=[job_to_proto(r) for r in records], next_page_token=token)
 
     def DeleteJob(self, request, context):
         try:
-            self.runner.delete(job_id_from_name(request.name))
+            self.runner.delete(self._owned(request.name).job_id)
         except ServiceError as error:
             abort_with(context, error)
         return orchestrator_pb2.DeleteJobResponse()
@@ -121,9 +129,24 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def _record(self, name: str, context) -> JobRecord:
         try:
-            return self.runner.get(job_id_from_name(name))
+            return self._owned(name)
         except ServiceError as error:
             abort_with(context, error)
+
+    def _owned(self, name: str, field: str = "name") -> JobRecord:
+        """The named job if the caller may see and manage it; PermissionDenied for another principal's job."""
+        record = self.runner.get(job_id_from_name(name, field))
+        authorize(current_principal(), record, field)
+        return record
+
+    def _submit(self, request) -> tuple[JobRecord, bool]:
+        source = request.spec.edit.source_job_id.removeprefix("jobs/") if request.spec.HasField("edit") else ""
+        if source and "/" not in source:  # editing reads the source job's scene: the caller must own it too
+            try:
+                authorize(current_principal(), self.runner.get(source), "spec.edit.source_job_id")
+            except NotFound:
+                pass  # validation reports it, naming the field
+        return self.runner.submit(request.spec, request.request_id, owner=current_principal().name)
 
     def _events(self, job_id: str, context):
         """A snapshot, then live events until the job ends or the client goes away."""
@@ -154,6 +177,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             return self.runner.jobs.queue_position(record.job_id)
         except ValueError:  # started meanwhile
             return 0
+
+
+def authorize(caller: Principal, record: JobRecord, field: str = "name") -> None:
+    if not caller.admin and record.owner != caller.name:
+        raise PermissionDenied(f"job {record.job_id!r} belongs to another principal", field)
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:

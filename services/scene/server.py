@@ -35,6 +35,7 @@ from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
 from shared.devices import resolve_device
+from shared.auth import AuthConfig, TlsConfig, server_tokens
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, ServiceError
 from shared.grpcio import RunningServer, abort_with, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient
@@ -73,6 +74,10 @@ class SceneServiceConfig(BaseModel):
     checkpoint_on_shutdown: bool = True
     # Prometheus /metrics (scenes held, their budget, this process's GPU memory); None: not served, 0: any free port.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # Callers (the orchestrator) must send the service token (auth.service_token_file / $MAGIC3D_SERVICE_TOKEN);
+    # it is also sent to the guidance tier. None on loopback: auth off (warned).
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "SceneServiceConfig":
@@ -408,7 +413,8 @@ def _frozen_albedo(stage: CoarseStage | FineStage):
 def start(
     config: SceneServiceConfig, guidance: Guidance | None = None, store: ArtifactStore | None = None
 ) -> RunningServer:
-    guidance = guidance or GuidanceClient(Registry.load(config.registry_path))
+    tokens = server_tokens(config.auth.service_tokens(), config.host, config.auth.allow_unauthenticated, "scene")
+    guidance = guidance or GuidanceClient(Registry.load(config.registry_path), token=config.auth.service_token())
     servicer = SceneServicer(config, guidance, store or open_store(config.store_uri))
     metrics = start_metrics(servicer.scenes, config.host, config.metrics_port) if config.metrics_port is not None else None
 
@@ -426,6 +432,8 @@ def start(
         max_workers=config.max_workers,
         max_message_bytes=config.max_message_bytes,
         on_stop=on_stop,
+        tokens=tokens,
+        tls=config.tls,
     )
     running.metrics_port = metrics.port if metrics is not None else None
     return running
