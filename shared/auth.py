@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 AUTHORIZATION = "authorization"
 SERVICE_TOKEN_ENV = "MAGIC3D_SERVICE_TOKEN"
 CLIENT_TOKEN_ENV = "MAGIC3D_TOKEN"
+LOCAL_CLIENT_TOKEN_FILE = "client-token"  # under the local stack's state dir (services/local_stack.py)
 # Methods any caller may reach: liveness/readiness probes and tooling discovery carry no secrets.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
