@@ -35,6 +35,7 @@ from shared.errors import Unauthenticated
 from shared.grpcio import free_port, insecure_channel
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
+from shared.store import ArtifactNotFound, LocalStore, S3Settings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "deploy" / "config"
 ALICE, BOB, ADMIN = "alice-token-0123456789", "bob-token-0123456789ab", "admin-token-0123456789"
@@ -359,5 +360,56 @@ def test_tls_round_trip_with_a_token(tmp_path):
             code, _ = _code(lambda: orchestrator_pb2_grpc.OrchestratorServiceStub(plaintext).ListJobs(
                 orchestrator_pb2.ListJobsRequest(), timeout=5))
             assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop(grace=None)
+
+
+# -- links ------------------------------------------------------------------------------------------------------
+
+class LinkingStore(LocalStore):
+    """A local store whose links differ from its stable names, like S3's presigned URLs."""
+
+    minted = 0
+
+    def canonical_uri(self, key: str) -> str:
+        return f"s3://bucket/{self.check_key(key)}"
+
+    def key_from_uri(self, uri: str) -> str:
+        if uri.startswith("s3://bucket/"):
+            return self.check_key(uri[len("s3://bucket/"):])
+        if uri.startswith("https://links/"):
+            return self.check_key(uri[len("https://links/"):].split("?")[0])
+        raise ArtifactNotFound(uri)
+
+    def uri(self, key: str) -> str:
+        LinkingStore.minted += 1
+        return f"https://links/{self.check_key(key)}?sig={LinkingStore.minted}"
+
+
+def test_links_are_minted_per_request_and_never_stored(tmp_path):
+    assert S3Settings(endpoint="127.0.0.1:9").link_expiry_s == 3600  # short-lived by default
+    store = LinkingStore(tmp_path / "store")
+    config = orchestrator_server.OrchestratorConfig(
+        port=0, database_path=tmp_path / "jobs.db", store_uri=str(tmp_path / "store"),
+        scene_replicas=[f"127.0.0.1:{free_port()}"], presets_path=CONFIG_DIR / "presets.yaml",
+    )
+    running = orchestrator_server.start(config, priors=NoPriorCheck(), store=store)
+    try:
+        with insecure_channel(running.address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            job = _submit(stub, "unused-without-auth")
+            job_id = job.name.removeprefix("jobs/")
+            jobs = running.servicer.runner.jobs
+            deadline = time.monotonic() + 30
+            while not jobs.get(job_id).provenance_uri and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert jobs.get(job_id).provenance_uri == f"s3://bucket/jobs/{job_id}/provenance.json"
+            first = stub.GetJob(orchestrator_pb2.GetJobRequest(name=job.name), timeout=10).job.artifacts
+            second = stub.GetJob(orchestrator_pb2.GetJobRequest(name=job.name), timeout=10).job.artifacts
+            (a,), (b,) = first, second
+            assert a.uri.startswith(f"https://links/jobs/{job_id}/provenance.json?sig=") and a.uri != b.uri
+            listed = stub.ListJobs(orchestrator_pb2.ListJobsRequest(), timeout=10).jobs[0].artifacts[0].uri
+            assert listed.startswith("https://links/")
+            assert all(v.startswith("s3://") for v in jobs.get(job_id).artifacts.values())
     finally:
         running.stop(grace=None)

@@ -447,7 +447,7 @@ class JobRunner:
             recorded_key = self.store.key_from_uri(recorded)
         except (ValueError, KeyError):
             return recorded
-        return self.store.uri(keys[-1]) if keys[-1] > recorded_key else recorded
+        return self.store.canonical_uri(keys[-1]) if keys[-1] > recorded_key else recorded
 
     def _run_chunk(self, entry, stub, scene_id, job_id, stage, plan, chunk, started, start_step) -> int:
         request = scene_pb2.RunStepsRequest(scene_id=scene_id, num_steps=chunk, progress_every=plan.progress_every)
@@ -533,9 +533,9 @@ class JobRunner:
             "code_version": self.settings.code_version,
             "created": record.create_time,
         }
-        uri = self.store.put(
-            f"jobs/{record.job_id}/provenance.json", json.dumps(provenance, indent=2).encode(), "application/json"
-        )
+        key = f"jobs/{record.job_id}/provenance.json"
+        self.store.put(key, json.dumps(provenance, indent=2).encode(), "application/json")
+        uri = self.store.canonical_uri(key)  # the job table keeps stable names; links are minted per request
         return self.jobs.update(
             record.job_id, provenance_uri=uri, artifacts={**record.artifacts, "provenance.json": uri}
         )

@@ -229,8 +229,10 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         with entry.lock:
             step = entry.stage.step_count
             data = checkpoints.dumps(entry.stage.to_checkpoint())
-        uri = self.store.put(f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt", data)
-        log.info("checkpoint_saved", job_id=entry.job_id, step=step, uri=uri, bytes=len(data))
+        key = f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt"
+        self.store.put(key, data)
+        uri = self.store.canonical_uri(key)  # stored by the orchestrator: a stable name, never a presigned link
+        log.info("checkpoint_saved", job_id=entry.job_id, step=step, key=key, bytes=len(data))
         return scene_pb2.SaveCheckpointResponse(checkpoint_uri=uri, step=step)
 
     def checkpoint_all(self) -> list[str]:
@@ -272,8 +274,8 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 if _EXPORT_FORMAT_OF.get(name, "any") not in formats | {"any"}:
                     continue
                 extension = name.rsplit(".", 1)[-1]
-                uri = self.store.put(f"{prefix}/{name}", data, _CONTENT_TYPES.get(extension, "application/octet-stream"))
-                files.append(scene_pb2.ExportedFile(name=name, uri=uri))
+                self.store.put(f"{prefix}/{name}", data, _CONTENT_TYPES.get(extension, "application/octet-stream"))
+                files.append(scene_pb2.ExportedFile(name=name, uri=self.store.canonical_uri(f"{prefix}/{name}")))
             log.info("mesh_exported", step=step, faces=exported.faces, watertight=exported.report.watertight)
             return scene_pb2.ExportMeshResponse(
                 artifact_uris=[f.uri for f in files], files=files,
