@@ -24,9 +24,9 @@ Entry points
       (`import_path: services.guidance.serve_app:build_app`, `args: {guidance: {...} | guidance_path: ...,
       settings: {...}}`).
     * `start_local(apps, ...)`: Ray + Serve on 127.0.0.1 for tests, benchmarks and development; `LocalServe.shutdown()`.
-      Every Ray process advertises and dials 127.0.0.1; Serve's gRPC proxy itself listens on the wildcard address
-      ([::]:port, hard-coded in Ray 2.60) and is reached at 127.0.0.1 (the service token below is what guards
-      it). Ports 0 pick free ones.
+      Every Ray process advertises, dials and listens on 127.0.0.1 only: Serve's gRPC proxy and the replicas'
+      inter-deployment servers, which Ray 2.60 binds to the wildcard address, are rebound by a worker setup hook
+      (services/guidance/serve_loopback.py). Ports 0 pick free ones.
     * Authentication: with a service token configured (`GuidanceConfig.auth`), every RPC that comes through the
       gRPC proxy must carry it (`authorization: Bearer <token>`, read from the invocation metadata Serve hands to
       the ingress) or gets UNAUTHENTICATED; calls through a DeploymentHandle come from inside the Ray cluster.
@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services.guidance import messages, sds
+from services.guidance import messages, sds, serve_loopback
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig
 from services.guidance.engine import EngineStats, check_prompt
 from services.guidance.pool import BUILDERS, PriorBuilder, PriorPool
@@ -455,6 +455,7 @@ def _pin_ray_to_loopback() -> Callable[[], None]:
     python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     updates = {key: value for key, value in SERVE_ENV.items() if key not in os.environ}
     updates[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    updates[serve_loopback.LOOPBACK_ENV] = "1"  # Serve's own gRPC servers on 127.0.0.1 too (serve_loopback.py)
     # The autoscaler monitor's and dashboard's metrics servers default to fixed ports (44217, 44227) that a second
     # Ray instance on the same machine would collide with.
     updates["AUTOSCALER_METRIC_PORT"] = str(free_port())
@@ -512,6 +513,7 @@ def start_local(
             include_dashboard=False,
             log_to_driver=log_to_driver,
             configure_logging=False,
+            runtime_env={"worker_process_setup_hook": "services.guidance.serve_loopback.patch"},
         )
     except BaseException:
         restore()
