@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 AUTHORIZATION = "authorization"
 SERVICE_TOKEN_ENV = "MAGIC3D_SERVICE_TOKEN"
 CLIENT_TOKEN_ENV = "MAGIC3D_TOKEN"
+TOKENS_FILE_ENV = "MAGIC3D_TOKENS_FILE"  # the client tokens file's path, when the config names none (Kubernetes)
 LOCAL_CLIENT_TOKEN_FILE = "client-token"  # under the local stack's state dir (services/local_stack.py)
 # Methods any caller may reach: liveness/readiness probes and tooling discovery carry no secrets.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -88,12 +89,14 @@ class ClientTlsConfig(BaseModel):
 
 
 class AuthConfig(BaseModel):
-    """Who may call a server. `tokens_file`: client tokens (orchestrator). The service token comes from
-    `service_token_file`, else the `service_token_env` environment variable; unset means none."""
+    """Who may call a server. `tokens_file` (else the file named by `tokens_file_env`): client tokens
+    (orchestrator). The service token comes from `service_token_file`, else the `service_token_env` environment
+    variable; unset means none."""
 
     model_config = ConfigDict(extra="forbid")
 
     tokens_file: Path | None = None
+    tokens_file_env: str = TOKENS_FILE_ENV
     service_token_env: str = SERVICE_TOKEN_ENV
     service_token_file: Path | None = None
     # Serve without any token on a non-loopback address; must be set explicitly (never the default).
@@ -106,7 +109,8 @@ class AuthConfig(BaseModel):
         return value or None
 
     def client_tokens(self) -> TokenTable:
-        return TokenTable.load(self.tokens_file) if self.tokens_file is not None else TokenTable({})
+        path = self.tokens_file or os.environ.get(self.tokens_file_env, "").strip() or None
+        return TokenTable.load(path) if path is not None else TokenTable({})
 
     def service_tokens(self) -> TokenTable:
         token = self.service_token()
