@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
 
-from shared.auth import CLIENT_TOKEN_ENV, LOCAL_CLIENT_TOKEN_FILE, is_loopback
+from shared.auth import CLIENT_TOKEN_ENV, LOCAL_CLIENT_TOKEN_FILE, ClientTlsConfig, is_loopback
 from shared.grpcio import insecure_channel
 from shared.guidance_client import error_from_rpc
 
@@ -77,7 +77,7 @@ def _generate(args: argparse.Namespace, address: str, token: str | None) -> int:
         override = spec.overrides.add(steps=int(steps))
         override.config.stage = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FINE}[stage]
     request = orchestrator_pb2.GenerateRequest(spec=spec, request_id=args.request_id or uuid.uuid4().hex)
-    channel = insecure_channel(address, token=token)
+    channel = insecure_channel(address, token=token, tls=client_tls(args))
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     bar = ProgressBar()
     job_name = ""
@@ -227,9 +227,15 @@ def client_token(args: argparse.Namespace, address: str) -> str | None:
     return (path.read_text().strip() or None) if path.is_file() else None
 
 
+def client_tls(args: argparse.Namespace) -> ClientTlsConfig | None:
+    """TLS to the orchestrator when --ca-file names the CA of its certificate."""
+    ca_file = getattr(args, "ca_file", None)
+    return ClientTlsConfig(ca_file=Path(ca_file)) if ca_file else None
+
+
 def jobs(args: argparse.Namespace) -> int:
     address = args.address or DEFAULT_ADDRESS
-    channel = insecure_channel(address, token=client_token(args, address))
+    channel = insecure_channel(address, token=client_token(args, address), tls=client_tls(args))
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     name = f"jobs/{args.job.removeprefix('jobs/')}" if getattr(args, "job", None) else ""
     try:
@@ -332,6 +338,7 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=24 * 3600)
     gen.add_argument("--verbose", action="store_true", help="the local services' JSON logs at INFO")
     gen.add_argument("--token", help=f"bearer token (default: ${CLIENT_TOKEN_ENV}, else the local stack's)")
+    gen.add_argument("--ca-file", help="TLS to the orchestrator, verified against this CA certificate (PEM)")
     gen.set_defaults(handler=generate)
 
     job = commands.add_parser("jobs", help="list, get, cancel or delete jobs")
@@ -340,6 +347,7 @@ def parser() -> argparse.ArgumentParser:
     job.add_argument("--address", default=None)
     job.add_argument("--token", help=f"bearer token (default: ${CLIENT_TOKEN_ENV}, else the local stack's)")
     job.add_argument("--state-dir", default="out/local", help="where the local stack keeps its token")
+    job.add_argument("--ca-file", help="TLS to the orchestrator, verified against this CA certificate (PEM)")
     job.set_defaults(handler=jobs)
     return root
 

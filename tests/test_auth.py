@@ -413,3 +413,29 @@ def test_links_are_minted_per_request_and_never_stored(tmp_path):
             assert all(v.startswith("s3://") for v in jobs.get(job_id).artifacts.values())
     finally:
         running.stop(grace=None)
+
+
+def test_cli_lists_jobs_over_tls_with_a_token(tmp_path, capsys, monkeypatch):
+    from services.cli import main
+
+    monkeypatch.delenv("MAGIC3D_TOKEN", raising=False)
+    cert_file, key_file = _self_signed(tmp_path)
+    config = orchestrator_server.OrchestratorConfig(
+        port=0, database_path=tmp_path / "jobs.db", store_uri=str(tmp_path / "store"),
+        scene_replicas=[f"127.0.0.1:{free_port()}"], presets_path=CONFIG_DIR / "presets.yaml",
+        auth=AuthConfig(tokens_file=_tokens_file(tmp_path)), tls=TlsConfig(cert_file=cert_file, key_file=key_file),
+    )
+    running = orchestrator_server.start(config, priors=NoPriorCheck())
+    try:
+        with insecure_channel(running.address, token=BOB, tls=ClientTlsConfig(ca_file=cert_file)) as channel:
+            job = _submit(orchestrator_pb2_grpc.OrchestratorServiceStub(channel), BOB, "bob over tls")
+        base = ["jobs", "list", "--address", running.address, "--ca-file", str(cert_file),
+                "--state-dir", str(tmp_path / "none")]
+        assert main(base + ["--token", BOB]) == 0
+        assert job.name in capsys.readouterr().out
+        assert main(base + ["--token", ALICE]) == 0
+        assert job.name not in capsys.readouterr().out
+        assert main(base) == 2  # no token at all
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+    finally:
+        running.stop(grace=None)
