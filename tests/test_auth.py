@@ -439,3 +439,18 @@ def test_cli_lists_jobs_over_tls_with_a_token(tmp_path, capsys, monkeypatch):
         assert "UNAUTHENTICATED" in capsys.readouterr().err
     finally:
         running.stop(grace=None)
+
+
+def test_local_stack_tokens_are_private_and_reused(tmp_path):
+    from services.local_stack import local_auth
+
+    token, auth = local_auth(tmp_path)
+    for name in ("client-token", "service-token", "tokens.yaml"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600
+    assert auth.client_tokens().lookup(token) == Principal("local", admin=True)
+    assert auth.service_token() and auth.service_token() != token
+    again, _ = local_auth(tmp_path)
+    assert again == token
+    (tmp_path / "client-token").write_text("replaced-by-hand-0123456789")
+    replaced, auth = local_auth(tmp_path)
+    assert auth.client_tokens().lookup(replaced) == Principal("local", admin=True)
