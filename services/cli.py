@@ -8,11 +8,17 @@
 
 `generate` shows a progress bar (stage, step, ETA) and downloads every artifact (model.glb, model.obj + .mtl +
 texture.png, preview.png, turntable.gif, checkpoints, provenance.json) into ./out/<job>/.
+
+Authentication: the bearer token comes from --token, else $MAGIC3D_TOKEN, else the local stack's generated token
+(<state-dir>/client-token), so `make run` and `magic3d jobs` against `magic3d serve` need no set-up. Whatever the
+orchestrator answers, files are written only inside ./out/<job>/ (job ids and artifact names are checked).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shutil
 import sys
 import time
@@ -24,6 +30,7 @@ from pathlib import Path
 import grpc
 from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
 
+from shared.auth import CLIENT_TOKEN_ENV, LOCAL_CLIENT_TOKEN_FILE, ClientTlsConfig, is_loopback
 from shared.grpcio import insecure_channel
 from shared.guidance_client import error_from_rpc
 
@@ -46,13 +53,13 @@ def generate(args: argparse.Namespace) -> int:
         stack = start_local_stack(LocalStackSettings(guidance=args.guidance, state_dir=Path(args.state_dir), orchestrator_port=0))
         address = stack.orchestrator_address
     try:
-        return _generate(args, address)
+        return _generate(args, address, client_token(args, address))
     finally:
         if stack is not None:
             stack.stop()
 
 
-def _generate(args: argparse.Namespace, address: str) -> int:
+def _generate(args: argparse.Namespace, address: str, token: str | None) -> int:
     spec = orchestrator_pb2.JobSpec(preset=args.preset, seed=args.seed)
     if args.mesh:
         path = Path(args.mesh)
@@ -70,7 +77,7 @@ def _generate(args: argparse.Namespace, address: str) -> int:
         override = spec.overrides.add(steps=int(steps))
         override.config.stage = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FINE}[stage]
     request = orchestrator_pb2.GenerateRequest(spec=spec, request_id=args.request_id or uuid.uuid4().hex)
-    channel = insecure_channel(address)
+    channel = insecure_channel(address, token=token, tls=client_tls(args))
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     bar = ProgressBar()
     job_name = ""
@@ -89,11 +96,15 @@ def _generate(args: argparse.Namespace, address: str) -> int:
                 bar.finish()
             elif kind == "done":
                 bar.finish()
-                folder = Path(args.out) / job_name.removeprefix("jobs/")
-                download(event.done.artifacts, folder)
+                try:
+                    folder = job_folder(Path(args.out), job_name)
+                except UnsafeName as error:
+                    print(f"error: {error}", file=sys.stderr)
+                    return 2
+                written = download(event.done.artifacts, folder, local_files=is_loopback(address.rpartition(":")[0]))
                 print(f"{job_name}: done -> {folder}/", file=sys.stderr)
-                for artifact in event.done.artifacts:
-                    print(f"  {artifact.kind}: {folder / artifact.kind}")
+                for kind, path in written:
+                    print(f"  {kind}: {path}")
                 return 0
             elif kind == "failed":
                 bar.finish()
@@ -153,25 +164,78 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def download(artifacts, folder: Path) -> None:
-    """Fetches each artifact link (file:// or a presigned http(s) URL) into `folder`."""
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+class UnsafeName(ValueError):
+    pass
+
+
+def safe_name(name: str, what: str) -> str:
+    """`name` if it is one plain file name (no separators, no '..', not hidden, not absolute); else UnsafeName.
+    Names come from the orchestrator, which must not be able to choose where this machine writes."""
+    if not _SAFE_NAME.match(name) or ".." in name:
+        raise UnsafeName(f"refusing the {what} {name!r} from the server: not a plain file name")
+    return name
+
+
+def job_folder(out: Path, job_name: str) -> Path:
+    """./out/<job id>, the job id checked (the server names the job)."""
+    return out / safe_name(job_name.removeprefix("jobs/"), "job name")
+
+
+def download(artifacts, folder: Path, local_files: bool = True) -> list[tuple[str, Path]]:
+    """Fetches each artifact link (file:// or a presigned http(s) URL) into `folder`, and nowhere else: an
+    artifact whose name is not a plain file name is skipped with a warning. file:// links are copied only with
+    `local_files` (an orchestrator on this machine; a remote one has no business naming this machine's files).
+    Returns (kind, path) written."""
     folder.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[str, Path]] = []
     for artifact in artifacts:
-        target = folder / Path(artifact.kind).name
+        try:
+            target = folder / safe_name(artifact.kind, "artifact name")
+        except UnsafeName as error:
+            print(f"  warning: {error}; skipped", file=sys.stderr)
+            continue
+        if target.is_symlink():
+            target.unlink()  # never write through a link planted in the folder
         parsed = urllib.parse.urlparse(artifact.uri)
-        if parsed.scheme == "file":
+        if parsed.scheme == "file" and local_files:
             shutil.copyfile(urllib.request.url2pathname(parsed.path), target)
         elif parsed.scheme in ("http", "https"):
             with urllib.request.urlopen(artifact.uri, timeout=60) as response, open(target, "wb") as out:  # noqa: S310
                 shutil.copyfileobj(response, out)
         else:
-            print(f"  (not downloaded: {artifact.kind} at {artifact.uri})", file=sys.stderr)
+            print(f"  (not downloaded: {artifact.kind}, a {parsed.scheme or 'schemeless'} link)", file=sys.stderr)
+            continue
+        written.append((artifact.kind, target))
+    return written
 
 
 # -- jobs -------------------------------------------------------------------------------------------------------
 
+def client_token(args: argparse.Namespace, address: str) -> str | None:
+    """--token, else $MAGIC3D_TOKEN, else (for a loopback address only: never sent elsewhere) the local stack's
+    generated token file, else none."""
+    if getattr(args, "token", None):
+        return args.token
+    if os.environ.get(CLIENT_TOKEN_ENV):
+        return os.environ[CLIENT_TOKEN_ENV].strip()
+    if not is_loopback(address.rpartition(":")[0]):
+        return None
+    path = Path(getattr(args, "state_dir", None) or "out/local") / LOCAL_CLIENT_TOKEN_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def client_tls(args: argparse.Namespace) -> ClientTlsConfig | None:
+    """TLS to the orchestrator when --ca-file names the CA of its certificate."""
+    ca_file = getattr(args, "ca_file", None)
+    return ClientTlsConfig(ca_file=Path(ca_file)) if ca_file else None
+
+
 def jobs(args: argparse.Namespace) -> int:
-    channel = insecure_channel(args.address or DEFAULT_ADDRESS)
+    address = args.address or DEFAULT_ADDRESS
+    channel = insecure_channel(address, token=client_token(args, address), tls=client_tls(args))
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
     name = f"jobs/{args.job.removeprefix('jobs/')}" if getattr(args, "job", None) else ""
     try:
@@ -273,12 +337,17 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="out")
     gen.add_argument("--timeout", type=float, default=24 * 3600)
     gen.add_argument("--verbose", action="store_true", help="the local services' JSON logs at INFO")
+    gen.add_argument("--token", help=f"bearer token (default: ${CLIENT_TOKEN_ENV}, else the local stack's)")
+    gen.add_argument("--ca-file", help="TLS to the orchestrator, verified against this CA certificate (PEM)")
     gen.set_defaults(handler=generate)
 
     job = commands.add_parser("jobs", help="list, get, cancel or delete jobs")
     job.add_argument("action", choices=("list", "get", "cancel", "delete"))
     job.add_argument("job", nargs="?")
     job.add_argument("--address", default=None)
+    job.add_argument("--token", help=f"bearer token (default: ${CLIENT_TOKEN_ENV}, else the local stack's)")
+    job.add_argument("--state-dir", default="out/local", help="where the local stack keeps its token")
+    job.add_argument("--ca-file", help="TLS to the orchestrator, verified against this CA certificate (PEM)")
     job.set_defaults(handler=jobs)
     return root
 

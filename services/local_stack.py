@@ -5,10 +5,16 @@
 Configuration comes from deploy/config (guidance.yaml, scene.yaml, presets.yaml) with loopback addresses and free
 ports filled in; the guidance registry is built to point at whichever guidance server was started. `stop()` stops
 what was started, in reverse order.
+
+Authentication is on even here, with no set-up: the first start writes a random client token (principal "local",
+admin) and a random service token under the state dir (`client-token`, `tokens.yaml`, `service-token`, mode 0600),
+and later starts reuse them; `magic3d generate` / `magic3d jobs` read `client-token` by themselves.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -17,11 +23,16 @@ from services.guidance.config import GuidanceConfig
 from services.orchestrator import server as orchestrator_server
 from services.scene import server as scene_server
 from shared import logging as project_logging
+from shared.auth import LOCAL_CLIENT_TOKEN_FILE, AuthConfig
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 
 log = project_logging.get_logger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "deploy" / "config"
+CLIENT_TOKEN_FILE = LOCAL_CLIENT_TOKEN_FILE  # under the state dir; what the CLI sends by default
+SERVICE_TOKEN_FILE = "service-token"
+TOKENS_FILE = "tokens.yaml"
+LOCAL_PRINCIPAL = "local"
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,7 @@ class LocalStack:
     settings: LocalStackSettings
     orchestrator_address: str = ""
     guidance_address: str = ""
+    client_token: str = ""
     _stops: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -66,21 +78,50 @@ def start_local_stack(settings: LocalStackSettings = LocalStackSettings()) -> Lo
     return stack
 
 
+def _secret_file(path: Path, make: Callable[[], str]) -> str:
+    """The file's content, written first (0600, owner only) with `make()` if the file is missing."""
+    if not path.is_file():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(make())
+    os.chmod(path, 0o600)
+    return path.read_text().strip()
+
+
+def local_auth(state_dir: Path) -> tuple[str, AuthConfig]:
+    """(the client token, the AuthConfig every local service uses): tokens made once per state dir."""
+    import yaml
+
+    client = _secret_file(state_dir / CLIENT_TOKEN_FILE, lambda: secrets.token_urlsafe(32))
+    _secret_file(state_dir / SERVICE_TOKEN_FILE, lambda: secrets.token_urlsafe(32))
+    tokens = state_dir / TOKENS_FILE
+    if tokens.is_file() and client not in (yaml.safe_load(tokens.read_text()) or {}):
+        tokens.unlink()  # the client token was replaced by hand: follow it
+    _secret_file(tokens, lambda: yaml.safe_dump({client: {"principal": LOCAL_PRINCIPAL, "admin": True}}))
+    # Absolute: Ray Serve replicas read the service token file from their own working directory.
+    return client, AuthConfig(tokens_file=tokens.resolve(), service_token_file=(state_dir / SERVICE_TOKEN_FILE).resolve())
+
+
 def _start(stack: LocalStack) -> None:
     settings = stack.settings
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    guidance_config = GuidanceConfig.load(settings.guidance_config).model_copy(update={"host": "127.0.0.1", "port": 0})
+    stack.client_token, auth = local_auth(settings.state_dir)
+    service_token = auth.service_token()
+    guidance_config = GuidanceConfig.load(settings.guidance_config).model_copy(
+        update={"host": "127.0.0.1", "port": 0, "auth": AuthConfig(service_token_file=auth.service_token_file)}
+    )
     registry = _start_guidance(stack, guidance_config)
 
-    scene_client = GuidanceClient(registry)
+    scene_client = GuidanceClient(registry, token=service_token)
     stack._stops.append(scene_client.close)
     scene_config = scene_server.SceneServiceConfig.load(settings.scene_config).model_copy(
-        update={"host": "127.0.0.1", "port": 0, "store_uri": str(stack.store_dir), "device": "cpu"}
+        update={"host": "127.0.0.1", "port": 0, "store_uri": str(stack.store_dir), "device": "cpu",
+                "auth": AuthConfig(service_token_file=auth.service_token_file)}
     )
     scene = scene_server.start(scene_config, guidance=scene_client)
     stack._stops.append(lambda: scene.stop(grace=None))
 
-    checker = GuidanceClient(registry)
+    checker = GuidanceClient(registry, token=service_token)
     stack._stops.append(checker.close)
     orchestrator_config = orchestrator_server.OrchestratorConfig(
         host="127.0.0.1",
@@ -91,6 +132,7 @@ def _start(stack: LocalStack) -> None:
         scene_replicas=[scene.address],
         presets_path=settings.presets,
         checkpoint_every=settings.checkpoint_every,
+        auth=auth,
     )
     orchestrator = orchestrator_server.start(orchestrator_config, priors=checker)
     stack._stops.append(lambda: orchestrator.stop(grace=None))

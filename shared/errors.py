@@ -92,6 +92,14 @@ class Unimplemented(ServiceError):
     code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 def field_violations(rpc_error: grpc.RpcError) -> dict[str, str]:
     """Client side: the BadRequest field violations carried by an RpcError, as {field: description}."""
     from grpc_status import rpc_status

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from shared.auth import BearerAuthInterceptor, ClientTlsConfig, TlsConfig, TokenTable, with_bearer_token
 from shared.errors import ServiceError
 from shared.logging import get_logger
 
@@ -104,8 +105,12 @@ def insecure_channel(
     service: str | None = None,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_reconnect_backoff_s: float | None = None,
+    token: str | None = None,
+    tls: ClientTlsConfig | None = None,
 ) -> grpc.Channel:
-    """`max_reconnect_backoff_s` caps gRPC's own reconnect backoff (default 120 s): after a long outage the channel
+    """A channel with our limits (and retries for `service`); with `token`, every call carries it as a bearer
+    token; with `tls`, the channel is TLS (verified against `tls.ca_file`) despite the historical name.
+    `max_reconnect_backoff_s` caps gRPC's own reconnect backoff (default 120 s): after a long outage the channel
     would otherwise notice a restarted server only at its next, far-off reconnect attempt."""
     options: list[tuple[str, object]] = list(message_size_options(max_bytes))
     if service is not None:
@@ -117,7 +122,11 @@ def insecure_channel(
             ("grpc.min_reconnect_backoff_ms", min(1000, backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", backoff_ms),
         ]
-    return grpc.insecure_channel(address, options=options)
+    if tls is not None:
+        channel = grpc.secure_channel(address, tls.channel_credentials(), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    return with_bearer_token(channel, token)
 
 
 @dataclass
@@ -156,14 +165,18 @@ def start_server(
     enable_reflection: bool = False,
     on_stop: Callable[[], None] | None = None,
     before_stop: Callable[[], None] | None = None,
+    tokens: TokenTable | None = None,
+    tls: TlsConfig | None = None,
 ) -> RunningServer:
     """Starts `servicer` with grpc.health.v1 (SERVING for "" and `service_name`), optional reflection, and our
-    message limits; `address` may use port 0 for any free port."""
+    message limits; `address` may use port 0 for any free port. With `tokens` (non-empty), every call but health
+    and reflection needs one of them as a bearer token; with `tls`, the port is TLS only."""
+    interceptors = [BearerAuthInterceptor(tokens, service_name.rsplit(".", 1)[-1])] if tokens else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service_name.rsplit(".", 1)[-1]),
         options=message_size_options(max_message_bytes),
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
-        interceptors=[LastResortInterceptor()],
+        interceptors=[*interceptors, LastResortInterceptor()],
     )
     add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
@@ -172,7 +185,10 @@ def start_server(
         from grpc_reflection.v1alpha import reflection
 
         reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
     server.start()
     for name in ("", service_name):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

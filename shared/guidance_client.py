@@ -44,7 +44,9 @@ from shared.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    PermissionDenied,
     ServiceError,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -112,6 +114,8 @@ _ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 
@@ -153,9 +157,11 @@ def error_from_rpc(error: grpc.RpcError) -> ServiceError:
 class GuidanceClient:
     """Thread-safe; one channel per server address, shared by every logical prior routed to it."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, token: str | None = None) -> None:
+        """`token`: the service token to send; default: the registry client settings' (file or env var)."""
         self.registry = registry
         self.settings = registry.client
+        self._token = token if token is not None else self.settings.service_token()
         self._stubs: dict[str, tuple[grpc.Channel, guidance_pb2_grpc.GuidanceServiceStub]] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -249,7 +255,7 @@ class GuidanceClient:
                 # backed-off retries inside an attempt would only stretch it past the outage window.
                 channel = insecure_channel(
                     address, max_bytes=self.settings.max_message_bytes,
-                    max_reconnect_backoff_s=self.settings.max_backoff_s,
+                    max_reconnect_backoff_s=self.settings.max_backoff_s, token=self._token, tls=self.settings.tls,
                 )
                 self._stubs[address] = (channel, guidance_pb2_grpc.GuidanceServiceStub(channel))
             return self._stubs[address][1]

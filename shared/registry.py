@@ -28,6 +28,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.auth import SERVICE_TOKEN_ENV, ClientTlsConfig
 from shared.errors import NotFound
 
 _ADDRESS = r"^[^\s:]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$"
@@ -75,6 +76,16 @@ class ClientSettings(BaseModel):
     initial_backoff_s: float = Field(default=0.2, gt=0)
     max_backoff_s: float = Field(default=5.0, gt=0)
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=4 * 1024 * 1024)
+    # The service token sent as a bearer token (guidance servers check it when they have one): read from
+    # `service_token_file`, else this environment variable; unset: none sent.
+    service_token_env: str = SERVICE_TOKEN_ENV
+    service_token_file: Path | None = None
+    tls: ClientTlsConfig | None = None  # the CA of the guidance servers' certificates, when they use TLS
+
+    def service_token(self) -> str | None:
+        from shared.auth import AuthConfig
+
+        return AuthConfig(service_token_env=self.service_token_env, service_token_file=self.service_token_file).service_token()
 
 
 @dataclass(frozen=True)

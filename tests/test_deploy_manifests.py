@@ -642,3 +642,33 @@ def test_project_dockerfiles_install_generate_protos_and_run_as_non_root(service
     assert f"-t {container['image']} ." in text
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
     assert set(p["containerPort"] for p in container["ports"]) <= exposed
+
+
+def test_every_grpc_server_gets_the_service_token_and_the_orchestrator_its_client_tokens(tmp_path, monkeypatch):
+    """Servers listening on 0.0.0.0 refuse to start without tokens: every pod must be given them."""
+    from shared.auth import AuthConfig, TokenTable, server_tokens
+
+    (auth,) = [s for s in of_kind("Secret") if s["metadata"]["name"] == "magic3d-auth"]
+    containers = [
+        container_of("StatefulSet", "orchestrator"), container_of("StatefulSet", "scene"),
+        container_of("Deployment", "guidance-standalone"),
+    ]
+    (ray,) = of_kind("RayService")
+    cluster = ray["spec"]["rayClusterConfig"]
+    containers += [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    containers += [group["template"]["spec"]["containers"][0] for group in cluster["workerGroupSpecs"]]
+    for container in containers:
+        (var,) = [v for v in container.get("env", []) if v["name"] == "MAGIC3D_SERVICE_TOKEN"]
+        assert var["valueFrom"]["secretKeyRef"] == {"name": "magic3d-auth", "key": "service-token"}, container["name"]
+    orchestrator = named("StatefulSet", "orchestrator")["spec"]["template"]["spec"]
+    (var,) = [v for v in orchestrator["containers"][0]["env"] if v["name"] == "MAGIC3D_TOKENS_FILE"]
+    path = Path(var["value"])
+    (mount,) = [m for m in orchestrator["containers"][0]["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    (volume,) = [v for v in orchestrator["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "magic3d-auth"
+    assert [i["path"] for i in volume["secret"]["items"] if i["key"] == "client-tokens.yaml"] == [path.name]
+    local = tmp_path / path.name
+    local.write_text(auth["stringData"]["client-tokens.yaml"])
+    monkeypatch.setenv("MAGIC3D_TOKENS_FILE", str(local))
+    assert len(TokenTable.load(local)) == 2
+    assert server_tokens(AuthConfig().client_tokens(), "0.0.0.0", False, "orchestrator") is not None

@@ -1,5 +1,6 @@
 """The guidance tier on Ray Serve, through Serve's gRPC proxy on 127.0.0.1: contract, batching, errors, overload,
-and the GuidanceClient against both Serve and a standalone server. Ray + Serve start once for the module."""
+the service token, loopback-only sockets, and the GuidanceClient against both Serve and a standalone server.
+Ray + Serve start once for the module."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig, PriorSpec
 from services.guidance.priors.base import Conditioning, DiffusionPrior, PriorInfo, PriorKind, SdsRequest
 from services.guidance.serve_app import ServeAppSettings, start_local
 from shared import tensors
+from shared.auth import AuthConfig
 from shared.cameras import Shading, orbit_camera
-from shared.errors import InvalidArgument, NotFound, field_violations
+from shared.errors import InvalidArgument, NotFound, Unauthenticated, field_violations
 from shared.guidance_client import GuidanceClient
 from shared.grpcio import insecure_channel
 from shared.registry import Registry
@@ -62,10 +64,12 @@ def build_slow(spec, checkpoint_id):
 
 APP = "analytic"
 SLOW_APP = "slow"
+SECURED_APP = "secured"
+SERVICE_TOKEN = "serve-service-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def local():
+def local(tmp_path_factory):
     analytic = ServeAppSettings(
         name=APP, route_prefix="/analytic", max_batch_size=16, batch_wait_timeout_s=0.1
     )
@@ -80,7 +84,11 @@ def local():
         prior_builders={PriorKind.ANALYTIC: f"{HERE}:build_slow"},
     )
     slow_config = GuidanceConfig(priors=[PriorSpec(name="slow", kind=PriorKind.ANALYTIC)])
-    running = start_local([(DEFAULT_CONFIG, analytic), (slow_config, slow)])
+    token_file = tmp_path_factory.mktemp("serve-auth") / "service-token"
+    token_file.write_text(SERVICE_TOKEN)
+    secured_config = DEFAULT_CONFIG.model_copy(update={"auth": AuthConfig(service_token_file=token_file)})
+    secured = ServeAppSettings(name=SECURED_APP, route_prefix="/secured")
+    running = start_local([(DEFAULT_CONFIG, analytic), (slow_config, slow), (secured_config, secured)])
     yield running
     running.shutdown()
 
@@ -402,3 +410,32 @@ def test_a_replica_killed_mid_call_is_retried_until_serve_replaces_it(local):
     assert result.grad.shape == (1, 3, 64, 64) and torch.isfinite(result.grad).all()
     assert outcome["elapsed"] < 90
     assert victim not in _replica_actors(SLOW_APP)  # served by a new replica
+
+
+def test_the_service_token_guards_the_serve_ingress(local, stub):
+    request = guidance_pb2.CheckPromptRequest(prior="analytic", prompt="a red torus")
+    for extra in ([], [("authorization", "Bearer wrong-token-0123456789")], [("authorization", "Basic x")]):
+        for call in (
+            lambda: stub.CheckPrompt(request, metadata=metadata(SECURED_APP) + extra, timeout=30),
+            lambda: stub.ListPriors(guidance_pb2.ListPriorsRequest(), metadata=metadata(SECURED_APP) + extra, timeout=30),
+            lambda: stub.ComputeSds(proto(1), metadata=metadata(SECURED_APP) + extra, timeout=30),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "wrong-token" not in (caught.value.details() or "")
+    good = metadata(SECURED_APP) + [("authorization", f"Bearer {SERVICE_TOKEN}")]
+    assert stub.CheckPrompt(request, metadata=good, timeout=30).prompt_tokens == 5
+    route = {"kind": "serve", "address": local.grpc_address, "application": SECURED_APP}
+    registry = Registry.model_validate({"priors": {"analytic": route}, "client": {"outage_window_s": 0}})
+    with GuidanceClient(registry, token=SERVICE_TOKEN) as client:
+        assert client.check_prompt("analytic", "a red torus", timeout_s=30).token_count == 5
+    with GuidanceClient(registry, token="") as anonymous, pytest.raises(Unauthenticated):
+        anonymous.check_prompt("analytic", "a red torus", timeout_s=30)
+
+
+def test_every_ray_and_serve_process_listens_on_loopback_only(local, stub):
+    from sockets import non_loopback  # here: replicas import this module by path, without the tests folder
+
+    stub.ListPriors(guidance_pb2.ListPriorsRequest(), metadata=metadata(), timeout=30)  # every server up
+    assert non_loopback() == {}

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.guidance.priors.base import PriorKind, Weighting
+from shared.auth import AuthConfig, TlsConfig
 
 
 class AnalyticOptions(BaseModel):
@@ -97,6 +98,10 @@ class GuidanceConfig(BaseModel):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_rpcs: int = Field(default=64, ge=1)
+    # Callers must send the service token (auth.service_token_file / $MAGIC3D_SERVICE_TOKEN); none on loopback:
+    # auth off (warned). The standalone server checks it here; the Ray Serve ingress checks it too.
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None  # standalone server only (Serve's gRPC proxy has no TLS of its own)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "GuidanceConfig":

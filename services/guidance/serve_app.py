@@ -24,8 +24,12 @@ Entry points
       (`import_path: services.guidance.serve_app:build_app`, `args: {guidance: {...} | guidance_path: ...,
       settings: {...}}`).
     * `start_local(apps, ...)`: Ray + Serve on 127.0.0.1 for tests, benchmarks and development; `LocalServe.shutdown()`.
-      Every Ray process advertises and dials 127.0.0.1; Serve's gRPC proxy itself listens on the wildcard address
-      ([::]:port, hard-coded in Ray 2.60) and is reached at 127.0.0.1. Ports 0 pick free ones.
+      Every Ray process advertises, dials and listens on 127.0.0.1 only: Serve's gRPC proxy and the replicas'
+      inter-deployment servers, which Ray 2.60 binds to the wildcard address, are rebound by a worker setup hook
+      (services/guidance/serve_loopback.py). Ports 0 pick free ones.
+    * Authentication: with a service token configured (`GuidanceConfig.auth`), every RPC that comes through the
+      gRPC proxy must carry it (`authorization: Bearer <token>`, read from the invocation metadata Serve hands to
+      the ingress) or gets UNAUTHENTICATED; calls through a DeploymentHandle come from inside the Ray cluster.
     * `python -m services.guidance.serve_app [--config ...]`: the same for development.
 """
 
@@ -47,12 +51,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services.guidance import messages, sds
+from services.guidance import messages, sds, serve_loopback
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig
 from services.guidance.engine import EngineStats, check_prompt
 from services.guidance.pool import BUILDERS, PriorBuilder, PriorPool
 from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest, SdsResult
-from shared.errors import InvalidArgument, NotFound, ServiceError
+from shared.auth import bearer_token
+from shared.errors import InvalidArgument, NotFound, ServiceError, Unauthenticated
 from shared.grpcio import DEFAULT_MAX_MESSAGE_BYTES, INTERNAL_ERROR_MESSAGE, free_port
 from shared.logging import get_logger
 
@@ -241,6 +246,7 @@ class GuidanceDeployment:
             }
         )
         self.pool = PriorPool(pool_config, builders=builders)
+        self._tokens = self.config.auth.service_tokens()
         self._stats = EngineStats()
         self._batches = 0
         self._stats_lock = threading.Lock()
@@ -267,6 +273,8 @@ class GuidanceDeployment:
     # -- RPCs -------------------------------------------------------------------------------------------------
 
     async def ListPriors(self, request: guidance_pb2.ListPriorsRequest, grpc_context=None):
+        if not self._authenticated(grpc_context):
+            return guidance_pb2.ListPriorsResponse()
         try:
             infos = await asyncio.to_thread(lambda: [self.pool.get(spec.name).info for spec in self.config.priors])
         except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
@@ -276,6 +284,8 @@ class GuidanceDeployment:
     async def ComputeSds(self, request: guidance_pb2.ComputeSdsRequest, grpc_context=None):
         """Decode, validate, then join a batch. Through a DeploymentHandle (no grpc_context) errors are raised."""
         start = time.perf_counter()
+        if not self._authenticated(grpc_context):
+            return guidance_pb2.ComputeSdsResponse()
         try:
             # Decoding and validation scan the whole tensor: off the replica's event loop.
             sds_request = await asyncio.to_thread(messages.sds_request_from_proto, request)
@@ -300,6 +310,8 @@ class GuidanceDeployment:
 
     async def CheckPrompt(self, request: guidance_pb2.CheckPromptRequest, grpc_context=None):
         """The prompt checks of ComputeSds, on this replica's loaded prior. Errors as in ComputeSds."""
+        if not self._authenticated(grpc_context):
+            return guidance_pb2.CheckPromptResponse()
         try:
             messages.check_prompt_request_fields(request)
             name, checkpoint = resolve_model_id(request, serve.get_multiplexed_model_id())
@@ -316,6 +328,16 @@ class GuidanceDeployment:
         except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
             return _failed(grpc_context, error, guidance_pb2.CheckPromptResponse(), "check_prompt_failed")
         return messages.prompt_check_to_proto(check)
+
+    def _authenticated(self, grpc_context) -> bool:
+        """True, or the call's context is set to UNAUTHENTICATED (the token is never echoed)."""
+        if grpc_context is None or not len(self._tokens):
+            return True
+        token = bearer_token(grpc_context.invocation_metadata())
+        if token is not None and self._tokens.lookup(token) is not None:
+            return True
+        set_error(grpc_context, Unauthenticated("guidance: a valid service token (authorization: Bearer) is needed"))
+        return False
 
     def _check_known(self, name: str, checkpoint: str) -> None:
         """NotFound (naming `prior` / `checkpoint_id`) before the multiplexer is asked for an id that cannot load."""
@@ -451,6 +473,7 @@ def _pin_ray_to_loopback() -> Callable[[], None]:
     python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     updates = {key: value for key, value in SERVE_ENV.items() if key not in os.environ}
     updates[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    updates[serve_loopback.LOOPBACK_ENV] = "1"  # Serve's own gRPC servers on 127.0.0.1 too (serve_loopback.py)
     # The autoscaler monitor's and dashboard's metrics servers default to fixed ports (44217, 44227) that a second
     # Ray instance on the same machine would collide with.
     updates["AUTOSCALER_METRIC_PORT"] = str(free_port())
@@ -508,6 +531,7 @@ def start_local(
             include_dashboard=False,
             log_to_driver=log_to_driver,
             configure_logging=False,
+            runtime_env={"worker_process_setup_hook": "services.guidance.serve_loopback.patch"},
         )
     except BaseException:
         restore()

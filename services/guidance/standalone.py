@@ -18,6 +18,7 @@ from services.guidance.pool import PriorPool
 from services.guidance.servicer import GuidanceServicer
 from shared import logging as project_logging
 from services.guidance.metrics import start_metrics
+from shared.auth import server_tokens
 from shared.grpcio import RunningServer, serve_until_signalled, start_server
 
 SERVICE_NAME = guidance_pb2.DESCRIPTOR.services_by_name["GuidanceService"].full_name
@@ -27,6 +28,8 @@ def start(
     config: GuidanceConfig, port: int | None = None, warm: bool = True, pool: PriorPool | None = None
 ) -> RunningServer:
     """Starts serving on `config.host` (port 0: any free port) and returns at once."""
+    host = config.host
+    tokens = server_tokens(config.auth.service_tokens(), host, config.auth.allow_unauthenticated, "guidance")
     engine = GuidanceEngine(config, pool)
     if warm:
         engine.pool.warm()
@@ -47,6 +50,8 @@ def start(
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         enable_reflection=True,
         on_stop=on_stop,
+        tokens=tokens,
+        tls=config.tls,
     )
     running.metrics_port = metrics.port if metrics is not None else None
     return running

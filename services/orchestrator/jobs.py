@@ -27,7 +27,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 2  # 2: jobs.owner (request_id unique per owner) and jobs.checkpoints (with digests)
 MAX_PAGE_SIZE = 1000
 
 
@@ -113,6 +113,7 @@ class JobRecord:
     attempts: int
     create_time: float
     update_time: float
+    owner: str = ""  # the submitting principal; '' for jobs made before ownership existed (admins only)
     checkpoints: tuple[CheckpointRef, ...] = ()
 
     @property
@@ -146,16 +147,27 @@ CREATE TABLE jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     attempts         INTEGER NOT NULL DEFAULT 0,
     create_time      REAL NOT NULL,
-    update_time      REAL NOT NULL
+    update_time      REAL NOT NULL,
+    owner            TEXT NOT NULL DEFAULT '',
+    checkpoints      TEXT NOT NULL DEFAULT '[]'
 );
-CREATE UNIQUE INDEX jobs_request_id ON jobs (request_id) WHERE request_id != '';
+CREATE UNIQUE INDEX jobs_owner_request_id ON jobs (owner, request_id) WHERE request_id != '';
 CREATE INDEX jobs_newest ON jobs (create_time DESC, job_id DESC);
 CREATE INDEX jobs_state ON jobs (state, create_time, job_id);
+CREATE INDEX jobs_owner_newest ON jobs (owner, create_time DESC, job_id DESC);
 """
 
-# version -> the statements that bring a database of the version before it up to it.
+# version -> the statements that bring a database of the version before it up to it (a new file gets _SCHEMA).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
-    2: ("ALTER TABLE jobs ADD COLUMN checkpoints TEXT NOT NULL DEFAULT '[]'",),
+    # Jobs get an owner ('' for the old ones: only admins see them) and request ids become per owner, so one
+    # principal's request_id can neither collide with nor reveal another's job; and their recorded checkpoints.
+    2: (
+        "ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "DROP INDEX IF EXISTS jobs_request_id",
+        "CREATE UNIQUE INDEX jobs_owner_request_id ON jobs (owner, request_id) WHERE request_id != ''",
+        "CREATE INDEX jobs_owner_newest ON jobs (owner, create_time DESC, job_id DESC)",
+        "ALTER TABLE jobs ADD COLUMN checkpoints TEXT NOT NULL DEFAULT '[]'",
+    ),
 }
 
 
@@ -241,6 +253,7 @@ def _record(row: sqlite3.Row) -> JobRecord:
         attempts=row["attempts"],
         create_time=row["create_time"],
         update_time=row["update_time"],
+        owner=row["owner"],
         checkpoints=tuple(CheckpointRef.from_json(c) for c in json.loads(row["checkpoints"])),
     )
 
@@ -316,9 +329,6 @@ class JobStore:
             if version is None:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(statement)
-                for statements in _MIGRATIONS.values():
-                    for statement in statements:
-                        conn.execute(statement)
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif version < SCHEMA_VERSION:
                 for target in range(version + 1, SCHEMA_VERSION + 1):
@@ -357,22 +367,26 @@ class JobStore:
         self._last_create = now
         return now
 
-    def create(self, spec: bytes, request_id: str = "") -> tuple[JobRecord, bool]:
-        """A new QUEUED job, or the one this request_id already made (created=False) if the spec is the same."""
+    def create(self, spec: bytes, request_id: str = "", owner: str = "") -> tuple[JobRecord, bool]:
+        """A new QUEUED job owned by `owner`, or the one this owner's request_id already made (created=False) if
+        the spec is the same."""
         spec = bytes(spec)
         _text("request_id", request_id)
+        _text("owner", owner)
         digest = spec_digest(spec)
         with self._tx() as conn:
             if request_id:
-                row = conn.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+                row = conn.execute(
+                    "SELECT * FROM jobs WHERE owner = ? AND request_id = ?", (owner, request_id)
+                ).fetchone()
                 if row is not None:
                     return self._existing(row, request_id, digest), False
             job_id = new_job_id()
             now = self._next_create_time()
             conn.execute(
-                "INSERT INTO jobs (job_id, request_id, spec, spec_digest, state, create_time, update_time)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, request_id, spec, digest, JobState.QUEUED.value, now, now),
+                "INSERT INTO jobs (job_id, request_id, spec, spec_digest, state, create_time, update_time, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, request_id, spec, digest, JobState.QUEUED.value, now, now, owner),
             )
             return _record(conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()), True
 
@@ -382,12 +396,12 @@ class JobStore:
             raise RequestIdConflict(request_id, row["job_id"])
         return _record(row)
 
-    def find_by_request_id(self, request_id: str, spec: bytes) -> JobRecord | None:
-        """The job an earlier submit with this request_id created, or None; RequestIdConflict if it was made
-        from a different spec. Lets a server answer a retried submit before re-validating it."""
+    def find_by_request_id(self, request_id: str, spec: bytes, owner: str = "") -> JobRecord | None:
+        """The job an earlier submit by `owner` with this request_id created, or None; RequestIdConflict if it
+        was made from a different spec. Lets a server answer a retried submit before re-validating it."""
         if not request_id:
             return None
-        rows = self._query("SELECT * FROM jobs WHERE request_id = ?", (request_id,))
+        rows = self._query("SELECT * FROM jobs WHERE owner = ? AND request_id = ?", (owner, request_id))
         return self._existing(rows[0], request_id, spec_digest(bytes(spec))) if rows else None
 
     def get(self, job_id: str) -> JobRecord:
@@ -436,12 +450,14 @@ class JobStore:
         return _record(conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone())
 
     def list(
-        self, page_size: int = 50, page_token: str = "", states: set[JobState] | None = None
+        self, page_size: int = 50, page_token: str = "", states: set[JobState] | None = None,
+        owner: str | None = None,
     ) -> tuple[list[JobRecord], str]:
-        """Newest first, keyset-paginated: pages stay consistent while jobs are created or deleted meanwhile."""
+        """Newest first, keyset-paginated: pages stay consistent while jobs are created or deleted meanwhile.
+        `owner`: only that principal's jobs (None: everyone's)."""
         size = min(max(int(page_size), 1), MAX_PAGE_SIZE)
         wanted = _state_filter(states)
-        where, params = self._list_filter(wanted, page_token)
+        where, params = self._list_filter(wanted, page_token, owner)
         rows = self._query(
             f"SELECT * FROM jobs {where} ORDER BY create_time DESC, job_id DESC LIMIT ?",  # noqa: S608
             (*params, size + 1),
@@ -451,9 +467,12 @@ class JobStore:
         return records, token
 
     @staticmethod
-    def _list_filter(wanted: list[str], page_token: str) -> tuple[str, tuple[Any, ...]]:
+    def _list_filter(wanted: list[str], page_token: str, owner: str | None = None) -> tuple[str, tuple[Any, ...]]:
         clauses: list[str] = []
         params: list[Any] = []
+        if owner is not None:
+            clauses.append("owner = ?")
+            params.append(_text("owner", owner))
         if wanted:
             clauses.append(f"state IN ({', '.join('?' * len(wanted))})")
             params.extend(wanted)

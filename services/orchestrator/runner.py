@@ -201,11 +201,12 @@ class JobRunner:
 
     # -- client operations ------------------------------------------------------------------------------------
 
-    def submit(self, spec: orchestrator_pb2.JobSpec, request_id: str = "") -> tuple[JobRecord, bool]:
-        """Validates the whole request, then stores the job (idempotent on request_id). Raises ServiceError."""
+    def submit(self, spec: orchestrator_pb2.JobSpec, request_id: str = "", owner: str = "") -> tuple[JobRecord, bool]:
+        """Validates the whole request, then stores the job for `owner` (idempotent on the owner's request_id).
+        Raises ServiceError."""
         data = spec.SerializeToString(deterministic=True)
         try:
-            existing = self.jobs.find_by_request_id(request_id, data)
+            existing = self.jobs.find_by_request_id(request_id, data, owner=owner)
         except RequestIdConflict as error:
             raise InvalidArgument(str(error), "request_id") from None
         if existing is not None:  # a retried submit: the job it made, whatever the queue looks like now
@@ -217,7 +218,7 @@ class JobRunner:
                 f"{queued} jobs are queued, the most this orchestrator accepts; retry later", retry_after_s=60.0
             )
         try:
-            record, created = self.jobs.create(data, request_id)
+            record, created = self.jobs.create(data, request_id, owner=owner)
         except RequestIdConflict as error:  # raced with another submit of the same request_id
             raise InvalidArgument(str(error), "request_id") from None
         if created:
@@ -643,9 +644,9 @@ class JobRunner:
             "code_version": self.settings.code_version,
             "created": record.create_time,
         }
-        uri = self.store.put(
-            f"jobs/{record.job_id}/provenance.json", json.dumps(provenance, indent=2).encode(), "application/json"
-        )
+        key = f"jobs/{record.job_id}/provenance.json"
+        self.store.put(key, json.dumps(provenance, indent=2).encode(), "application/json")
+        uri = self.store.canonical_uri(key)  # the job table keeps stable names; links are minted per request
         return self.jobs.update(
             record.job_id, provenance_uri=uri, artifacts={**record.artifacts, "provenance.json": uri}
         )

@@ -16,6 +16,7 @@ import grpc
 from magic3d.v1 import scene_pb2, scene_pb2_grpc
 
 from shared import logging as project_logging
+from shared.auth import ClientTlsConfig
 from shared.grpcio import insecure_channel
 from shared.stage_limits import SceneLimits
 
@@ -31,6 +32,8 @@ class SceneReplicas:
         default_limits: SceneLimits = SceneLimits(),
         limits_timeout_s: float = 2.0,
         max_mesh_faces: int = SceneLimits().max_mesh_faces,
+        token: str | None = None,
+        tls: ClientTlsConfig | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("at least one scene replica address is needed")
@@ -46,6 +49,8 @@ class SceneReplicas:
         self.max_mesh_faces = max_mesh_faces  # this orchestrator's own bound on uploads, under the replicas'
         self._limits: dict[str, SceneLimits] = {}  # replicas that answered GetLimits
         self._limits_retry_at: dict[str, float] = {}  # replicas that did not: ask again after a cool-down
+        self._token = token  # the service token scene replicas check
+        self._tls = tls
 
     @property
     def capacity(self) -> int:
@@ -82,7 +87,7 @@ class SceneReplicas:
     def stub(self, address: str) -> scene_pb2_grpc.SceneServiceStub:
         with self._lock:
             if address not in self._channels:
-                self._channels[address] = insecure_channel(address)
+                self._channels[address] = insecure_channel(address, token=self._token, tls=self._tls)
             return scene_pb2_grpc.SceneServiceStub(self._channels[address])
 
     def limits(self) -> SceneLimits:

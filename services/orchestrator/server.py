@@ -5,7 +5,8 @@
 It keeps jobs in SQLite (a persistent volume in Kubernetes), drives scene replicas over gRPC, checks priors and
 prompts against the guidance tier (through the same registry the scene services use) before accepting a job,
 reads and links artifacts in the shared store, and exports Prometheus metrics. Answers grpc.health.v1.
-Authentication and TLS belong at the edge (an ingress or a server interceptor here; a later issue).
+Clients authenticate with bearer tokens (`auth.tokens_file`, token -> principal); it calls the scene and guidance
+tiers with the service token; `tls` makes its port TLS (see README "Authentication").
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from services.orchestrator.runner import JobRunner, PriorChecker, RunnerSettings
 from services.orchestrator.scenes import SceneReplicas
 from services.orchestrator.servicer import OrchestratorServicer
 from shared import logging as project_logging
+from shared.auth import AuthConfig, ClientTlsConfig, TlsConfig, server_tokens
 from shared.grpcio import RunningServer, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
@@ -71,6 +73,10 @@ class OrchestratorConfig(BaseModel):
     # Faces of an uploaded mesh (JobSpec.mesh) beyond which a submit is refused (INVALID_ARGUMENT, not decimated);
     # the scene replicas' own limit (GetLimits) applies too, whichever is smaller.
     max_mesh_faces: int = Field(default=200_000, ge=4)
+    # Client bearer tokens and the service token it sends to scene/guidance; none on loopback: auth off (warned).
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None  # this server's certificate (clients then connect with TLS)
+    scene_tls: ClientTlsConfig | None = None  # the CA of the scene replicas' certificates, when they use TLS
 
     @classmethod
     def load(cls, path: str | Path) -> "OrchestratorConfig":
@@ -112,19 +118,21 @@ def start(
     if config.checkpoint_every:
         for preset in presets.presets.values():
             preset.checkpoint_every = config.checkpoint_every
+    tokens = server_tokens(config.auth.client_tokens(), config.host, config.auth.allow_unauthenticated, "orchestrator")
+    service_token = config.auth.service_token()
     guidance = None
     if priors is None:
         # Checks at submit wait out a guidance outage only briefly: the client gets UNAVAILABLE (field "guidance") and
         # retries, rather than a submit that hangs for the scenes' whole outage window.
         registry = Registry.load(config.registry_path)
         client = registry.client.model_copy(update={"outage_window_s": config.guidance_check_window_s})
-        guidance = GuidanceClient(registry.model_copy(update={"client": client}))
+        guidance = GuidanceClient(registry.model_copy(update={"client": client}), token=service_token)
         priors = guidance
     config.database_path.parent.mkdir(parents=True, exist_ok=True)
     jobs = JobStore(config.database_path)
     replicas = SceneReplicas(
         config.scene_replicas, config.jobs_per_replica, cooldown_s=config.replica_cooldown_s,
-        max_mesh_faces=config.max_mesh_faces,
+        max_mesh_faces=config.max_mesh_faces, token=service_token, tls=config.scene_tls,
     )
     settings = RunnerSettings(
         queue_size=config.queue_size, max_attempts=config.max_attempts, code_version=code_version(),
@@ -150,6 +158,8 @@ def start(
         f"{config.host}:{config.port}",
         max_workers=config.max_workers,
         on_stop=on_stop,
+        tokens=tokens,
+        tls=config.tls,
     )
     running.metrics_port = metrics.port if metrics is not None else None
     return running

@@ -37,6 +37,7 @@ from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
 from shared.devices import resolve_device
+from shared.auth import AuthConfig, TlsConfig, server_tokens
 from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -98,6 +99,10 @@ class SceneServiceConfig(BaseModel):
     max_lease_s: float = Field(default=3600.0, gt=0)
     # How often expired leases are looked for (they are also reaped whenever a scene is created).
     lease_sweep_s: float = Field(default=10.0, gt=0)
+    # Callers (the orchestrator) must send the service token (auth.service_token_file / $MAGIC3D_SERVICE_TOKEN);
+    # it is also sent to the guidance tier. None on loopback: auth off (warned).
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "SceneServiceConfig":
@@ -306,7 +311,8 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         step = entry.stage.step_count
         data = checkpoints.dumps(entry.stage.to_checkpoint())
         key = f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt"
-        uri = self.store.put(key, data)
+        self.store.put(key, data)
+        uri = self.store.canonical_uri(key)  # stored by the orchestrator: a stable name, never a presigned link
         digest = hashlib.sha256(data).hexdigest()
         log.info("checkpoint_saved", job_id=entry.job_id, step=step, key=key, bytes=len(data), sha256=digest)
         return uri, step, digest
@@ -361,8 +367,8 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 if _EXPORT_FORMAT_OF.get(name, "any") not in formats | {"any"}:
                     continue
                 extension = name.rsplit(".", 1)[-1]
-                uri = self.store.put(f"{prefix}/{name}", data, _CONTENT_TYPES.get(extension, "application/octet-stream"))
-                files.append(scene_pb2.ExportedFile(name=name, uri=uri))
+                self.store.put(f"{prefix}/{name}", data, _CONTENT_TYPES.get(extension, "application/octet-stream"))
+                files.append(scene_pb2.ExportedFile(name=name, uri=self.store.canonical_uri(f"{prefix}/{name}")))
             log.info("mesh_exported", step=step, faces=exported.faces, watertight=exported.report.watertight)
             return scene_pb2.ExportMeshResponse(
                 artifact_uris=[f.uri for f in files], files=files,
@@ -529,7 +535,8 @@ def _sweep_leases(scenes: SceneTable, every_s: float, stop: threading.Event) -> 
 def start(
     config: SceneServiceConfig, guidance: Guidance | None = None, store: ArtifactStore | None = None
 ) -> RunningServer:
-    guidance = guidance or GuidanceClient(Registry.load(config.registry_path))
+    tokens = server_tokens(config.auth.service_tokens(), config.host, config.auth.allow_unauthenticated, "scene")
+    guidance = guidance or GuidanceClient(Registry.load(config.registry_path), token=config.auth.service_token())
     servicer = SceneServicer(config, guidance, store or open_store(config.store_uri))
     metrics = start_metrics(servicer.scenes, config.host, config.metrics_port) if config.metrics_port is not None else None
     sweeping = threading.Event()
@@ -556,6 +563,8 @@ def start(
         max_message_bytes=config.max_message_bytes,
         on_stop=on_stop,
         before_stop=before_stop,
+        tokens=tokens,
+        tls=config.tls,
     )
     running.metrics_port = metrics.port if metrics is not None else None
     return running

@@ -18,8 +18,9 @@ Atomicity: objects appear whole or not at all. `put` sends the payload with its 
 Two writers of one key: the last completed upload wins; there is never a mix of the two.
 
 Links. `uri(key)` (and `put`'s return value) is a presigned GET URL (AWS Signature V4, query-string auth): anyone
-holding it can download that one object, without store credentials, until it expires (`link_expiry_s`, 7 days at
-most, the S3 limit for SigV4). Signing is local (no request is made): the region is configured, never looked
+holding it can download that one object, without store credentials, until it expires (`link_expiry_s`, 1 hour by
+default, 7 days at most, the S3 limit for SigV4; links are bearer secrets, so they are short-lived, minted when a
+client asks for its job, and never logged). Signing is local (no request is made): the region is configured, never looked
 up. The signature covers the Host, so the link must name the host the client will reach: inside a cluster the
 store's endpoint (`minio.magic3d.svc:9000`) is not reachable by outside clients, so set `public_endpoint` (e.g.
 `https://artifacts.example.com`) and links are signed for that host with a second, offline client; the proxy in
@@ -46,7 +47,7 @@ Configuration (`S3Settings`, or environment variables read by `S3Settings.from_e
     MAGIC3D_S3_PUBLIC_ENDPOINT  optional host:port or http(s)://host:port that presigned links are signed for
     MAGIC3D_S3_PUBLIC_SECURE    https for the public endpoint when it has no scheme (default: same as SECURE)
     MAGIC3D_S3_CREATE_BUCKET    create the bucket when missing (default true)
-    MAGIC3D_S3_LINK_EXPIRY_S    presigned link lifetime in seconds, 1..604800 (default 604800, 7 days)
+    MAGIC3D_S3_LINK_EXPIRY_S    presigned link lifetime in seconds, 1..604800 (default 3600, 1 hour)
     MAGIC3D_S3_PART_SIZE        multipart part size in bytes, 5 MiB..5 GiB (default 16 MiB)
     MAGIC3D_S3_CONNECT_TIMEOUT_S / MAGIC3D_S3_READ_TIMEOUT_S / MAGIC3D_S3_RETRIES   (defaults 5, 60, 3)
     MAGIC3D_S3_CERT_CHECK       verify the server's TLS certificate (default true; CA bundle from SSL_CERT_FILE)
@@ -84,6 +85,7 @@ from shared.store.base import ArtifactNotFound, ArtifactStore
 
 ENV_PREFIX = "MAGIC3D_S3_"
 MAX_LINK_EXPIRY_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
+DEFAULT_LINK_EXPIRY_S = 3600  # a leaked link is a download credential: keep its life short
 _RETRYABLE_S3_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"})
 
 
@@ -118,7 +120,7 @@ class S3Settings(BaseModel):
     public_endpoint: str | None = None
     public_secure: bool | None = None
     create_bucket: bool = True
-    link_expiry_s: int = Field(default=MAX_LINK_EXPIRY_S, ge=1, le=MAX_LINK_EXPIRY_S)
+    link_expiry_s: int = Field(default=DEFAULT_LINK_EXPIRY_S, ge=1, le=MAX_LINK_EXPIRY_S)
     part_size: int = Field(default=16 * 1024 * 1024, ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=60.0, gt=0)
