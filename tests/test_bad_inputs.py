@@ -402,7 +402,7 @@ def test_limit_messages_say_the_scene_service_limit(stubs):
 
 
 def test_get_limits_publishes_the_configured_limits(stubs):
-    limits = stubs.scene.GetLimits(scene_pb2.GetLimitsRequest(), timeout=10)
+    limits = stubs.scene.GetLimits(scene_pb2.GetLimitsRequest(), timeout=10).limits
     assert (limits.max_resolution, limits.max_batch_size, limits.max_samples_per_ray, limits.max_grid_cells) == (128, 8, 64, 32)
     assert limits.max_hash_table_bytes == 8 * 2**20 and limits.max_mesh_faces == 1000
 

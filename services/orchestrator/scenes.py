@@ -112,7 +112,7 @@ class SceneReplicas:
             with self._lock:
                 self._limits_retry_at[address] = time.monotonic() + self.cooldown_s
             return self.default_limits
-        limits = SceneLimits.from_proto(reply)
+        limits = SceneLimits.from_proto(reply.limits)
         with self._lock:
             self._limits[address] = limits
         log.info("scene_limits", replica=address, **vars(limits))

@@ -376,7 +376,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             )
 
     def GetLimits(self, request, context):
-        return self.limits.to_proto()
+        return scene_pb2.GetLimitsResponse(limits=self.limits.to_proto())
 
     def DeleteScene(self, request, context):
         try:
