@@ -22,23 +22,13 @@ import random
 import re
 import threading
 import time
-from typing import Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
-from services.guidance import messages
-from services.guidance.priors.base import (
-    Conditioning,
-    PriorInfo,
-    PriorKind,
-    PromptCheck,
-    SdsRequest,
-    SdsResult,
-    Weighting,
-)
 from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -51,8 +41,12 @@ from shared.errors import (
     Unimplemented,
 )
 from shared.grpcio import insecure_channel
+from shared.guidance_types import PromptCheck, prompt_check_from_proto
 from shared.logging import get_logger
 from shared.registry import Endpoint, Registry
+
+if TYPE_CHECKING:  # the guidance contract imports torch; the orchestrator uses this client without it
+    from services.guidance.priors.base import PriorInfo, SdsRequest, SdsResult
 
 log = get_logger(__name__)
 
@@ -154,6 +148,14 @@ def error_from_rpc(error: grpc.RpcError) -> ServiceError:
     return cls(message, field, retry_after_s)
 
 
+def _messages():
+    """The proto <-> contract translation, imported on first use: it imports torch (tensors), which a caller that
+    only checks prompts (the orchestrator) never needs."""
+    from services.guidance import messages
+
+    return messages
+
+
 class GuidanceClient:
     """Thread-safe; one channel per server address, shared by every logical prior routed to it."""
 
@@ -177,7 +179,7 @@ class GuidanceClient:
         """Every prior served where the logical prior `name` is served."""
         endpoint = self.endpoint(name)
         response = self._call(endpoint, "ListPriors", guidance_pb2.ListPriorsRequest(), timeout_s, outage_window_s)
-        return [messages.prior_info_from_proto(p) for p in response.priors]
+        return [_messages().prior_info_from_proto(p) for p in response.priors]
 
     def prior_info(self, name: str, timeout_s: float | None = None, outage_window_s: float | None = None) -> PriorInfo:
         """The description of the prior behind logical name `name`."""
@@ -211,7 +213,7 @@ class GuidanceClient:
             prior=endpoint.prior, checkpoint_id=checkpoint, prompt=prompt, negative_prompt=negative_prompt
         )
         response = self._call(endpoint, "CheckPrompt", message, timeout_s, outage_window_s)
-        return messages.prompt_check_from_proto(response)
+        return prompt_check_from_proto(response)
 
     def compute_sds(
         self, request: SdsRequest, timeout_s: float | None = None, outage_window_s: float | None = None
@@ -225,11 +227,11 @@ class GuidanceClient:
         checkpoint = request.checkpoint_id or endpoint.checkpoint_id
         if checkpoint != endpoint.checkpoint_id:
             endpoint = dataclasses.replace(endpoint, checkpoint_id=checkpoint)
-        message = messages.sds_request_to_proto(request)
+        message = _messages().sds_request_to_proto(request)
         message.prior = endpoint.prior
         message.checkpoint_id = checkpoint
         response = self._call(endpoint, "ComputeSds", message, timeout_s, outage_window_s)
-        return messages.sds_result_from_proto(response)
+        return _messages().sds_result_from_proto(response)
 
     def close(self) -> None:
         with self._lock:

@@ -3,9 +3,9 @@ one process, as in tests and the local stack, do not clash). Collectors read liv
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
-import torch
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
@@ -24,10 +24,12 @@ class MetricsServer:
 
 class GpuMemoryCollector:
     """This process's CUDA memory as PyTorch's allocator sees it (nothing where CUDA is absent): what a platform
-    team sizes GPU requests by, per service. `peak` is since the process started."""
+    team sizes GPU requests by, per service. `peak` is since the process started. A process that never imported
+    torch (the orchestrator) holds no CUDA memory: nothing to report, and torch is not imported to say so."""
 
     def collect(self):
-        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
             return
         for index in range(torch.cuda.device_count()):
             labels = [str(index)]

@@ -19,6 +19,9 @@ from services.guidance.priors.base import (
 )
 from shared import cameras, tensors
 from shared.errors import InvalidArgument, Unimplemented
+from shared.guidance_types import WEIGHTING_FROM_PROTO as _WEIGHTING_FROM_PROTO
+from shared.guidance_types import WEIGHTING_TO_PROTO as _WEIGHTING_TO_PROTO
+from shared.guidance_types import prompt_check_from_proto  # noqa: F401 - re-exported
 
 _KIND_TO_PROTO = {
     PriorKind.PIXEL: guidance_pb2.PRIOR_KIND_PIXEL,
@@ -33,12 +36,6 @@ _CONDITIONING_TO_PROTO = {
     Conditioning.RELATIVE_POSE: guidance_pb2.CONDITIONING_RELATIVE_POSE,
     Conditioning.CAMERA: guidance_pb2.CONDITIONING_CAMERA,
 }
-_WEIGHTING_TO_PROTO = {
-    Weighting.SDS: guidance_pb2.WEIGHTING_SDS,
-    Weighting.UNIFORM: guidance_pb2.WEIGHTING_UNIFORM,
-    Weighting.FANTASIA3D: guidance_pb2.WEIGHTING_FANTASIA3D,
-}
-_WEIGHTING_FROM_PROTO = {v: k for k, v in _WEIGHTING_TO_PROTO.items()}
 _GRAD_DTYPES = {
     common_pb2.SCALAR_TYPE_UNSPECIFIED: torch.float32,
     common_pb2.SCALAR_TYPE_FLOAT32: torch.float32,
@@ -200,12 +197,4 @@ def prompt_check_to_proto(check: PromptCheck) -> guidance_pb2.CheckPromptRespons
         prompt_tokens=check.token_count,
         negative_prompt_tokens=check.negative_token_count,
         max_tokens=check.max_tokens,
-    )
-
-
-def prompt_check_from_proto(message: guidance_pb2.CheckPromptResponse) -> PromptCheck:
-    return PromptCheck(
-        token_count=message.prompt_tokens,
-        negative_token_count=message.negative_prompt_tokens,
-        max_tokens=message.max_tokens,
     )

@@ -1,5 +1,5 @@
 """What a job spec must pass before it is accepted, beyond the preset parsing (presets.plan_job) and the prior
-checks (JobRunner._check_priors): a well-formed deadline, finite numbers and t ranges in every stage config, sizes
+checks (Admission._check_priors): a well-formed deadline, finite numbers and t ranges in every stage config, sizes
 within the scene service's limits (the strictest across replicas, `SceneReplicas.limits`), and an uploaded mesh
 that the fine stage can start from. The stage rules are `shared.stage_limits`', the same the scene service applies
 in CreateScene, so a job accepted here is not refused there.
@@ -29,7 +29,7 @@ from shared.stage_limits import (
 )
 
 if TYPE_CHECKING:
-    from services.orchestrator.runner import JobRunner
+    from services.orchestrator.admission import Admission
 
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
@@ -39,7 +39,7 @@ _DEFAULT_T = {
 }
 
 
-def validate_spec(runner: "JobRunner", spec: orchestrator_pb2.JobSpec) -> None:
+def validate_spec(runner: "Admission", spec: orchestrator_pb2.JobSpec) -> None:
     """Raises InvalidArgument naming the field for the first rule `spec` breaks (see the module docstring)."""
     check_deadline(spec)
     if spec.WhichOneof("input") is None:
@@ -104,7 +104,7 @@ def _sets(config: scene_pb2.StageConfig, path: str) -> bool:
 
 def read_mesh(mesh: orchestrator_pb2.MeshInput) -> MeshSummary:
     """An uploaded mesh's checks but the face limit (which depends on the replicas): readable, finite, closed
-    enough to enclose a volume. Cached for the one upload being validated (runner.validate reads it again)."""
+    enough to enclose a volume. Cached for the one upload being validated (Admission.validate reads it again)."""
     return _mesh_summary(mesh.mesh, mesh.format)
 
 

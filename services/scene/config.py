@@ -1,4 +1,6 @@
-"""Typed stage configuration, validated at the edge (pydantic). Schedules are data (shared.schedules.Schedule)."""
+"""Typed stage configuration, validated at the edge (pydantic). Schedules are data (shared.schedules.Schedule).
+
+Torch-free (so are the modules it imports): the orchestrator validates jobs with these classes without torch."""
 
 from __future__ import annotations
 
@@ -6,10 +8,10 @@ from typing import Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.guidance.priors.base import Weighting
-from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
-from shared.cameras import CameraRanges
+from services.scene.field_config import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
+from shared.camera_ranges import CameraRanges
 from shared.schedules import Schedule
+from shared.guidance_types import Weighting
 
 
 class PriorTerm(BaseModel):

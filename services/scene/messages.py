@@ -1,4 +1,5 @@
-"""magic3d.v1 scene messages -> typed stage configs. Unset proto fields keep the service's defaults."""
+"""magic3d.v1 scene messages -> typed stage configs. Unset proto fields keep the service's defaults. Torch-free: the
+orchestrator parses stage configs with it."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import dataclasses
 from magic3d.v1 import scene_pb2
 from pydantic import ValidationError
 
-from services.guidance.messages import _WEIGHTING_FROM_PROTO
 from services.scene.config import CoarseConfig, FineConfig, PriorTerm
 from shared.errors import InvalidArgument
 from shared.schedules import Schedule
+from shared.guidance_types import WEIGHTING_FROM_PROTO
 
 
 def schedule_from_proto(message: scene_pb2.Schedule, field: str) -> Schedule:
@@ -105,7 +106,7 @@ def _prior_terms(message: scene_pb2.StageConfig) -> tuple[PriorTerm, ...]:
                 weight=term.weight or 1.0,
                 checkpoint_id=term.checkpoint_id,
                 guidance_scale=term.guidance_scale if term.HasField("guidance_scale") else None,
-                weighting=_WEIGHTING_FROM_PROTO.get(term.weighting),
+                weighting=WEIGHTING_FROM_PROTO.get(term.weighting),
             ))
         except ValidationError as error:  # its text is pydantic's: name the field, keep the reason short
             first = error.errors()[0]

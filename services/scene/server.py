@@ -33,6 +33,7 @@ from services.scene.fine import FineStage
 from services.scene.guidance import Guidance
 from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
 from services.scene.metrics import start_metrics
+from shared import artifact_keys
 from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
@@ -310,7 +311,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         """The scene's checkpoint in the store (the caller holds the scene's lock): URI, step, SHA-256."""
         step = entry.stage.step_count
         data = checkpoints.dumps(entry.stage.to_checkpoint())
-        key = f"jobs/{entry.job_id}/{_stage_name(entry.stage)}/step-{step:07d}.ckpt"
+        key = artifact_keys.checkpoint_key(entry.job_id, _stage_name(entry.stage), step)
         self.store.put(key, data)
         uri = self.store.canonical_uri(key)  # stored by the orchestrator: a stable name, never a presigned link
         digest = hashlib.sha256(data).hexdigest()
@@ -361,7 +362,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 abort_with(context, error)
             except ValueError as error:  # an empty mesh, a degenerate surface
                 abort_with(context, FailedPrecondition(f"cannot export this scene's mesh: {error}", "scene_id"))
-            prefix = f"jobs/{entry.job_id}/export/{_stage_name(entry.stage)}-step-{step:07d}"
+            prefix = artifact_keys.export_prefix(entry.job_id, _stage_name(entry.stage), step)
             files = []
             for name, data in exported.files.items():
                 if _EXPORT_FORMAT_OF.get(name, "any") not in formats | {"any"}:

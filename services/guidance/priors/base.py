@@ -17,6 +17,7 @@ from typing import Callable, Generic, Hashable, TypeVar
 import torch
 
 from shared.cameras import Camera
+from shared.guidance_types import PromptCheck, Weighting
 
 
 class PriorKind(str, Enum):
@@ -32,12 +33,6 @@ class Conditioning(str, Enum):
     IMAGE = "image"
     RELATIVE_POSE = "relative_pose"
     CAMERA = "camera"
-
-
-class Weighting(str, Enum):
-    SDS = "sds"  # w = 1 - abar_t
-    UNIFORM = "uniform"  # w = 1
-    FANTASIA3D = "fantasia3d"  # w = sqrt(abar_t) * (1 - abar_t)
 
 
 @dataclass(frozen=True)
@@ -126,19 +121,6 @@ class SdsResult:
     finite: list[bool]
     prompts: list[str]
     server_time_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class PromptCheck:
-    """An accepted prompt's size (mirrors magic3d.v1.CheckPromptResponse).
-
-    `token_count` is the prompt with the longest view suffix appended, as the prior's text encoder counts it;
-    `negative_token_count` is 0 for an empty negative prompt. Both are <= `max_tokens`.
-    """
-
-    token_count: int
-    negative_token_count: int
-    max_tokens: int
 
 
 class DiffusionPrior(abc.ABC):

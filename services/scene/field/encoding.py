@@ -22,80 +22,14 @@ import abc
 import importlib
 import importlib.util
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from services.scene.field_config import HashGridConfig
+
 HASH_PRIMES = (1, 2654435761, 805459861)
-
-
-@dataclass(frozen=True)
-class HashGridConfig:
-    """Hash-grid hyperparameters; the defaults are threestudio's Magic3D ones (finest level 16 * 256 = 4096)."""
-
-    n_levels: int = 16
-    n_features_per_level: int = 2
-    log2_hashmap_size: int = 19
-    base_resolution: int = 16
-    per_level_scale: float = 1.447269237440378
-
-    def __post_init__(self) -> None:
-        def _int(name: str, low: int, high: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"HashGridConfig.{name} must be an int, got {value!r}")
-            if not low <= value <= high:
-                raise ValueError(f"HashGridConfig.{name} must be in [{low}, {high}], got {value}")
-
-        _int("n_levels", 1, 32)
-        _int("n_features_per_level", 1, 8)
-        _int("log2_hashmap_size", 4, 30)
-        _int("base_resolution", 1, 1 << 16)
-        scale = self.per_level_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"HashGridConfig.per_level_scale must be a finite number, got {scale!r}")
-        if not 1.0 <= scale <= 4.0:
-            raise ValueError(f"HashGridConfig.per_level_scale must be in [1, 4], got {scale}")
-        finest = self.resolutions()[-1]
-        if finest > (1 << 20):
-            raise ValueError(
-                f"HashGridConfig: finest level has {finest} cells per axis (over 2^20); "
-                "lower n_levels, base_resolution or per_level_scale"
-            )
-
-    @property
-    def table_size(self) -> int:
-        """Rows of one hashed level's table (2^log2_hashmap_size)."""
-        return 1 << self.log2_hashmap_size
-
-    @property
-    def output_dim(self) -> int:
-        return self.n_levels * self.n_features_per_level
-
-    def resolutions(self) -> list[int]:
-        """Cells per axis of each level: floor(base * scale^l) (a tiny epsilon absorbs rounding of exact powers)."""
-        return [
-            max(1, int(math.floor(self.base_resolution * self.per_level_scale**level + 1e-6)))
-            for level in range(self.n_levels)
-        ]
-
-    def level_is_dense(self) -> list[bool]:
-        """True for levels whose (N_l + 1)^3 vertices fit in the table (indexed densely, no hashing)."""
-        return [(res + 1) ** 3 <= self.table_size for res in self.resolutions()]
-
-    def level_sizes(self) -> list[int]:
-        """Table rows of each level: (N_l + 1)^3 for dense levels, 2^log2_hashmap_size for hashed ones."""
-        return [min((res + 1) ** 3, self.table_size) for res in self.resolutions()]
-
-    @property
-    def n_params(self) -> int:
-        return sum(self.level_sizes()) * self.n_features_per_level
-
-    def memory_bytes(self, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes of the parameter table alone (no gradients or optimiser state: Adam adds about 3x more)."""
-        return self.n_params * torch.empty((), dtype=dtype).element_size()
 
 
 class Encoding(nn.Module, metaclass=abc.ABCMeta):

@@ -25,52 +25,13 @@ Normals ("normals" in FieldConfig):
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field as dc_field
-
 import torch
 from torch.profiler import record_function
 from torch import nn
 from torch.nn import functional as F
 
-from services.scene.field.encoding import Encoding, FrequencyEncoding, HashGridConfig, make_encoding
-
-DENSITY_ACTIVATIONS = ("softplus", "exp")
-NORMAL_MODES = ("analytic", "finite_difference", "predicted")
-
-
-@dataclass(frozen=True)
-class FieldConfig:
-    encoding: HashGridConfig = dc_field(default_factory=HashGridConfig)
-    backend: str = "auto"  # hash-grid backend for make_encoding: "auto", "torch", "tcnn"
-    hidden_width: int = 64
-    n_hidden_layers: int = 1
-    density_activation: str = "softplus"
-    blob_density: float = 10.0
-    blob_radius: float = 0.5
-    bound_radius: float = 1.0  # the scene box [-r, r]^3, mapped to the hash grid's [0, 1]^3
-    normals: str = "analytic"
-    finite_difference_eps: float = 0.01
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.encoding, HashGridConfig):
-            raise ValueError(f"FieldConfig.encoding must be a HashGridConfig, got {type(self.encoding).__name__}")
-        if self.hidden_width < 1:
-            raise ValueError(f"FieldConfig.hidden_width must be >= 1, got {self.hidden_width}")
-        if self.n_hidden_layers < 0:
-            raise ValueError(f"FieldConfig.n_hidden_layers must be >= 0, got {self.n_hidden_layers}")
-        if self.density_activation not in DENSITY_ACTIVATIONS:
-            raise ValueError(
-                f"FieldConfig.density_activation must be one of {DENSITY_ACTIVATIONS}, got {self.density_activation!r}"
-            )
-        if self.normals not in NORMAL_MODES:
-            raise ValueError(f"FieldConfig.normals must be one of {NORMAL_MODES}, got {self.normals!r}")
-        for name in ("blob_radius", "bound_radius", "finite_difference_eps"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"FieldConfig.{name} must be a positive number, got {value!r}")
-        if not (isinstance(self.blob_density, (int, float)) and math.isfinite(self.blob_density)):
-            raise ValueError(f"FieldConfig.blob_density must be a finite number, got {self.blob_density!r}")
+from services.scene.field.encoding import Encoding, FrequencyEncoding, make_encoding
+from services.scene.field_config import DENSITY_ACTIVATIONS, NORMAL_MODES, FieldConfig, HashGridConfig
 
 
 class _TruncExp(torch.autograd.Function):

@@ -28,11 +28,10 @@ update counter into checkpoints.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from services.scene.field_config import OccupancyConfig
 
 
 def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -41,34 +40,6 @@ def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: t
     if generator is None:
         return torch.rand(shape, device=device)
     return torch.rand(shape, generator=generator, device=generator.device).to(device)
-
-
-@dataclass(frozen=True)
-class OccupancyConfig:
-    resolution: int = 32  # 32 on CPU; 128-256 on GPU (Magic3D used 256)
-    bound_radius: float = 1.0  # must match the field's box
-    decay: float = 0.95
-    alpha_threshold: float = 0.01
-    step_size: float = 2.0 / 64  # the renderer's sample spacing: 2 * radius / num_samples_per_ray
-    update_every: int = 16  # K (nerfacc 16; the Magic3D paper refreshes every 10)
-    warmup_steps: int = 256
-    full_update_max_cells: int = 32**3
-    chunk_size: int = 1 << 16  # points per field evaluation during an update
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.resolution, int) or not 1 <= self.resolution <= 1024:
-            raise ValueError(f"OccupancyConfig.resolution must be an int in [1, 1024], got {self.resolution!r}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"OccupancyConfig.decay must be in [0, 1], got {self.decay}")
-        for name in ("bound_radius", "alpha_threshold", "step_size"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"OccupancyConfig.{name} must be positive, got {value}")
-        for name in ("update_every", "chunk_size", "full_update_max_cells"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"OccupancyConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"OccupancyConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 class OccupancyGrid(nn.Module):

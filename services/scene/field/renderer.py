@@ -29,7 +29,6 @@ Regularisers (threestudio's Magic3D system): `orientation_loss` (DreamFusion's n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,36 +37,10 @@ from torch.nn import functional as F
 from torch.profiler import record_function
 
 from services.scene.field.occupancy import OccupancyGrid, uniform
+from services.scene.field_config import BACKGROUND_MODES, RendererConfig
 from shared.cameras import Camera, Shading
 
-BACKGROUND_MODES = ("learned", "camera", "white")
 _SHADING_IDS = {Shading.ALBEDO: 0, Shading.LAMBERTIAN: 1, Shading.TEXTURELESS: 2, Shading.NORMAL: 3}
-
-
-@dataclass(frozen=True)
-class RendererConfig:
-    num_samples_per_ray: int = 64
-    radius: float = 1.0  # bounding sphere for near/far (the field's box [-r, r]^3 contains it)
-    min_near: float = 0.01  # cameras inside the sphere start marching here
-    stratified: bool = True  # jitter samples within their bins (training); False: bin centres
-    use_occupancy: bool = True  # skip samples in empty cells when render() gets an OccupancyGrid
-    background: str = "learned"  # "learned": the background module (camera colour when none is given);
-    # "camera": each camera's background colour/image; "white"
-
-    def __post_init__(self) -> None:
-        if self.num_samples_per_ray < 1:
-            raise ValueError(f"RendererConfig.num_samples_per_ray must be >= 1, got {self.num_samples_per_ray}")
-        if not (math.isfinite(self.radius) and self.radius > 0):
-            raise ValueError(f"RendererConfig.radius must be positive, got {self.radius}")
-        if self.min_near < 0:
-            raise ValueError(f"RendererConfig.min_near must be >= 0, got {self.min_near}")
-        if self.background not in BACKGROUND_MODES:
-            raise ValueError(f"RendererConfig.background must be one of {BACKGROUND_MODES}, got {self.background!r}")
-
-    @property
-    def step_size(self) -> float:
-        """The largest sample spacing (a ray through the centre): 2 r / num_samples. Feed it to OccupancyConfig."""
-        return 2.0 * self.radius / self.num_samples_per_ray
 
 
 def _resolution(resolution: int | tuple[int, int]) -> tuple[int, int]:
