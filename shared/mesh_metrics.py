@@ -10,11 +10,13 @@ import math
 
 import torch
 
+from shared.meshes import face_normals
+
 
 def sample_surface(vertices: torch.Tensor, faces: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
     """`count` points uniformly distributed by area on the surface."""
     tri = vertices[faces].double()  # (F, 3, 3)
-    areas = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]).norm(dim=1) / 2
+    areas = face_normals(vertices.double(), faces).norm(dim=1) / 2
     chosen = torch.multinomial(areas / areas.sum(), count, replacement=True, generator=generator)
     u, v = torch.rand(count, generator=generator, dtype=torch.float64), torch.rand(count, generator=generator, dtype=torch.float64)
     flip = u + v > 1

@@ -59,7 +59,7 @@ class Mesh:
     @cached_property
     def face_normals(self) -> torch.Tensor:
         """(F, 3) unit normals of the faces (right-hand rule on the winding)."""
-        return torch.nn.functional.normalize(_face_cross(self.vertices, self.faces), dim=1)
+        return torch.nn.functional.normalize(face_normals(self.vertices, self.faces), dim=1)
 
     @cached_property
     def shading_normals(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +77,16 @@ class Mesh:
         )
 
 
-def _face_cross(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    v0, v1, v2 = vertices[faces].unbind(1)
+def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Unnormalised face normals (F, 3) by the right-hand rule on the winding: twice the area times the unit
+    normal. Differentiable w.r.t. the vertices. The one place the project takes this cross product."""
+    v0, v1, v2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
     return torch.linalg.cross(v1 - v0, v2 - v0)
 
 
 def vertex_normals(mesh: Mesh) -> torch.Tensor:
     """(V, 3) smooth unit normals: the area-weighted mean of the adjacent faces' normals."""
-    cross = _face_cross(mesh.vertices, mesh.faces)  # length = twice the area
+    cross = face_normals(mesh.vertices, mesh.faces)  # length = twice the area
     normals = torch.zeros_like(mesh.vertices)
     normals.index_add_(0, mesh.faces.reshape(-1), cross.repeat_interleave(3, dim=0))
     return torch.nn.functional.normalize(normals, dim=1)
@@ -103,7 +105,7 @@ def crease_normals(
     faces = mesh.faces
     num_faces = faces.shape[0]
     verts = mesh.vertices if vertices is None else vertices
-    cross = _face_cross(verts, faces)
+    cross = face_normals(verts, faces)
     unit = torch.nn.functional.normalize(cross, dim=1)
     corner_vertex = faces.reshape(-1)  # (3F,)
     corner_face = torch.arange(num_faces).repeat_interleave(3)

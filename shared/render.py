@@ -1,10 +1,6 @@
 """Rendering a `Mesh` from `Camera`s through the `Rasterizer` interface only (so nvdiffrast can replace it).
 
-Shading modes (the camera's `shading`):
-* ALBEDO: the colour itself.
-* LAMBERTIAN: albedo * (ambient + diffuse * max(0, n . l)), l towards the camera's point light (world coords).
-* TEXTURELESS: the same lighting on a white albedo.
-* NORMAL: (n + 1) / 2 with world-space unit normals.
+Shading: the camera's mode and point light, by `shared.shading.shade` (the scene's renderers use it too).
 
 Normals are per-corner with 45-degree creases (`Mesh.shading_normals`): smooth on spheres and tori, flat on
 box faces and cylinder caps. They are turned to face the camera on triangles seen from behind (open or
@@ -18,8 +14,9 @@ from __future__ import annotations
 import torch
 
 from shared.cameras import Camera, Shading
-from shared.meshes import Mesh, crease_normals
+from shared.meshes import Mesh, crease_normals, face_normals
 from shared.rasterize.base import Rasterizer, to_top_row_first
+from shared.shading import shade_view
 
 
 def clip_positions(vertices: torch.Tensor, cameras: list[Camera]) -> torch.Tensor:
@@ -65,7 +62,7 @@ def render_mesh(
 
     colors = _albedo(mesh, albedo, verts)
     need_normals = any(camera.shading != Shading.ALBEDO for camera in cameras)
-    shaded = []
+    shaded: list[torch.Tensor] = []
     if need_normals:
         if vertices is None:
             corner_normals, normal_tri = mesh.shading_normals
@@ -76,7 +73,7 @@ def render_mesh(
         world = rasterizer.interpolate(verts, rast, faces)  # (B, H, W, 3) world positions
         # Face the camera on back-facing triangles (judged by the geometric face normal).
         face_id = ((rast[..., 3].detach() + 0.5).long() - 1).clamp(min=0)
-        geometric = torch.nn.functional.normalize(_face_cross(verts, faces), dim=1)
+        geometric = torch.nn.functional.normalize(face_normals(verts, faces), dim=1)
         geometric = geometric.index_select(0, face_id.reshape(-1)).reshape(*face_id.shape, 3)
         eyes = torch.stack([camera.camera_to_world[:3, 3] for camera in cameras]).to(verts)
         to_eye = eyes[:, None, None, :] - world
@@ -91,19 +88,9 @@ def render_mesh(
             base = albedo_image[index]
         else:
             base = colors.to(verts).expand(height, width, 3)
-        if camera.shading == Shading.ALBEDO:
-            color = base
-        elif camera.shading == Shading.NORMAL:
-            color = (normals[index] + 1) / 2
-        else:
-            light = torch.tensor(camera.light.position, dtype=verts.dtype)
-            direction = torch.nn.functional.normalize(light - world[index], dim=-1)
-            lambert = (normals[index] * direction).sum(-1, keepdim=True).clamp(min=0)
-            intensity = camera.light.ambient + camera.light.diffuse * lambert
-            if camera.shading == Shading.TEXTURELESS:
-                base = torch.ones_like(base)
-            color = base * intensity
-        shaded.append(color)
+        normal = None if normals is None else normals[index]
+        point = None if world is None else world[index]
+        shaded.append(shade_view(camera, base, normal, point))
     color = torch.stack(shaded)  # (B, H, W, 3), bottom-row-first
     background = torch.stack(
         [to_top_row_first(camera.background(height, width)[None])[0] for camera in cameras]
@@ -123,7 +110,3 @@ def _albedo(mesh: Mesh, albedo, verts: torch.Tensor) -> torch.Tensor:
         return albedo
     raise ValueError(f"albedo must be (3,) or (V, 3), got {list(albedo.shape)}")
 
-
-def _face_cross(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    v0, v1, v2 = vertices.index_select(0, faces.reshape(-1)).reshape(-1, 3, 3).unbind(1)
-    return torch.linalg.cross(v1 - v0, v2 - v0)

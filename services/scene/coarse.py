@@ -1,19 +1,16 @@
-"""The coarse stage as a plain object: `step()`, `state_dict()` / `load_state_dict()`, `extract_mesh()`.
+"""The coarse stage (a `Stage`): a neural field volume-rendered, `extract_mesh()` by marching cubes.
 
-One step: draw cameras -> volume-render B images (keeping the autograd graph) -> ask each prior for SDS gradients
-of those images -> back-propagate the weighted gradients plus the regularisers -> optimiser step -> refresh the
-occupancy grid when due. A guidance failure raises before anything is updated, and a step whose losses or
-gradients are not finite is skipped and counted, so a step either happens whole or not at all.
+Its step (`Stage.step`): draw cameras -> volume-render B images (keeping the autograd graph) -> the priors' SDS
+gradients -> back-propagate them plus the orientation, sparsity and opacity-entropy regularisers -> optimiser step
+-> refresh the occupancy grid when due.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
+from torch import nn
 
-from services.scene.checkpoint import Checkpoint
 from services.scene.config import CoarseConfig
 from services.scene.field import (
     BackgroundMLP,
@@ -25,32 +22,25 @@ from services.scene.field import (
     param_groups,
     sparsity_loss,
 )
-from services.scene.guidance import Guidance, PriorInfoCache
-from services.scene.steps import (
-    Counters,
-    NonFiniteStepsExceeded,
-    PhaseTimer,
-    StepReport,
-    apply_losses,
-    guidance_gradient,
-    step_seed,
-)
-from shared.cameras import Camera, sample_cameras
+from services.scene.guidance import Guidance
+from services.scene.stage import Stage
+from services.scene.steps import Counters, NonFiniteStepsExceeded, PhaseTimer, StepReport, step_seed
+from shared.cameras import Camera
 from shared.errors import FailedPrecondition
 
 __all__ = ["CoarseStage", "NonFiniteStepsExceeded", "StepReport", "step_seed"]
 
 
-class CoarseStage:
+class CoarseStage(Stage):
+    name = "coarse"
+    config_type = CoarseConfig
+    config: CoarseConfig
+
     def __init__(self, config: CoarseConfig, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"):
-        self.config = config
-        self.guidance = guidance
-        self.prior_infos = PriorInfoCache(guidance)
-        self.job_id = job_id
-        self.device = torch.device(device)
-        torch.manual_seed(config.seed)  # network initialisation only; every later draw uses self.generator
-        self.field = NeuralField(config.field).to(self.device)
-        self.background = BackgroundMLP().to(self.device)
+        super().__init__(config, guidance, job_id, device)
+        init = self.init_generator()
+        self.field = NeuralField(config.field, generator=init).to(self.device)
+        self.background = BackgroundMLP(generator=init).to(self.device)
         self.occupancy = OccupancyGrid(config.occupancy).to(self.device)
         self.renderer = VolumeRenderer(config.renderer)
         self.optimizer = torch.optim.Adam(
@@ -58,46 +48,36 @@ class CoarseStage:
             betas=(0.9, 0.99),
             eps=1e-15,
         )
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.counters = Counters()
 
     @property
-    def step_count(self) -> int:
-        return self.counters.step
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.field]
+
+    @property
+    def color_field(self) -> NeuralField:
+        return self.field
 
     # -- one optimisation step --------------------------------------------------------------------------------
 
-    def step(self) -> StepReport:
-        config, step = self.config, self.counters.step
-        timer = PhaseTimer(self.device)
-        lap = timer.lap
-        rng_before = self.generator.get_state()
-        cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
+    def _render(self, cameras: list[Camera], timer: PhaseTimer) -> dict:
         self.field.train()
         out = self.renderer.render(
-            self.field, self.background, cameras, config.resolution, generator=self.generator, occupancy=self.occupancy
+            self.field, self.background, cameras, self.config.resolution, generator=self.generator,
+            occupancy=self.occupancy,
         )
-        images = out["rgb"]
-        lap("render")
-        try:
-            grad, sds_losses = guidance_gradient(
-                self.guidance, self.prior_infos, config, self.job_id, images, cameras, out["background"], step
-            )
-        except BaseException:
-            self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras
-            raise
-        lap("guidance")
+        timer.lap("render")
+        return out
 
-        batch = images.shape[0]
-        terms = {"sds": (images * grad).sum() / batch}  # d/d(images) = grad / B: the SDS surrogate
-        if config.weight("orientation", step) > 0 and "normals" in out:
+    def _regularisers(self, out: dict, step: int) -> dict[str, torch.Tensor]:
+        terms = {}
+        if self.config.weight("orientation", step) > 0 and "normals" in out:
             terms["orientation"] = orientation_loss(out["weights"], out["normals"], out["view_dirs"], out["opacity"])
         terms["sparsity"] = sparsity_loss(out["opacity"])
         terms["opacity_entropy"] = opacity_entropy(out["opacity"])
-        return apply_losses(
-            self.optimizer, self.counters, config.max_nonfinite_steps, step, terms, config.weight, sds_losses, timer,
-            after_update=lambda completed: self.occupancy.update(self.field, completed, generator=self.generator),
-        )
+        return terms
+
+    def _after_update(self, completed: int) -> None:
+        self.occupancy.update(self.field, completed, generator=self.generator)
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
@@ -147,33 +127,5 @@ class CoarseStage:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        return {
-            "field": self.field.state_dict(),
-            "background": self.background.state_dict(),
-            "occupancy": self.occupancy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "counters": dataclasses.asdict(self.counters),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.field.load_state_dict(state["field"])
-        self.background.load_state_dict(state["background"])
-        self.occupancy.load_state_dict(state["occupancy"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.counters = Counters(**state["counters"])
-
-    def to_checkpoint(self) -> Checkpoint:
-        return Checkpoint(stage="coarse", config_json=self.config.model_dump_json(), state=self.state_dict())
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint: Checkpoint, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"
-    ) -> "CoarseStage":
-        if checkpoint.stage != "coarse":
-            raise FailedPrecondition(f"checkpoint is of stage {checkpoint.stage!r}, not 'coarse'", "checkpoint")
-        stage = cls(CoarseConfig.model_validate_json(checkpoint.config_json), guidance, job_id, device)
-        stage.load_state_dict(checkpoint.state)
-        return stage
+    def _state_modules(self) -> dict[str, nn.Module]:
+        return {"field": self.field, "background": self.background, "occupancy": self.occupancy}

@@ -1,12 +1,12 @@
-"""The fine stage as a plain object (Magic3D's second stage): `from_coarse()`, `step()`, `extract_mesh()`, checkpoints.
+"""The fine stage (a `Stage`; Magic3D's second stage): `from_coarse()`, `from_mesh()`, `extract_mesh()`.
 
 State: a DMTet geometry (SDF and bounded vertex offsets on a run-time tetrahedral grid), the colour field (a copy of
 the coarse neural field, read for its albedo only) and the coarse environment-map background.
 
 One step: marching tetrahedra (differentiable) -> rasterise B views at `resolution` -> colour field at the covered
 pixels -> shade, composite, antialias -> SDS gradients from the priors -> back-propagate them with the normal-
-consistency and Laplacian regularisers -> Adam step. As in the coarse stage, a guidance failure leaves nothing
-updated and non-finite steps are skipped and counted.
+consistency and Laplacian regularisers -> Adam step (the skeleton is `Stage.step`). As in the coarse stage, a
+guidance failure or a vanished mesh leaves nothing updated and non-finite steps are skipped and counted.
 """
 
 from __future__ import annotations
@@ -15,25 +15,20 @@ import copy
 import dataclasses
 
 import torch
+from torch import nn
 
-from services.scene.checkpoint import Checkpoint
 from services.scene.coarse import CoarseStage
 from services.scene.config import DMTetConfig, FineConfig
 from services.scene.field import BackgroundMLP, NeuralField
-from services.scene.guidance import Guidance, PriorInfoCache
+from services.scene.guidance import Guidance
 from services.scene.mesh import conversion
 from services.scene.mesh.dmtet import DMTetGeometry
 from services.scene.mesh.tets import marching_tets
 from services.scene.mesh.regularizers import laplacian_smoothness, normal_consistency
 from services.scene.mesh.renderer import MeshRenderer
-from services.scene.steps import (
-    Counters,
-    PhaseTimer,
-    StepReport,
-    apply_losses,
-    guidance_gradient,
-)
-from shared.cameras import Camera, sample_cameras
+from services.scene.stage import Stage
+from services.scene.steps import PhaseTimer
+from shared.cameras import Camera
 from shared.errors import FailedPrecondition
 from shared.mesh_metrics import winding_number
 from shared.rasterize import Rasterizer, make_rasterizer
@@ -58,7 +53,11 @@ def make_stage_rasterizer(name: str, device: torch.device) -> Rasterizer:
     return make_rasterizer(name)
 
 
-class FineStage:
+class FineStage(Stage):
+    name = "fine"
+    config_type = FineConfig
+    config: FineConfig
+
     def __init__(
         self,
         config: FineConfig,
@@ -68,16 +67,12 @@ class FineStage:
         color_field: NeuralField | None = None,
         background: BackgroundMLP | None = None,
     ) -> None:
-        self.config = config
-        self.guidance = guidance
-        self.prior_infos = PriorInfoCache(guidance)
-        self.job_id = job_id
-        self.device = torch.device(device)
-        torch.manual_seed(config.seed)
+        super().__init__(config, guidance, job_id, device)
+        init = self.init_generator()
         radius = config.field.bound_radius
         self.geometry = DMTetGeometry(config.dmtet.grid_cells, radius, config.dmtet.max_offset_cells).to(self.device)
-        self.color_field = (color_field or NeuralField(config.field)).to(self.device)
-        self.background = (background or BackgroundMLP()).to(self.device)
+        self.color_field = (color_field or NeuralField(config.field, generator=init)).to(self.device)
+        self.background = (background or BackgroundMLP(generator=init)).to(self.device)
         self.rasterizer = make_stage_rasterizer(config.rasterizer, self.device)
         self.renderer = MeshRenderer(self.rasterizer, antialias=config.antialias)
         self.optimizer = torch.optim.Adam(
@@ -90,12 +85,10 @@ class FineStage:
             betas=(0.9, 0.99),
             eps=1e-15,
         )
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.counters = Counters()
 
     @property
-    def step_count(self) -> int:
-        return self.counters.step
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.geometry, self.color_field]
 
     def albedo(self, points: torch.Tensor) -> torch.Tensor:
         """The colour field's albedo at world points (N, 3) -> (N, 3) in (0, 1)."""
@@ -188,39 +181,26 @@ class FineStage:
 
     # -- one optimisation step --------------------------------------------------------------------------------
 
-    def step(self) -> StepReport:
-        config, step = self.config, self.counters.step
-        timer = PhaseTimer(self.device)
-        rng_before = self.generator.get_state()
-        cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
+    def _render(self, cameras: list[Camera], timer: PhaseTimer) -> dict:
         self.color_field.train()
         vertices, faces = self.geometry.surface()
         timer.lap("marching_tets")
         if faces.shape[0] == 0:
-            self.generator.set_state(rng_before)
-            raise FailedPrecondition(f"the mesh vanished at step {step}: the SDF has no zero crossing", "dmtet")
-        out = self.renderer.render(
-            vertices, faces, self.albedo, cameras, config.resolution, self.background, lap=timer.lap
-        )
-        images = out["rgb"]
-        timer.lap("shade")
-        try:
-            grad, sds_losses = guidance_gradient(
-                self.guidance, self.prior_infos, config, self.job_id, images, cameras, out["background"], step
+            raise FailedPrecondition(
+                f"the mesh vanished at step {self.counters.step}: the SDF has no zero crossing", "dmtet"
             )
-        except BaseException:
-            self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras
-            raise
-        timer.lap("guidance")
+        out = self.renderer.render(
+            vertices, faces, self.albedo, cameras, self.config.resolution, self.background, lap=timer.lap
+        )
+        timer.lap("shade")
+        return out | {"vertices": vertices, "faces": faces}
 
-        terms = {
-            "sds": (images * grad).sum() / images.shape[0],
+    def _regularisers(self, out: dict, step: int) -> dict[str, torch.Tensor]:
+        vertices, faces = out["vertices"], out["faces"]
+        return {
             "normal_consistency": normal_consistency(vertices, faces),
             "laplacian": laplacian_smoothness(vertices, faces, scale=self.geometry.cell_size),
         }
-        return apply_losses(
-            self.optimizer, self.counters, config.max_nonfinite_steps, step, terms, config.weight, sds_losses, timer
-        )
 
     # -- evaluation -------------------------------------------------------------------------------------------
 
@@ -244,33 +224,5 @@ class FineStage:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        return {
-            "geometry": self.geometry.state_dict(),
-            "color_field": self.color_field.state_dict(),
-            "background": self.background.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "counters": dataclasses.asdict(self.counters),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.geometry.load_state_dict(state["geometry"])
-        self.color_field.load_state_dict(state["color_field"])
-        self.background.load_state_dict(state["background"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.counters = Counters(**state["counters"])
-
-    def to_checkpoint(self) -> Checkpoint:
-        return Checkpoint(stage="fine", config_json=self.config.model_dump_json(), state=self.state_dict())
-
-    @classmethod
-    def from_checkpoint(
-        cls, checkpoint: Checkpoint, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"
-    ) -> "FineStage":
-        if checkpoint.stage != "fine":
-            raise FailedPrecondition(f"checkpoint is of stage {checkpoint.stage!r}, not 'fine'", "checkpoint")
-        stage = cls(FineConfig.model_validate_json(checkpoint.config_json), guidance, job_id, device)
-        stage.load_state_dict(checkpoint.state)
-        return stage
+    def _state_modules(self) -> dict[str, nn.Module]:
+        return {"geometry": self.geometry, "color_field": self.color_field, "background": self.background}

@@ -31,6 +31,7 @@ from services.scene.config import CoarseConfig, FineConfig
 from services.scene.export import ExportSettings, export_textured_mesh
 from services.scene.fine import FineStage
 from services.scene.guidance import Guidance
+from services.scene.stage import Stage
 from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
 from services.scene.metrics import start_metrics
 from shared import artifact_keys
@@ -125,7 +126,7 @@ class SceneServiceConfig(BaseModel):
 class SceneEntry:
     scene_id: str
     job_id: str
-    stage: CoarseStage | FineStage
+    stage: Stage
     memory_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     failure: str | None = None
@@ -141,10 +142,9 @@ class SceneEntry:
         return self.lock.locked()
 
 
-def training_state_bytes(stage: CoarseStage | FineStage) -> int:
+def training_state_bytes(stage: Stage) -> int:
     """Parameters plus Adam's two moments: the part of a scene's memory that grows with its configuration."""
-    modules = [stage.field] if isinstance(stage, CoarseStage) else [stage.geometry, stage.color_field]
-    return 3 * sum(p.numel() * p.element_size() for module in modules for p in module.parameters())
+    return 3 * sum(p.numel() * p.element_size() for module in stage.trainable_modules for p in module.parameters())
 
 
 class SceneTable:
@@ -156,7 +156,7 @@ class SceneTable:
         self._entries: dict[str, SceneEntry] = {}
         self._lock = threading.Lock()
 
-    def add(self, job_id: str, stage: CoarseStage | FineStage, owner: str = "", lease_s: float = 600.0) -> SceneEntry:
+    def add(self, job_id: str, stage: Stage, owner: str = "", lease_s: float = 600.0) -> SceneEntry:
         needed = training_state_bytes(stage)
         self.reap_expired()
         with self._lock:
@@ -234,7 +234,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             except ServiceError as error:
                 log.info("create_rejected", code=error.code.name, field=error.field, reason=error.message)
                 abort_with(context, error)
-            log.info("scene_created", scene_id=entry.scene_id, stage=_stage_name(stage), step=stage.step_count)
+            log.info("scene_created", scene_id=entry.scene_id, stage=stage.name, step=stage.step_count)
             return scene_pb2.CreateSceneResponse(scene_id=entry.scene_id, step=stage.step_count)
 
     def RunSteps(self, request, context):
@@ -311,7 +311,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         """The scene's checkpoint in the store (the caller holds the scene's lock): URI, step, SHA-256."""
         step = entry.stage.step_count
         data = checkpoints.dumps(entry.stage.to_checkpoint())
-        key = artifact_keys.checkpoint_key(entry.job_id, _stage_name(entry.stage), step)
+        key = artifact_keys.checkpoint_key(entry.job_id, entry.stage.name, step)
         self.store.put(key, data)
         uri = self.store.canonical_uri(key)  # stored by the orchestrator: a stable name, never a presigned link
         digest = hashlib.sha256(data).hexdigest()
@@ -337,7 +337,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         now = time.monotonic()
         summaries = [
             scene_pb2.SceneSummary(
-                scene_id=e.scene_id, job_id=e.job_id, owner=e.owner, stage=_STAGE_FROM_NAME[_stage_name(e.stage)],
+                scene_id=e.scene_id, job_id=e.job_id, owner=e.owner, stage=_STAGE_FROM_NAME[e.stage.name],
                 step=e.stage.step_count, lease_remaining_seconds=max(0.0, e.expires_at - now), busy=e.busy,
             )
             for e in self.scenes.entries()
@@ -356,13 +356,12 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 with entry.lock:
                     step = entry.stage.step_count
                     vertices, faces = entry.stage.extract_mesh()
-                    albedo = _frozen_albedo(entry.stage)
-                    exported = export_textured_mesh(vertices, faces, albedo, ExportSettings(texture_size=size))
+                    exported = export_textured_mesh(vertices, faces, entry.stage.albedo_fn, ExportSettings(texture_size=size))
             except ServiceError as error:
                 abort_with(context, error)
             except ValueError as error:  # an empty mesh, a degenerate surface
                 abort_with(context, FailedPrecondition(f"cannot export this scene's mesh: {error}", "scene_id"))
-            prefix = artifact_keys.export_prefix(entry.job_id, _stage_name(entry.stage), step)
+            prefix = artifact_keys.export_prefix(entry.job_id, entry.stage.name, step)
             files = []
             for name, data in exported.files.items():
                 if _EXPORT_FORMAT_OF.get(name, "any") not in formats | {"any"}:
@@ -423,7 +422,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             )
         return config
 
-    def _new_stage(self, request: scene_pb2.CreateSceneRequest) -> CoarseStage | FineStage:
+    def _new_stage(self, request: scene_pb2.CreateSceneRequest) -> Stage:
         """A new coarse scene, a resumed one (coarse or fine), or a fine scene converted from a coarse checkpoint."""
         wanted = request.config.stage
         defaults = self.fine_defaults if wanted == scene_pb2.STAGE_FINE else self.defaults
@@ -502,27 +501,12 @@ _EXPORT_FORMAT_OF = {"model.glb": "glb", "model.obj": "obj", "model.mtl": "obj"}
 _CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "text/plain", "mtl": "text/plain", "png": "image/png", "gif": "image/gif"}
 
 
-def _stage_name(stage: CoarseStage | FineStage) -> str:
-    return "fine" if isinstance(stage, FineStage) else "coarse"
-
-
 def _export_formats(requested) -> set[str]:
     formats = {f.strip().lower() for f in requested} or {"glb", "obj"}
     unknown = sorted(formats - {"glb", "obj"})
     if unknown:
         raise InvalidArgument(f"unknown formats {unknown}; known: glb, obj", "formats")
     return formats
-
-
-def _frozen_albedo(stage: CoarseStage | FineStage):
-    """The stage's colour field as a plain function of world points (no grad, on the stage's device)."""
-    field = stage.field if isinstance(stage, CoarseStage) else stage.color_field
-
-    def albedo(points: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return field(points.to(stage.device))["albedo"].cpu()
-
-    return albedo
 
 
 def _sweep_leases(scenes: SceneTable, every_s: float, stop: threading.Event) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from shared.meshes import face_normals
 from shared.rasterize import make_rasterizer
 from shared.rasterize.base import Rasterizer
 from services.scene.export import preview, writers
@@ -136,8 +137,7 @@ def export_textured_mesh(
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """(V, 3) area-weighted smooth normals of the welded mesh (so shading is continuous across uv seams);
     vertices with no area around them get +Z."""
-    v0, v1, v2 = vertices.index_select(0, faces.reshape(-1)).reshape(-1, 3, 3).unbind(1)
-    cross = torch.linalg.cross(v1 - v0, v2 - v0)
+    cross = face_normals(vertices, faces)
     normals = torch.zeros_like(vertices).index_add_(0, faces.reshape(-1), cross.repeat_interleave(3, dim=0))
     length = normals.norm(dim=1, keepdim=True)
     up = torch.tensor([0.0, 0.0, 1.0], dtype=vertices.dtype, device=vertices.device).expand_as(normals)

@@ -98,7 +98,8 @@ class TorchHashGrid(Encoding):
     rows and float32 weights); the renderer keeps N down by evaluating only occupied samples.
     """
 
-    def __init__(self, cfg: HashGridConfig, init_scale: float = 1e-4) -> None:
+    def __init__(self, cfg: HashGridConfig, init_scale: float = 1e-4, generator: torch.Generator | None = None) -> None:
+        """`generator`: where the initial table is drawn from (None: torch's global RNG)."""
         super().__init__()
         self.cfg = cfg
         dense_flags = cfg.level_is_dense()
@@ -109,7 +110,8 @@ class TorchHashGrid(Encoding):
         self._groups = [g for g in self._groups if g.levels]
         # Dense levels come first (coarse), so concatenating group outputs keeps level order.
         n_rows = sum(cfg.level_sizes())
-        self.table = nn.Parameter(torch.empty(n_rows, cfg.n_features_per_level).uniform_(-init_scale, init_scale))
+        table = torch.empty(n_rows, cfg.n_features_per_level).uniform_(-init_scale, init_scale, generator=generator)
+        self.table = nn.Parameter(table)
         # int32 row indices (half the memory and bandwidth of int64) whenever the table allows.
         self._index_dtype = torch.int32 if n_rows < 2**31 else torch.int64
 
@@ -249,7 +251,8 @@ def tcnn_available() -> bool:
 class TcnnHashGrid(Encoding):
     """tiny-cuda-nn's fused hash grid (CUDA only). Its half-precision output is cast to float32."""
 
-    def __init__(self, cfg: HashGridConfig) -> None:
+    def __init__(self, cfg: HashGridConfig, generator: torch.Generator | None = None) -> None:
+        """`generator` is not used: tiny-cuda-nn draws the initial table from its own fixed seed."""
         super().__init__()
         try:
             tcnn = importlib.import_module("tinycudann")
@@ -271,10 +274,10 @@ class TcnnHashGrid(Encoding):
         return self.encoding(x.clamp(0.0, 1.0)).float()
 
 
-def _triton_hash_grid(cfg: HashGridConfig) -> Encoding:
+def _triton_hash_grid(cfg: HashGridConfig, generator: torch.Generator | None = None) -> Encoding:
     from services.scene.field.triton_encoding import TritonHashGrid  # imported only when asked for: triton is big
 
-    return TritonHashGrid(cfg)
+    return TritonHashGrid(cfg, generator=generator)
 
 
 def triton_usable() -> bool:
@@ -303,12 +306,13 @@ def available_backends() -> list[str]:
     return [name for name, (_, available) in _BACKENDS.items() if available()]
 
 
-def make_encoding(cfg: HashGridConfig, backend: str = "auto") -> Encoding:
-    """Builds the hash grid on `backend`: "torch", "tcnn", a registered one, or "auto" (fastest available)."""
+def make_encoding(cfg: HashGridConfig, backend: str = "auto", generator: torch.Generator | None = None) -> Encoding:
+    """Builds the hash grid on `backend`: "torch", "tcnn", a registered one, or "auto" (fastest available).
+    `generator`: where the initial table is drawn from (passed to the builder as `generator=` when given)."""
     if backend == "auto":
         for name in _AUTO_ORDER:
             if name in _BACKENDS and _BACKENDS[name][1]():
-                return _BACKENDS[name][0](cfg)
+                return _build(_BACKENDS[name][0], cfg, generator)
         raise RuntimeError("no hash-grid backend is available")  # unreachable: torch always is
     if backend not in _BACKENDS:
         raise ValueError(f"unknown hash-grid backend {backend!r}; choose from {sorted(_BACKENDS) + ['auto']}")
@@ -317,7 +321,12 @@ def make_encoding(cfg: HashGridConfig, backend: str = "auto") -> Encoding:
         raise RuntimeError(
             f"hash-grid backend {backend!r} is not available here (available: {available_backends()})"
         )
-    return builder(cfg)
+    return _build(builder, cfg, generator)
+
+
+def _build(builder: Callable[..., Encoding], cfg: HashGridConfig, generator: torch.Generator | None) -> Encoding:
+    # Builders registered without a generator keyword keep working wherever no generator is asked for.
+    return builder(cfg) if generator is None else builder(cfg, generator=generator)
 
 
 class FrequencyEncoding(nn.Module):

@@ -52,28 +52,51 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
-def mlp(in_dim: int, out_dim: int, width: int, n_hidden_layers: int) -> nn.Sequential:
+def linear(in_dim: int, out_dim: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """nn.Linear with its default initialisation drawn from `generator` (None: torch's global RNG)."""
+    if generator is None:
+        return nn.Linear(in_dim, out_dim)
+    layer = nn.Linear(in_dim, out_dim, device="meta").to_empty(device="cpu")  # built without drawing
+    # nn.Linear.reset_parameters, drawing from the generator (the same numbers for the same RNG state).
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    bound = 1.0 / math.sqrt(in_dim) if in_dim > 0 else 0.0
+    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
+
+
+def mlp(
+    in_dim: int, out_dim: int, width: int, n_hidden_layers: int, generator: torch.Generator | None = None
+) -> nn.Sequential:
     """Linear-ReLU stack with n_hidden_layers hidden layers of `width` (0: a single linear map)."""
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(n_hidden_layers):
-        layers += [nn.Linear(dim, width), nn.ReLU(inplace=True)]
+        layers += [linear(dim, width, generator), nn.ReLU(inplace=True)]
         dim = width
-    layers.append(nn.Linear(dim, out_dim))
+    layers.append(linear(dim, out_dim, generator))
     return nn.Sequential(*layers)
 
 
 class NeuralField(nn.Module):
     """Density + albedo (+ normal) field on a hash grid. Points are world coordinates, (N, 3)."""
 
-    def __init__(self, cfg: FieldConfig | None = None, encoding: Encoding | None = None) -> None:
+    def __init__(
+        self,
+        cfg: FieldConfig | None = None,
+        encoding: Encoding | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """`generator`: where the initial weights are drawn from (None: torch's global RNG)."""
         super().__init__()
         self.cfg = cfg or FieldConfig()
-        self.encoding = encoding if encoding is not None else make_encoding(self.cfg.encoding, self.cfg.backend)
+        self.encoding = (
+            encoding if encoding is not None else make_encoding(self.cfg.encoding, self.cfg.backend, generator)
+        )
+        width, layers = self.cfg.hidden_width, self.cfg.n_hidden_layers
         # One MLP for density and albedo (Magic3D's "albedo+density" head); 1 + 3 outputs.
-        self.network = mlp(self.encoding.output_dim, 4, self.cfg.hidden_width, self.cfg.n_hidden_layers)
+        self.network = mlp(self.encoding.output_dim, 4, width, layers, generator)
         self.normal_network = (
-            mlp(self.encoding.output_dim, 3, self.cfg.hidden_width, self.cfg.n_hidden_layers)
+            mlp(self.encoding.output_dim, 3, width, layers, generator)
             if self.cfg.normals == "predicted"
             else None
         )
@@ -165,12 +188,10 @@ class BackgroundMLP(nn.Module):
     """Environment map: view direction (unit, world) -> RGB in (0, 1). Deliberately tiny (Magic3D/DreamFusion),
     so that it cannot model the object; train it with its own learning rate (see `param_groups`)."""
 
-    def __init__(self, n_frequencies: int = 4, hidden_width: int = 32) -> None:
+    def __init__(self, n_frequencies: int = 4, hidden_width: int = 32, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.encoding = FrequencyEncoding(3, n_frequencies, include_input=True)
-        self.network = nn.Sequential(
-            nn.Linear(self.encoding.output_dim, hidden_width), nn.ReLU(inplace=True), nn.Linear(hidden_width, 3)
-        )
+        self.network = mlp(self.encoding.output_dim, 3, hidden_width, 1, generator)
 
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
         """directions (..., 3) -> colours (..., 3)."""

@@ -18,8 +18,8 @@ Compositing: alpha_i = 1 - exp(-sigma_i delta_i), T_i = prod_{j<i} (1 - alpha_j)
 rgb = sum_i w_i c_i + (1 - opacity) background, opacity = sum_i w_i, depth = sum_i w_i t_i (distance along the
 unit ray; 0 where empty, not divided by opacity), normal = sum_i w_i n_i (world space, not renormalised).
 
-Shading per sample (shared.render's modes): ALBEDO = albedo; LAMBERTIAN = albedo (ambient + diffuse max(0, n.l))
-with l towards the camera's point light; TEXTURELESS = the same lighting on white; NORMAL = (n + 1) / 2.
+Shading per sample: `shared.shading.shade` under the sample's camera's mode and point light (the model the mesh
+renderer and the analytic prior's targets use).
 
 Regularisers (threestudio's Magic3D system): `orientation_loss` (DreamFusion's normal orientation penalty),
 `sparsity_loss` (threestudio's "sparsity": mean sqrt(opacity^2 + 0.01)), `opacity_entropy` (threestudio's
@@ -39,6 +39,7 @@ from torch.profiler import record_function
 from services.scene.field.occupancy import OccupancyGrid, uniform
 from services.scene.field_config import BACKGROUND_MODES, RendererConfig
 from shared.cameras import Camera, Shading
+from shared.shading import shade
 
 _SHADING_IDS = {Shading.ALBEDO: 0, Shading.LAMBERTIAN: 1, Shading.TEXTURELESS: 2, Shading.NORMAL: 3}
 
@@ -235,12 +236,10 @@ class VolumeRenderer:
         light_pos = torch.tensor([c.light.position for c in cameras], device=device, dtype=dtype)[camera_idx]
         ambient = torch.tensor([c.light.ambient for c in cameras], device=device, dtype=dtype)[camera_idx, None]
         diffuse = torch.tensor([c.light.diffuse for c in cameras], device=device, dtype=dtype)[camera_idx, None]
-        assert normals is not None
-        to_light = F.normalize(light_pos - x, dim=-1)
-        lighting = ambient + diffuse * (normals * to_light).sum(-1, keepdim=True).clamp(min=0.0)
-        color = torch.where((mode == 1)[:, None], albedo * lighting, albedo)
-        color = torch.where((mode == 2)[:, None], lighting.expand_as(albedo), color)
-        color = torch.where((mode == 3)[:, None], (normals + 1.0) * 0.5, color)
+        color = albedo
+        for shading in sorted(set(modes) - {Shading.ALBEDO}, key=_SHADING_IDS.get):  # each sample takes its mode
+            shaded = shade(shading, albedo, normals, x, light_pos, ambient, diffuse)
+            color = torch.where((mode == _SHADING_IDS[shading])[:, None], shaded, color)
         return color
 
     def _background(

@@ -281,7 +281,7 @@ class _InputVjp(torch.autograd.Function):
 class TritonHashGrid(Encoding):
     """`TorchHashGrid`'s encoding (same table layout and values) computed by Triton kernels."""
 
-    def __init__(self, cfg: HashGridConfig, init_scale: float = 1e-4) -> None:
+    def __init__(self, cfg: HashGridConfig, init_scale: float = 1e-4, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if triton is None:
             raise RuntimeError("hash-grid backend 'triton' needs the triton package; use backend='torch'")
@@ -290,7 +290,7 @@ class TritonHashGrid(Encoding):
             raise ValueError(f"the triton backend needs a power-of-two n_features_per_level, got {features}")
         self.cfg = cfg
         n_rows = sum(cfg.level_sizes())
-        self.table = torch.nn.Parameter(torch.empty(n_rows, features).uniform_(-init_scale, init_scale))
+        self.table = torch.nn.Parameter(torch.empty(n_rows, features).uniform_(-init_scale, init_scale, generator=generator))
         self._levels: dict[torch.device, _Levels] = {}
 
     @property

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Unnormalised face normals (F, 3): twice the area times the unit normal."""
-    v0, v1, v2 = vertices[faces[:, 0]], vertices[faces[:, 1]], vertices[faces[:, 2]]
-    return torch.linalg.cross(v1 - v0, v2 - v0)
+from shared.meshes import face_normals
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

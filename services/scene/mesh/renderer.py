@@ -1,7 +1,7 @@
 """Rendering the fine stage's mesh with a neural colour field, through the `Rasterizer` interface only.
 
 Per camera: rasterise -> interpolate world positions -> query the colour field at the covered pixels only ->
-shade (the camera's mode: albedo, lambertian with its point light, textureless, or normal, as in the coarse stage)
+shade (`shared.shading`: the camera's mode and point light, as the coarse stage and the analytic prior)
 with smooth vertex normals -> composite over the background -> antialias (nvdiffrast's gives silhouette
 gradients; the torch backend's is the identity) -> row 0 = top, (B, 3, H, W).
 
@@ -21,6 +21,7 @@ from services.scene.mesh.regularizers import vertex_normals
 from shared.cameras import Camera, Shading
 from shared.rasterize.base import Rasterizer, to_top_row_first
 from shared.render import clip_positions
+from shared.shading import shade_view
 
 AlbedoFn = Callable[[torch.Tensor], torch.Tensor]  # world points (N, 3) -> albedo (N, 3) in [0, 1]
 
@@ -60,7 +61,10 @@ class MeshRenderer:
             albedo = albedo.index_put((covered,), albedo_fn(world[covered]))
         lap("texture")
 
-        color = torch.stack([self._shade(camera, albedo[i], world[i], normals, i) for i, camera in enumerate(cameras)])
+        color = torch.stack([
+            shade_view(camera, albedo[i], None if normals is None else normals[i], world[i])
+            for i, camera in enumerate(cameras)
+        ])
         backdrop = self._background(background, cameras, size, vertices.device).to(vertices.dtype)
         mask = covered[..., None].to(vertices.dtype)
         image = mask * color + (1 - mask) * to_top_row_first(backdrop)
@@ -71,20 +75,6 @@ class MeshRenderer:
             "opacity": to_top_row_first(mask).permute(0, 3, 1, 2),
             "background": backdrop.permute(0, 3, 1, 2),
         }
-
-    @staticmethod
-    def _shade(camera: Camera, albedo: torch.Tensor, world: torch.Tensor, normals, index: int) -> torch.Tensor:
-        if camera.shading == Shading.ALBEDO:
-            return albedo
-        normal = normals[index]
-        if camera.shading == Shading.NORMAL:
-            return (normal + 1) / 2
-        light = torch.tensor(camera.light.position, dtype=world.dtype, device=world.device)
-        direction = nn.functional.normalize(light - world, dim=-1)
-        lambert = (normal * direction).sum(-1, keepdim=True).clamp(min=0)
-        intensity = camera.light.ambient + camera.light.diffuse * lambert
-        base = torch.ones_like(albedo) if camera.shading == Shading.TEXTURELESS else albedo
-        return base * intensity
 
     @staticmethod
     def _background(

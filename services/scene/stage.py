@@ -1,0 +1,139 @@
+"""What every SDS-guided stage is: the step skeleton, checkpoints, and the attributes the server asks for.
+
+`Stage.step()` is the one skeleton: draw cameras from the stage's generator -> `_render` (the stage's own renderer,
+laps its phases) -> the priors' summed SDS gradient -> `_regularisers` -> `apply_losses` (backward, optimiser step,
+skipped-step accounting) -> `_after_update`. A failure before the update (guidance down, the mesh vanished) rewinds
+the generator, so a retry draws the same cameras: a step happens whole or not at all.
+
+Randomness: a stage draws only from generators it owns, seeded from its config's seed (`init_generator()` for its
+networks, `self.generator` for everything a step draws), never from torch's global RNG, which scenes created or
+stepped concurrently in one process would interleave.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from services.scene.checkpoint import Checkpoint
+from services.scene.config import GuidedStageConfig
+from services.scene.guidance import Guidance, PriorInfoCache
+from services.scene.steps import Counters, PhaseTimer, StepReport, apply_losses, guidance_gradient
+from shared.cameras import Camera, sample_cameras
+from shared.errors import FailedPrecondition
+
+
+class Stage(abc.ABC):
+    name: ClassVar[str]  # "coarse" / "fine": checkpoint stage and store paths
+    config_type: ClassVar[type[GuidedStageConfig]]
+    # The modules whose parameters (with Adam's two moments) a scene's memory budget counts.
+    trainable_modules: list[nn.Module]
+    # The module whose "albedo" output colours the surface (what an export bakes).
+    color_field: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, config: GuidedStageConfig, guidance: Guidance, job_id: str, device: str | torch.device) -> None:
+        self.config = config
+        self.guidance = guidance
+        self.prior_infos = PriorInfoCache(guidance)
+        self.job_id = job_id
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.counters = Counters()
+
+    def init_generator(self) -> torch.Generator:
+        """A fresh generator for network initialisation, seeded like the step generator (the same numbers the
+        global RNG gave after `torch.manual_seed(seed)`), so initial weights depend on the seed alone."""
+        return torch.Generator().manual_seed(self.config.seed)
+
+    @property
+    def step_count(self) -> int:
+        return self.counters.step
+
+    def albedo_fn(self, points: torch.Tensor) -> torch.Tensor:
+        """The frozen colour field at world points (N, 3) -> albedo (N, 3) on the CPU, without autograd."""
+        with torch.no_grad():
+            return self.color_field(points.to(self.device))["albedo"].cpu()
+
+    # -- one optimisation step --------------------------------------------------------------------------------
+
+    def step(self) -> StepReport:
+        config, step = self.config, self.counters.step
+        timer = PhaseTimer(self.device)
+        rng_before = self.generator.get_state()
+        cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
+        try:
+            out = self._render(cameras, timer)
+            grad, sds_losses = guidance_gradient(
+                self.guidance, self.prior_infos, config, self.job_id, out["rgb"], cameras, out["background"], step
+            )
+        except BaseException:
+            self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras
+            raise
+        timer.lap("guidance")
+        images = out["rgb"]
+        terms = {"sds": (images * grad).sum() / images.shape[0]}  # d/d(images) = grad / B: the SDS surrogate
+        terms |= self._regularisers(out, step)
+        return apply_losses(
+            self.optimizer, self.counters, config.max_nonfinite_steps, step, terms, config.weight, sds_losses, timer,
+            after_update=self._after_update,
+        )
+
+    @abc.abstractmethod
+    def _render(self, cameras: list[Camera], timer: PhaseTimer) -> dict:
+        """Training renders of `cameras` (autograd on): at least "rgb" (B, 3, H, W) and "background"; laps its
+        phases on `timer`. Raises (before any update) when nothing can be rendered."""
+
+    @abc.abstractmethod
+    def _regularisers(self, out: dict, step: int) -> dict[str, torch.Tensor]:
+        """The stage's loss terms besides "sds", from `_render`'s output."""
+
+    def _after_update(self, completed: int) -> None:
+        """Called after each optimiser step with the number of steps completed."""
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def render_views(self, cameras: list[Camera], resolution: int | None = None) -> torch.Tensor:
+        """Deterministic renders (N, 3, H, W) in [0, 1], row 0 = top."""
+
+    @abc.abstractmethod
+    def extract_mesh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current surface: (vertices (V, 3) world, faces (F, 3)), outward-wound."""
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _state_modules(self) -> dict[str, nn.Module]:
+        """The modules a checkpoint holds, by their key in the state (the on-disk names: do not rename)."""
+
+    def state_dict(self) -> dict:
+        return {name: module.state_dict() for name, module in self._state_modules().items()} | {
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "counters": dataclasses.asdict(self.counters),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, module in self._state_modules().items():
+            module.load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.counters = Counters(**state["counters"])
+
+    def to_checkpoint(self) -> Checkpoint:
+        return Checkpoint(stage=self.name, config_json=self.config.model_dump_json(), state=self.state_dict())
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Checkpoint, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"
+    ) -> "Stage":
+        if checkpoint.stage != cls.name:
+            raise FailedPrecondition(f"checkpoint is of stage {checkpoint.stage!r}, not {cls.name!r}", "checkpoint")
+        stage = cls(cls.config_type.model_validate_json(checkpoint.config_json), guidance, job_id, device)
+        stage.load_state_dict(checkpoint.state)
+        return stage
