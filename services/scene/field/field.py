@@ -25,6 +25,8 @@ Normals ("normals" in FieldConfig):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.profiler import record_function
 from torch import nn
