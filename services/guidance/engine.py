@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from services.guidance import sds
 from services.guidance.config import GuidanceConfig
 from services.guidance.pool import PriorPool
-from services.guidance.priors.base import DiffusionPrior, PriorInfo, PromptCheck, SdsRequest, SdsResult
+from services.guidance.priors.base import DiffusionPrior
 from shared.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from shared.guidance_api import PriorInfo, PromptCheck, SdsRequest, SdsResult
 from shared.logging import get_logger
 
 log = get_logger(__name__)

@@ -7,9 +7,10 @@ from collections import OrderedDict
 from typing import Callable
 
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import DiffusionPrior, PriorKind
+from services.guidance.priors.base import DiffusionPrior
 from services.guidance.priors.vae_encoder import RANDOM_SOURCE_PREFIX
 from shared.errors import NotFound
+from shared.guidance_api import PriorKind
 
 PriorBuilder = Callable[[PriorSpec, str], DiffusionPrior]
 

@@ -19,9 +19,10 @@ import time
 
 import torch
 
-from services.guidance.priors.base import DiffusionPrior, SdsRequest, SdsResult, ViewCondition, Weighting
+from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared.devices import to_device
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.guidance_api import SdsRequest, SdsResult, Weighting
 
 MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 1024

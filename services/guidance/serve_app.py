@@ -51,14 +51,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services.guidance import messages, sds, serve_loopback
+from services.guidance import sds, serve_loopback
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig
 from services.guidance.engine import EngineStats, check_prompt
 from services.guidance.pool import BUILDERS, PriorBuilder, PriorPool
-from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest, SdsResult
+from services.guidance.priors.base import DiffusionPrior
+from shared import guidance_api
 from shared.auth import bearer_token
 from shared.errors import InvalidArgument, NotFound, ServiceError, Unauthenticated
 from shared.grpcio import DEFAULT_MAX_MESSAGE_BYTES, INTERNAL_ERROR_MESSAGE, free_port
+from shared.guidance_api import PriorKind, SdsRequest, SdsResult
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -279,7 +281,7 @@ class GuidanceDeployment:
             infos = await asyncio.to_thread(lambda: [self.pool.get(spec.name).info for spec in self.config.priors])
         except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
             return _failed(grpc_context, error, guidance_pb2.ListPriorsResponse(), "list_priors_failed")
-        return guidance_pb2.ListPriorsResponse(priors=[messages.prior_info_to_proto(info) for info in infos])
+        return guidance_pb2.ListPriorsResponse(priors=[guidance_api.prior_info_to_proto(info) for info in infos])
 
     async def ComputeSds(self, request: guidance_pb2.ComputeSdsRequest, grpc_context=None):
         """Decode, validate, then join a batch. Through a DeploymentHandle (no grpc_context) errors are raised."""
@@ -288,7 +290,7 @@ class GuidanceDeployment:
             return guidance_pb2.ComputeSdsResponse()
         try:
             # Decoding and validation scan the whole tensor: off the replica's event loop.
-            sds_request = await asyncio.to_thread(messages.sds_request_from_proto, request)
+            sds_request = await asyncio.to_thread(guidance_api.sds_request_from_proto, request)
             name, checkpoint = resolve_model_id(sds_request, serve.get_multiplexed_model_id())
             sds_request.prior, sds_request.checkpoint_id = name, checkpoint
             self._check_known(name, checkpoint)
@@ -306,14 +308,14 @@ class GuidanceDeployment:
         except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
             return _failed(grpc_context, error, guidance_pb2.ComputeSdsResponse(), "sds_failed", job_id=request.job_id)
         result.server_time_s = time.perf_counter() - start
-        return messages.sds_response_to_proto(result, name, checkpoint)
+        return guidance_api.sds_response_to_proto(result, name, checkpoint)
 
     async def CheckPrompt(self, request: guidance_pb2.CheckPromptRequest, grpc_context=None):
         """The prompt checks of ComputeSds, on this replica's loaded prior. Errors as in ComputeSds."""
         if not self._authenticated(grpc_context):
             return guidance_pb2.CheckPromptResponse()
         try:
-            messages.check_prompt_request_fields(request)
+            guidance_api.check_prompt_request_fields(request)
             name, checkpoint = resolve_model_id(request, serve.get_multiplexed_model_id())
             self._check_known(name, checkpoint)
             loaded = await self._load(model_id(name, checkpoint))
@@ -327,7 +329,7 @@ class GuidanceDeployment:
             return guidance_pb2.CheckPromptResponse()
         except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
             return _failed(grpc_context, error, guidance_pb2.CheckPromptResponse(), "check_prompt_failed")
-        return messages.prompt_check_to_proto(check)
+        return guidance_api.prompt_check_to_proto(check)
 
     def _authenticated(self, grpc_context) -> bool:
         """True, or the call's context is set to UNAUTHENTICATED (the token is never echoed)."""

@@ -60,7 +60,7 @@ from shared.errors import (
     Unavailable,
     Unimplemented,
 )
-from shared.guidance_client import DeadlineExceeded, error_from_rpc
+from shared.errors import DeadlineExceeded, error_from_rpc
 from shared.store import ArtifactStore
 
 log = project_logging.get_logger(__name__)

@@ -6,9 +6,9 @@ from typing import Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.guidance.priors.base import Weighting
 from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
 from shared.cameras import CameraRanges
+from shared.guidance_api import Weighting
 from shared.schedules import Schedule
 
 

@@ -7,9 +7,9 @@ import dataclasses
 from magic3d.v1 import scene_pb2
 from pydantic import ValidationError
 
-from services.guidance.messages import _WEIGHTING_FROM_PROTO
 from services.scene.config import CoarseConfig, FineConfig, PriorTerm
 from shared.errors import InvalidArgument
+from shared.guidance_api import weighting_from_proto
 from shared.schedules import Schedule
 
 
@@ -105,7 +105,7 @@ def _prior_terms(message: scene_pb2.StageConfig) -> tuple[PriorTerm, ...]:
                 weight=term.weight or 1.0,
                 checkpoint_id=term.checkpoint_id,
                 guidance_scale=term.guidance_scale if term.HasField("guidance_scale") else None,
-                weighting=_WEIGHTING_FROM_PROTO.get(term.weighting),
+                weighting=weighting_from_proto(term.weighting),
             ))
         except ValidationError as error:  # its text is pydantic's: name the field, keep the reason short
             first = error.errors()[0]

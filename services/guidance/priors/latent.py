@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend
 
-from services.guidance.priors.base import PriorKind, ViewCondition
+from services.guidance.priors.base import ViewCondition
 from services.guidance.priors.layout import apply_layout
+from shared.guidance_api import PriorKind
 from services.guidance.priors.text_conditioned import (
     _as_device,
     _as_dtype,

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from services.guidance.priors.base import PriorKind, ViewCondition, resize_square
+from services.guidance.priors.base import ViewCondition, resize_square
 from services.guidance.priors.text_conditioned import _as_device, _as_dtype, _TextConditionedPrior, load_component
+from shared.guidance_api import PriorKind
 
 IF_TEXT_TOKENS = 77
 

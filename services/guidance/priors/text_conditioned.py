@@ -21,19 +21,13 @@ from typing import Any, Sequence
 
 import torch
 
-from services.guidance.priors.base import (
-    Conditioning,
-    DiffusionPrior,
-    LruCache,
-    PriorInfo,
-    PriorKind,
-    ViewCondition,
-    Weighting,
-)
+from services.guidance.cache import LruCache
+from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from services.guidance.priors.cuda_graphs import GraphedForward, resolve_cuda_graphs
 from services.guidance.priors.layout import apply_layout, resolve_channels_last
 from shared.devices import resolve_device, resolve_dtype
 from shared.errors import InvalidArgument
+from shared.guidance_api import Conditioning, PriorInfo, PriorKind, Weighting
 
 # Tokenizers without a configured limit report a huge sentinel (transformers' VERY_LARGE_INTEGER).
 _UNSET_TOKEN_LIMIT = 1_000_000
