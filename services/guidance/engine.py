@@ -25,10 +25,6 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 
-# The longest suffix `sds.conditions_for` may append to a prompt (view-dependent prompting).
-LONGEST_VIEW_SUFFIX = max(sds._VIEW_SUFFIXES, key=len)
-
-
 def check_prompt(prior: DiffusionPrior, prompt: str, negative_prompt: str = "") -> PromptCheck:
     """CheckPrompt on a loaded prior: the prompt checks ComputeSds makes, with view-dependent prompting assumed.
 
@@ -38,16 +34,16 @@ def check_prompt(prior: DiffusionPrior, prompt: str, negative_prompt: str = "") 
     """
     prior.validate_prompt(prompt, "prompt")
     try:
-        prior.validate_prompt(prompt + LONGEST_VIEW_SUFFIX, "prompt")
+        prior.validate_prompt(prompt + sds.LONGEST_VIEW_SUFFIX, "prompt")
     except InvalidArgument as error:
         raise InvalidArgument(
-            f"{error.message} (with the longest view suffix {LONGEST_VIEW_SUFFIX!r} appended, as ComputeSds may)",
+            f"{error.message} (with the longest view suffix {sds.LONGEST_VIEW_SUFFIX!r} appended, as ComputeSds may)",
             error.field,
         ) from None
     if negative_prompt:
         prior.validate_prompt(negative_prompt, "negative_prompt")
     return PromptCheck(
-        token_count=prior.count_tokens(prompt + LONGEST_VIEW_SUFFIX),
+        token_count=prior.count_tokens(prompt + sds.LONGEST_VIEW_SUFFIX),
         negative_token_count=prior.count_tokens(negative_prompt) if negative_prompt else 0,
         max_tokens=prior.info.max_prompt_tokens,
     )

@@ -89,6 +89,14 @@ class HashGridConfig:
         """Table rows of each level: (N_l + 1)^3 for dense levels, 2^log2_hashmap_size for hashed ones."""
         return [min((res + 1) ** 3, self.table_size) for res in self.resolutions()]
 
+    def level_offsets(self) -> list[int]:
+        """First table row of each level when the levels' tables are laid end to end."""
+        sizes, out, total = self.level_sizes(), [], 0
+        for size in sizes:
+            out.append(total)
+            total += size
+        return out
+
     @property
     def n_params(self) -> int:
         return sum(self.level_sizes()) * self.n_features_per_level
@@ -134,7 +142,7 @@ class _LevelGroup:
     """Index constants for a set of levels that share an indexing rule (dense or hashed)."""
 
     def __init__(self, levels: list[int], cfg: HashGridConfig, dense: bool) -> None:
-        resolutions, offsets = cfg.resolutions(), _offsets(cfg)
+        resolutions, offsets = cfg.resolutions(), cfg.level_offsets()
         self.levels = levels
         self.dense = dense
         self.resolution = torch.tensor([float(resolutions[l]) for l in levels], dtype=torch.float64)
@@ -145,14 +153,6 @@ class _LevelGroup:
             self.multipliers = torch.tensor([HASH_PRIMES] * len(levels), dtype=torch.int64)
         self.offsets = torch.tensor([offsets[l] for l in levels], dtype=torch.int64)
         self.mask = cfg.table_size - 1
-
-
-def _offsets(cfg: HashGridConfig) -> list[int]:
-    sizes, out, total = cfg.level_sizes(), [], 0
-    for size in sizes:
-        out.append(total)
-        total += size
-    return out
 
 
 class TorchHashGrid(Encoding):
