@@ -7,6 +7,7 @@ import structlog
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
 from services.guidance.engine import GuidanceEngine
+from services.guidance.rpc_errors import log_rejected
 from shared import guidance_api
 from shared.errors import ServiceError
 from shared.grpcio import abort_with
@@ -30,7 +31,7 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
                 sds_request = guidance_api.sds_request_from_proto(request)
                 result = self.engine.compute(sds_request, timeout=context.time_remaining())
             except ServiceError as error:
-                log.info("sds_rejected", code=error.code.name, field=error.field, reason=error.message)
+                log_rejected(log, "sds_rejected", error)
                 abort_with(context, error)
             except TimeoutError:
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued or computing")
@@ -50,6 +51,6 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
                     request.prior, request.prompt, request.negative_prompt, request.checkpoint_id
                 )
             except ServiceError as error:
-                log.info("prompt_rejected", code=error.code.name, field=error.field, reason=error.message)
+                log_rejected(log, "prompt_rejected", error)
                 abort_with(context, error)
             return guidance_api.prompt_check_to_proto(check)
