@@ -22,12 +22,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.engine import GuidanceEngine
-from services.guidance.priors.base import PriorKind
 from services.scene.coarse import CoarseStage
 from services.scene.config import CoarseConfig
 from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
 from services.scene.guidance import InProcessGuidance
 from shared.cameras import CameraRanges
+from shared.guidance_api import PriorKind
 from shared.schedules import Schedule
 
 LABELS = ("render.rays", "field.encoding", "field.mlp", "field.normals", "render.composite")

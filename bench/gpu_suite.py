@@ -44,7 +44,6 @@ from bench.hash_grid import step as hash_grid_step
 from bench.hash_grid import timed
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.engine import GuidanceEngine
-from services.guidance.priors.base import PriorKind
 from services.orchestrator.presets import PresetBook, plan_job
 from services.scene.coarse import CoarseStage
 from services.scene.config import CoarseConfig, FineConfig, PriorTerm
@@ -55,6 +54,7 @@ from services.scene.guidance import InProcessGuidance
 from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
 from shared import logging as project_logging
 from shared.grpcio import free_port
+from shared.guidance_api import PriorKind
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 from shared.schedules import Schedule

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 
 from bench.timing import wall_ms
-from services.guidance import messages, sds
+from services.guidance import sds
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest
-from shared import logging as project_logging
+from services.guidance.priors.base import DiffusionPrior
+from shared import guidance_api, logging as project_logging
 from shared.cameras import orbit_camera
+from shared.guidance_api import PriorKind, SdsRequest
 
 FULL_SIZES = {"pixel": "if-i-xl", "latent": "sd21-base"}
 KINDS = {"analytic": PriorKind.ANALYTIC, "pixel": PriorKind.PIXEL, "latent": PriorKind.LATENT}
@@ -96,7 +97,7 @@ def bench_inproc(prior, batch, repeats):
 
 
 def bench_grpc(stub, prior, batch, repeats, metadata=()):
-    message = messages.sds_request_to_proto(make_request(prior, batch, seed=1))
+    message = guidance_api.sds_request_to_proto(make_request(prior, batch, seed=1))
     return time_calls(lambda: stub.ComputeSds(message, timeout=600, metadata=metadata), repeats)
 
 

@@ -29,9 +29,10 @@ import torch
 from bench.timing import wall_ms
 from services.guidance import sds
 from services.guidance.priors import random_init
-from services.guidance.priors.base import DiffusionPrior, SdsRequest, ViewCondition
-from services.guidance.priors.vae_encoder import ANY_ATTENTION_KERNEL, vae_attention_backends
+from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from services.guidance.priors.layout import apply_layout
+from services.guidance.priors.vae_encoder import ANY_ATTENTION_KERNEL, vae_attention_backends
+from shared.guidance_api import SdsRequest
 
 
 @dataclass(frozen=True)

@@ -262,7 +262,7 @@ def run_soak(settings: SoakSettings) -> SoakReport:
         listed = retrying(lambda: stack.orchestrator().ListJobs(orchestrator_pb2.ListJobsRequest(page_size=1000), timeout=30))
         report.duplicated = len(listed.jobs) - len({j.name for j in listed.jobs} & set(names.values()))
         report.orphans = stack.scenes_held()
-        report.attempts = _attempts(settings.root / "jobs.db")
+        report.attempts = attempts_per_job(settings.root / "jobs.db")
     finally:
         done.set()
         stack.stop()
@@ -281,7 +281,7 @@ def _kill_loop(stack: SoakStack, settings: SoakSettings, report: SoakReport, don
         report.kills[name] += 1
 
 
-def _attempts(database: Path) -> dict[str, int]:
+def attempts_per_job(database: Path) -> dict[str, int]:
     import sqlite3
 
     with sqlite3.connect(database) as conn:

@@ -31,8 +31,8 @@ import grpc
 from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
 
 from shared.auth import CLIENT_TOKEN_ENV, LOCAL_CLIENT_TOKEN_FILE, ClientTlsConfig, is_loopback
+from shared.errors import error_from_rpc
 from shared.grpcio import insecure_channel
-from shared.guidance_client import error_from_rpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50071"
 STAGES = {scene_pb2.STAGE_COARSE: "coarse", scene_pb2.STAGE_FINE: "fine"}

@@ -1,6 +1,7 @@
 """Service errors that carry a gRPC code and field-level details (google.rpc.Status, AIP-193).
 
 Plain Python code raises these; servicers turn them into gRPC statuses with `to_rpc_status`.
+Clients turn a failed call back into one with `error_from_rpc` (the same class, field and retry delay).
 The math never imports grpc types beyond this module.
 """
 
@@ -12,6 +13,7 @@ from typing import ClassVar
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 # Bounds on what one error carries to a client: gRPC trailers are small (8 KiB by default in most stacks), and an
 # echoed request value (a 10 KB job id) must not overflow them.
@@ -100,10 +102,66 @@ class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class DeadlineExceeded(ServiceError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServiceError):
+    code = grpc.StatusCode.CANCELLED
+
+
+_ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+}
+
+
+def error_from_rpc(error: grpc.RpcError) -> ServiceError:
+    """An RpcError as the matching shared.errors exception, with the field and retry delay the server sent.
+
+    Codes with no class of their own (INTERNAL, UNKNOWN, ...) become a plain ServiceError (code INTERNAL) whose
+    message starts with the original code's name.
+    """
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    message = (error.details() if callable(getattr(error, "details", None)) else None) or str(code)
+    field: str | None = None
+    retry_after_s: float | None = None
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # details that do not match the call's code/message: ignore them
+        status = None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                if bad.field_violations and field is None:
+                    field = bad.field_violations[0].field
+                    message = bad.field_violations[0].description or message
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                retry_after_s = info.retry_delay.ToNanoseconds() / 1e9
+    cls = _ERRORS.get(code)
+    if cls is None:
+        return ServiceError(f"{code.name}: {message}", field, retry_after_s)
+    # The server formats its message as "<field>: <description>"; keep the description only.
+    if field is not None and message.startswith(f"{field}: "):
+        message = message[len(field) + 2 :]
+    return cls(message, field, retry_after_s)
+
+
 def field_violations(rpc_error: grpc.RpcError) -> dict[str, str]:
     """Client side: the BadRequest field violations carried by an RpcError, as {field: description}."""
-    from grpc_status import rpc_status
-
     status = rpc_status.from_call(rpc_error)
     found: dict[str, str] = {}
     if status is None:

@@ -22,31 +22,27 @@ import random
 import re
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
-from shared.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    PermissionDenied,
-    ServiceError,
-    Unauthenticated,
-    Unavailable,
-    Unimplemented,
-)
+from shared.errors import Cancelled, NotFound, Unavailable, error_from_rpc
 from shared.grpcio import insecure_channel
 from shared.guidance_types import PromptCheck, prompt_check_from_proto
 from shared.logging import get_logger
 from shared.registry import Endpoint, Registry
 
 if TYPE_CHECKING:  # the guidance contract imports torch; the orchestrator uses this client without it
-    from services.guidance.priors.base import PriorInfo, SdsRequest, SdsResult
+    from shared.guidance_api import PriorInfo, SdsRequest, SdsResult
+
+
+def _api():
+    """The proto <-> contract translation, imported on first use: it imports torch (tensors), which a caller that
+    only checks prompts (the orchestrator) never needs."""
+    from shared import guidance_api
+
+    return guidance_api
 
 log = get_logger(__name__)
 
@@ -90,72 +86,6 @@ def shorten(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-class DeadlineExceeded(ServiceError):
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class Cancelled(ServiceError):
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.CANCELLED
-
-
-_ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.CANCELLED: Cancelled,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-}
-
-
-def error_from_rpc(error: grpc.RpcError) -> ServiceError:
-    """An RpcError as the matching shared.errors exception, with the field and retry delay the server sent.
-
-    Codes with no class of their own (INTERNAL, UNKNOWN, ...) become a plain ServiceError (code INTERNAL) whose
-    message starts with the original code's name.
-    """
-    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
-    message = (error.details() if callable(getattr(error, "details", None)) else None) or str(code)
-    field: str | None = None
-    retry_after_s: float | None = None
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError:  # details that do not match the call's code/message: ignore them
-        status = None
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                if bad.field_violations and field is None:
-                    field = bad.field_violations[0].field
-                    message = bad.field_violations[0].description or message
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                retry_after_s = info.retry_delay.ToNanoseconds() / 1e9
-    cls = _ERRORS.get(code)
-    if cls is None:
-        return ServiceError(f"{code.name}: {message}", field, retry_after_s)
-    # The server formats its message as "<field>: <description>"; keep the description only.
-    if field is not None and message.startswith(f"{field}: "):
-        message = message[len(field) + 2 :]
-    return cls(message, field, retry_after_s)
-
-
-def _messages():
-    """The proto <-> contract translation, imported on first use: it imports torch (tensors), which a caller that
-    only checks prompts (the orchestrator) never needs."""
-    from services.guidance import messages
-
-    return messages
-
-
 class GuidanceClient:
     """Thread-safe; one channel per server address, shared by every logical prior routed to it."""
 
@@ -179,7 +109,7 @@ class GuidanceClient:
         """Every prior served where the logical prior `name` is served."""
         endpoint = self.endpoint(name)
         response = self._call(endpoint, "ListPriors", guidance_pb2.ListPriorsRequest(), timeout_s, outage_window_s)
-        return [_messages().prior_info_from_proto(p) for p in response.priors]
+        return [_api().prior_info_from_proto(p) for p in response.priors]
 
     def prior_info(self, name: str, timeout_s: float | None = None, outage_window_s: float | None = None) -> PriorInfo:
         """The description of the prior behind logical name `name`."""
@@ -227,11 +157,11 @@ class GuidanceClient:
         checkpoint = request.checkpoint_id or endpoint.checkpoint_id
         if checkpoint != endpoint.checkpoint_id:
             endpoint = dataclasses.replace(endpoint, checkpoint_id=checkpoint)
-        message = _messages().sds_request_to_proto(request)
+        message = _api().sds_request_to_proto(request)
         message.prior = endpoint.prior
         message.checkpoint_id = checkpoint
         response = self._call(endpoint, "ComputeSds", message, timeout_s, outage_window_s)
-        return _messages().sds_result_from_proto(response)
+        return _api().sds_result_from_proto(response)
 
     def close(self) -> None:
         with self._lock:

@@ -1,7 +1,7 @@
 """The torch-free part of the guidance contract: how SDS weights a timestep (named per prior term by the stage
 configs) and a prompt check's answer, with their proto forms. The stage configs and the orchestrator, which
-validates jobs and checks prompts without torch, use these; services/guidance/priors/base.py and messages.py
-re-export them."""
+validates jobs and checks prompts without torch, use these; shared/guidance_api.py (the whole
+contract, with torch) re-exports them."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ WEIGHTING_TO_PROTO = {
 WEIGHTING_FROM_PROTO = {v: k for k, v in WEIGHTING_TO_PROTO.items()}
 
 
+def weighting_from_proto(value: int) -> Weighting | None:
+    """A magic3d.v1 Weighting as the enum; None for WEIGHTING_UNSPECIFIED (or a value this side does not know)."""
+    return WEIGHTING_FROM_PROTO.get(value)
+
+
 @dataclass(frozen=True)
 class PromptCheck:
     """An accepted prompt's size (mirrors magic3d.v1.CheckPromptResponse).
@@ -46,4 +51,7 @@ def prompt_check_from_proto(message: guidance_pb2.CheckPromptResponse) -> Prompt
     )
 
 
-__all__ = ["Weighting", "WEIGHTING_TO_PROTO", "WEIGHTING_FROM_PROTO", "PromptCheck", "prompt_check_from_proto"]
+__all__ = [
+    "Weighting", "WEIGHTING_TO_PROTO", "WEIGHTING_FROM_PROTO", "weighting_from_proto", "PromptCheck",
+    "prompt_check_from_proto",
+]

@@ -13,8 +13,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import Conditioning, DiffusionPrior, PriorInfo, PriorKind, ViewCondition
+from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared.errors import InvalidArgument
+from shared.guidance_api import Conditioning, PriorInfo, PriorKind
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

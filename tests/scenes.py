@@ -11,12 +11,12 @@ import torch
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.engine import GuidanceEngine
 from services.guidance.priors.analytic import builtin_objects
-from services.guidance.priors.base import PriorKind
 from services.scene.coarse import CoarseStage
 from services.scene.config import CoarseConfig
 from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
 from services.scene.guidance import InProcessGuidance
 from shared.cameras import CameraRanges
+from shared.guidance_api import PriorKind
 from shared.mesh_metrics import bounding_box_diagonal, mean_symmetric_surface_distance, volumetric_iou
 from shared.meshes import Mesh
 from shared.schedules import Schedule

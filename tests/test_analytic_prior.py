@@ -14,9 +14,10 @@ from services.guidance.priors.analytic import (
     posterior_eps,
     posterior_weights,
 )
-from services.guidance.priors.base import Conditioning, PriorKind, SdsRequest, ViewCondition, Weighting
+from services.guidance.priors.base import ViewCondition
 from shared.cameras import Shading, orbit_camera
 from shared.errors import InvalidArgument
+from shared.guidance_api import Conditioning, PriorKind, SdsRequest, Weighting
 from shared.rasterize import TorchRasterizer
 from shared.render import render_mesh
 

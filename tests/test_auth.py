@@ -17,10 +17,10 @@ from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2, scene
 
 from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import PriorKind
 from services.orchestrator import server as orchestrator_server
 from services.orchestrator.jobs import CheckpointRef, JobStore
 from services.scene import server as scene_server
+from shared.guidance_api import PriorKind
 from shared.auth import (
     AuthConfig,
     AuthNotConfigured,

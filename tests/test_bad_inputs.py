@@ -25,14 +25,14 @@ from magic3d.v1 import (
     scene_pb2_grpc,
 )
 
-from services.guidance import messages, standalone
+from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import PriorKind, SdsRequest
 from services.orchestrator import server as orchestrator_server
 from services.scene import server as scene_server
-from shared import cameras, tensors
+from shared import guidance_api, cameras, tensors
 from shared.errors import MAX_MESSAGE_CHARS, field_violations
 from shared.grpcio import insecure_channel
+from shared.guidance_api import PriorKind, SdsRequest
 from shared.guidance_client import GuidanceClient
 from shared.meshes import torus
 from shared.registry import Registry
@@ -123,7 +123,7 @@ def stubs(tmp_path_factory):
 def sds(**fields) -> guidance_pb2.ComputeSdsRequest:
     views = [cameras.to_proto(cameras.orbit_camera(az, 20.0, 2.0, size=16)) for az in (0.0, 90.0)]
     request = SdsRequest(job_id="bad", prior="analytic", images=torch.rand(2, 3, 16, 16), prompt="a red torus", seed=1)
-    message = messages.sds_request_to_proto(request)
+    message = guidance_api.sds_request_to_proto(request)
     message.cameras.extend(views)
     for key, value in fields.items():
         if value is None:

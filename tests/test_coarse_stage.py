@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from services.guidance.priors.base import SdsResult
 from services.scene import checkpoint
 from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
 from services.scene.config import CoarseConfig
 from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
 from shared.errors import Unavailable
+from shared.guidance_api import SdsResult
 from shared.schedules import Schedule
 
 from scenes import analytic_guidance, geometry_scores

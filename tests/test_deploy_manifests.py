@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from services.guidance.config import GuidanceConfig
-from services.guidance.priors.base import PriorKind
 from services.guidance.serve_app import GRPC_SERVICER_FUNCTION, SERVE_ENV, AppArgs, build_app
 from shared.errors import NotFound
+from shared.guidance_api import PriorKind
 from shared.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]

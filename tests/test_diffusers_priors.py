@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.guidance.priors.base import SdsRequest, ViewCondition, Weighting
+from services.guidance.priors.base import ViewCondition
 from services.guidance.priors.latent import LatentPrior
 from services.guidance.priors.pixel import PixelPrior
+from shared.guidance_api import SdsRequest, Weighting
 from services.guidance.priors.random_init import (
     build_pixel_components,
     build_random_latent_prior,
@@ -377,8 +378,8 @@ def test_random_source_builds_the_architecture_through_the_pool(pixel):
     unknown size is refused naming the field."""
     from services.guidance.config import PriorSpec
     from services.guidance.pool import build_pixel
-    from services.guidance.priors.base import PriorKind
     from shared.errors import NotFound
+    from shared.guidance_api import PriorKind
 
     spec = PriorSpec(name="if", kind=PriorKind.PIXEL, source="random:tiny", device="cpu", dtype="float32")
     built = build_pixel(spec, "default")
@@ -403,8 +404,8 @@ def test_memory_format_setting_lays_out_the_weights_and_keeps_the_gradient(pixel
     "auto" is contiguous on the CPU (channels-last is only chosen on CUDA, where it was measured)."""
     from services.guidance.config import PriorSpec
     from services.guidance.pool import build_latent, build_pixel
-    from services.guidance.priors.base import PriorKind
     from services.guidance.priors.layout import resolve_channels_last
+    from shared.guidance_api import PriorKind
 
     spec = PriorSpec(name="if", kind=PriorKind.PIXEL, source="random:tiny", device="cpu", dtype="float32",
                      memory_format="channels_last")
@@ -430,8 +431,8 @@ def test_memory_format_setting_lays_out_the_weights_and_keeps_the_gradient(pixel
 
 def test_cuda_graph_setting_is_checked_and_off_on_the_cpu(pixel):
     from services.guidance.config import PriorSpec
-    from services.guidance.priors.base import PriorKind
     from services.guidance.priors.cuda_graphs import resolve_cuda_graphs
+    from shared.guidance_api import PriorKind
 
     assert pixel.denoiser_graph is None  # nothing to capture on the CPU
     assert resolve_cuda_graphs("auto", torch.device("cuda")) and resolve_cuda_graphs("on", torch.device("cuda"))

@@ -47,9 +47,9 @@ def test_a_job_survives_kill_9_of_each_service_mid_job(stack, victim, starts):
     assert "model.glb" in {a.kind for a in job.artifacts}
     # A scene or orchestrator death resumes the job once from its checkpoint; a guidance outage is waited out by the
     # scene, whose replica is not blamed (no second start).
-    from bench.soak import _attempts
+    from bench.soak import attempts_per_job
 
-    assert _attempts(stack.root / "jobs.db")[name.removeprefix("jobs/")] == starts
+    assert attempts_per_job(stack.root / "jobs.db")[name.removeprefix("jobs/")] == starts
     assert wait_for_scenes(stack, 0) == 0
 
 

@@ -12,7 +12,6 @@ import torch
 
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.engine import GuidanceEngine
-from services.guidance.priors.base import PriorKind
 from services.guidance.priors.random_init import save_random_latent_prior
 from services.scene import checkpoint
 from services.scene.coarse import CoarseStage
@@ -23,6 +22,7 @@ from services.scene.guidance import InProcessGuidance
 from services.scene.mesh.renderer import MeshRenderer
 from shared.cameras import CameraRanges, Shading, orbit_camera
 from shared.errors import FailedPrecondition
+from shared.guidance_api import PriorKind
 from shared.rasterize import make_rasterizer
 from shared.render import render_mesh
 

@@ -7,7 +7,7 @@ import torch
 
 from services.guidance import sds
 from services.guidance.priors import random_init
-from services.guidance.priors.base import SdsRequest
+from shared.guidance_api import SdsRequest
 
 pytestmark = [
     pytest.mark.gpu,
@@ -138,12 +138,12 @@ def test_a_gpu_scene_sends_latents_by_default_and_gets_the_images_gradient():
     latents; the image gradient equals the one of sending float32 images, within fp16 tolerance."""
     from services.guidance.config import GuidanceConfig, PriorSpec
     from services.guidance.engine import GuidanceEngine
-    from services.guidance.priors.base import PriorKind
     from services.scene.config import FineConfig, PriorTerm
     from services.scene.guidance import InProcessGuidance, PriorInfoCache
     from services.scene.latent_encoders import CompiledEncoder
     from services.scene.steps import guidance_gradient
     from shared.cameras import orbit_camera
+    from shared.guidance_api import PriorKind
 
     spec = PriorSpec(name="sd", kind=PriorKind.LATENT, source="random:tiny", device="cuda", resolution=64)
     guidance = InProcessGuidance(GuidanceEngine(GuidanceConfig(priors=[spec], batching={"wait_s": 0})))

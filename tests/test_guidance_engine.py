@@ -10,8 +10,8 @@ import torch
 from conftest import CountingPrior, counting_config
 from services.guidance.engine import GuidanceEngine
 from services.guidance.pool import PriorPool
-from services.guidance.priors.base import PriorKind, SdsRequest
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
+from shared.guidance_api import PriorKind, SdsRequest
 
 
 def engine_with(prior: CountingPrior, **batching) -> GuidanceEngine:

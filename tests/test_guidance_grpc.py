@@ -12,14 +12,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from magic3d.v1 import common_pb2, guidance_pb2, guidance_pb2_grpc
 
 from conftest import CountingPrior, counting_config
-from services.guidance import messages, standalone
+from services.guidance import standalone
 from services.guidance.config import DEFAULT_CONFIG
 from services.guidance.pool import PriorPool
-from services.guidance.priors.base import PriorKind, PromptCheck, SdsRequest
-from shared import tensors
+from shared import guidance_api, tensors
 from shared.errors import InvalidArgument, NotFound, field_violations
-from shared.guidance_client import GuidanceClient
 from shared.grpcio import insecure_channel
+from shared.guidance_api import PriorKind, PromptCheck, SdsRequest
+from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 
 GATE = threading.Event()
@@ -52,7 +52,7 @@ def stub(server):
 
 def good_request(**overrides) -> guidance_pb2.ComputeSdsRequest:
     request = SdsRequest(job_id="job-7", prior="counting", images=torch.rand(2, 3, 32, 32), prompt="a red torus", seed=1)
-    message = messages.sds_request_to_proto(request)
+    message = guidance_api.sds_request_to_proto(request)
     for key, value in overrides.items():
         setattr(message, key, value)
     return message

@@ -13,11 +13,11 @@ from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
 from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import PriorKind, SdsRequest
 from shared.cameras import orbit_camera
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import Cancelled, InvalidArgument, Unavailable
 from shared.grpcio import free_port, start_server
-from shared.guidance_client import Cancelled, GuidanceClient, is_outage, stop_retrying_when
+from shared.guidance_api import PriorKind, SdsRequest
+from shared.guidance_client import GuidanceClient, is_outage, stop_retrying_when
 from shared.registry import Registry
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,18 +13,19 @@ import pytest
 import torch
 from magic3d.v1 import guidance_pb2_grpc
 
-from services.guidance import messages, standalone
+from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.engine import GuidanceEngine
-from services.guidance.priors.base import LatentEncoderInfo, PriorKind, SdsRequest
 from services.guidance.priors.random_init import save_random_latent_prior
 from services.guidance.priors.vae_encoder import build_encoder
 from services.scene.config import FineConfig, PriorTerm
 from services.scene.guidance import InProcessGuidance, PriorInfoCache
 from services.scene.steps import guidance_gradient
+from shared import guidance_api
 from shared.cameras import orbit_camera
 from shared.errors import FailedPrecondition, field_violations
 from shared.grpcio import insecure_channel
+from shared.guidance_api import LatentEncoderInfo, PriorKind, SdsRequest
 
 SIDE = 64
 
@@ -49,8 +50,8 @@ def stub(server):
 
 
 def published(stub) -> LatentEncoderInfo:
-    (info,) = stub.ListPriors(messages.guidance_pb2.ListPriorsRequest(), timeout=30).priors
-    return messages.prior_info_from_proto(info).latent_encoder
+    (info,) = stub.ListPriors(guidance_api.guidance_pb2.ListPriorsRequest(), timeout=30).priors
+    return guidance_api.prior_info_from_proto(info).latent_encoder
 
 
 def test_the_prior_publishes_its_encoder_and_a_caller_rebuilds_it_exactly(stub):
@@ -70,16 +71,16 @@ def test_a_latents_request_gets_the_gradient_of_the_images_request_through_the_e
     encoder = build_encoder(encoder_info, torch.device("cpu"), torch.float32)
     images = torch.rand(2, 3, SIDE, SIDE)
     common = dict(job_id="j", prior="sd", prompt="a red torus", seed=3, explicit_t=[0.3, 0.6])
-    by_images = stub.ComputeSds(messages.sds_request_to_proto(SdsRequest(images=images, **common)), timeout=60)
+    by_images = stub.ComputeSds(guidance_api.sds_request_to_proto(SdsRequest(images=images, **common)), timeout=60)
     leaf = images.clone().requires_grad_(True)
     latents = encoder(leaf)
     request = SdsRequest(images=None, latents=latents.detach(), latent_encoder_digest=encoder_info.digest, **common)
-    by_latents = stub.ComputeSds(messages.sds_request_to_proto(request), timeout=60)
+    by_latents = stub.ComputeSds(guidance_api.sds_request_to_proto(request), timeout=60)
 
-    latent_grad = messages.sds_result_from_proto(by_latents).grad
+    latent_grad = guidance_api.sds_result_from_proto(by_latents).grad
     assert latent_grad.shape == latents.shape
     (image_grad,) = torch.autograd.grad(latents, leaf, latent_grad)
-    expected = messages.sds_result_from_proto(by_images).grad
+    expected = guidance_api.sds_result_from_proto(by_images).grad
     torch.testing.assert_close(image_grad, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     assert list(by_latents.loss) == pytest.approx(list(by_images.loss), rel=1e-4)
     assert list(by_latents.t) == list(by_images.t)
@@ -106,12 +107,12 @@ def _latents_request(encoder_info: LatentEncoderInfo, **overrides) -> SdsRequest
 )
 def test_bad_latents_get_a_clear_status_naming_the_field(stub, overrides, code, field):
     encoder_info = published(stub)
-    message = messages.sds_request_to_proto(_latents_request(encoder_info, **overrides(encoder_info)))
+    message = guidance_api.sds_request_to_proto(_latents_request(encoder_info, **overrides(encoder_info)))
     with pytest.raises(grpc.RpcError) as caught:
         stub.ComputeSds(message, timeout=30)
     assert caught.value.code() == code
     assert list(field_violations(caught.value)) == [field]
-    assert stub.ComputeSds(messages.sds_request_to_proto(_latents_request(encoder_info)), timeout=60).grad.data
+    assert stub.ComputeSds(guidance_api.sds_request_to_proto(_latents_request(encoder_info)), timeout=60).grad.data
 
 
 class RecordingGuidance(InProcessGuidance):
@@ -155,7 +156,7 @@ def test_the_scene_falls_back_to_images_in_auto_and_fails_clearly_when_latents_a
             raise AssertionError("not asked")
 
     cache = PriorInfoCache(Infos())
-    from services.guidance.priors.base import PriorInfo
+    from shared.guidance_api import PriorInfo
 
     unloadable = LatentEncoderInfo("random:no-such-size", "vae", SIDE, 4, SIDE // 8, "0" * 64)
     info = PriorInfo("sd", PriorKind.LATENT, SIDE, 77, (), 100.0, (0.02, 0.98), latent_encoder=unloadable)

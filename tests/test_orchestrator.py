@@ -16,13 +16,13 @@ from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2, scene
 
 from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import PriorKind
 from services.orchestrator import server as orchestrator_server
 from services.orchestrator.jobs import JobStore
 from services.orchestrator.presets import PresetBook, merge_stage_config, plan_job
 from services.scene import server as scene_server
 from shared.errors import InvalidArgument, field_violations
 from shared.grpcio import insecure_channel
+from shared.guidance_api import PriorKind
 from shared.guidance_client import GuidanceClient
 from shared.meshes import torus
 from shared.registry import Registry

@@ -12,12 +12,12 @@ from magic3d.v1 import common_pb2, guidance_pb2, scene_pb2, scene_pb2_grpc
 
 from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import PriorKind
 from services.scene import server as scene_server
 from services.scene.server import SceneServiceConfig
 from shared import cameras, tensors
 from shared.errors import field_violations
 from shared.grpcio import free_port, insecure_channel
+from shared.guidance_api import PriorKind
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from services.guidance.priors.base import PriorInfo, PriorKind, SdsResult
 from services.scene.config import FineConfig, PriorTerm
 from services.scene.guidance import PriorInfoCache
 from services.scene.steps import guidance_gradient
 from shared.cameras import orbit_camera
+from shared.guidance_api import PriorInfo, PriorKind, SdsResult
 
 
 class RecordingGuidance:

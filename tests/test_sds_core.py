@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from services.guidance import sds
-from services.guidance.priors.base import SdsRequest, Weighting
 from shared.cameras import orbit_camera
 from shared.errors import InvalidArgument, NotFound
+from shared.guidance_api import SdsRequest, Weighting
 
 
 def make_request(**overrides) -> SdsRequest:

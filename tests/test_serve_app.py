@@ -12,16 +12,17 @@ import pytest
 import torch
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
-from services.guidance import messages, standalone
+from services.guidance import standalone
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig, PriorSpec
-from services.guidance.priors.base import Conditioning, DiffusionPrior, PriorInfo, PriorKind, SdsRequest
+from services.guidance.priors.base import DiffusionPrior
 from services.guidance.serve_app import ServeAppSettings, start_local
-from shared import tensors
+from shared import guidance_api, tensors
 from shared.auth import AuthConfig
 from shared.cameras import Shading, orbit_camera
 from shared.errors import InvalidArgument, NotFound, Unauthenticated, field_violations
-from shared.guidance_client import GuidanceClient
 from shared.grpcio import insecure_channel
+from shared.guidance_api import Conditioning, PriorInfo, PriorKind, SdsRequest
+from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(240)]
@@ -120,7 +121,7 @@ def sds_request(batch: int = 2, prior: str = "analytic", seed: int = 1, **fields
 
 
 def proto(batch: int = 2, **kwargs) -> guidance_pb2.ComputeSdsRequest:
-    return messages.sds_request_to_proto(sds_request(batch, **kwargs))
+    return guidance_api.sds_request_to_proto(sds_request(batch, **kwargs))
 
 
 def test_list_priors_and_compute_sds_through_the_proxy(stub):
@@ -129,7 +130,7 @@ def test_list_priors_and_compute_sds_through_the_proxy(stub):
     assert "default" in info.checkpoint_ids
 
     response = stub.ComputeSds(proto(2), metadata=metadata(), timeout=30)
-    grad = messages.sds_result_from_proto(response).grad
+    grad = guidance_api.sds_result_from_proto(response).grad
     assert grad.shape == (2, 3, 64, 64) and grad.dtype == torch.float32
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     assert len(response.t) == len(response.loss) == len(response.finite) == 2 and all(response.finite)
@@ -266,7 +267,7 @@ def test_twelve_mib_each_way_through_the_proxy(stub):
         job_id="big", prior="slow", images=torch.rand(1, 3, 1024, 1024), prompt="a red torus", seed=5,
         cameras=[orbit_camera(0.0, 30.0, 2.0, size=1024)],
     )
-    message = messages.sds_request_to_proto(request)
+    message = guidance_api.sds_request_to_proto(request)
     assert message.ByteSize() > 12 * 2**20
     response = stub.ComputeSds(message, metadata=metadata(SLOW_APP, "slow:default"), timeout=60)
     assert list(response.grad.shape) == [1, 3, 1024, 1024] and response.ByteSize() > 12 * 2**20

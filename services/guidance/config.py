@@ -11,8 +11,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from services.guidance.priors.base import PriorKind, Weighting
 from shared.auth import AuthConfig, TlsConfig
+from shared.guidance_api import PriorKind, Weighting
 
 
 class AnalyticOptions(BaseModel):

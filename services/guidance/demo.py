@@ -16,13 +16,13 @@ import torch
 from magic3d.v1 import guidance_pb2_grpc
 from PIL import Image
 
-from services.guidance import messages, standalone
+from services.guidance import standalone
 from services.guidance.config import DEFAULT_CONFIG
 from services.guidance.priors.analytic import builtin_objects
-from services.guidance.priors.base import SdsRequest
-from shared import logging as project_logging
+from shared import guidance_api, logging as project_logging
 from shared.cameras import Shading, orbit_camera
 from shared.grpcio import insecure_channel
+from shared.guidance_api import SdsRequest
 from shared.rasterize import make_rasterizer
 from shared.render import render_mesh
 
@@ -78,8 +78,8 @@ def main() -> None:
                 guidance_scale=args.guidance_scale,
                 seed=step,
             )
-            response = stub.ComputeSds(messages.sds_request_to_proto(request), timeout=60)
-            grad = messages.sds_result_from_proto(response).grad
+            response = stub.ComputeSds(guidance_api.sds_request_to_proto(request), timeout=60)
+            grad = guidance_api.sds_result_from_proto(response).grad
             images = (images - args.lr * grad).clamp(0, 1)
         save_grid([start, images, target], args.out / "steps.png")
         (args.out / "metrics.json").write_text(json.dumps(history, indent=1))

@@ -15,17 +15,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from services.guidance import sds
+from services.guidance.batching import BatchRunner
 from services.guidance.config import GuidanceConfig
 from services.guidance.pool import PriorPool
-from services.guidance.priors.base import DiffusionPrior, PriorInfo, PromptCheck, SdsRequest, SdsResult
-from shared.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from services.guidance.priors.base import DiffusionPrior
+from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
+from shared.guidance_api import PriorInfo, PromptCheck, SdsRequest, SdsResult
 from shared.logging import get_logger
 
 log = get_logger(__name__)
-
-
-# The longest suffix `sds.conditions_for` may append to a prompt (view-dependent prompting).
-LONGEST_VIEW_SUFFIX = max(sds._VIEW_SUFFIXES, key=len)
 
 
 def check_prompt(prior: DiffusionPrior, prompt: str, negative_prompt: str = "") -> PromptCheck:
@@ -37,16 +35,16 @@ def check_prompt(prior: DiffusionPrior, prompt: str, negative_prompt: str = "") 
     """
     prior.validate_prompt(prompt, "prompt")
     try:
-        prior.validate_prompt(prompt + LONGEST_VIEW_SUFFIX, "prompt")
+        prior.validate_prompt(prompt + sds.LONGEST_VIEW_SUFFIX, "prompt")
     except InvalidArgument as error:
         raise InvalidArgument(
-            f"{error.message} (with the longest view suffix {LONGEST_VIEW_SUFFIX!r} appended, as ComputeSds may)",
+            f"{error.message} (with the longest view suffix {sds.LONGEST_VIEW_SUFFIX!r} appended, as ComputeSds may)",
             error.field,
         ) from None
     if negative_prompt:
         prior.validate_prompt(negative_prompt, "negative_prompt")
     return PromptCheck(
-        token_count=prior.count_tokens(prompt + LONGEST_VIEW_SUFFIX),
+        token_count=prior.count_tokens(prompt + sds.LONGEST_VIEW_SUFFIX),
         negative_token_count=prior.count_tokens(negative_prompt) if negative_prompt else 0,
         max_tokens=prior.info.max_prompt_tokens,
     )
@@ -59,23 +57,16 @@ class _Pending:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-@dataclass
-class EngineStats:
-    denoiser_calls: int = 0
-    requests: int = 0
-    images: int = 0
-
-
 class GuidanceEngine:
     def __init__(self, config: GuidanceConfig, pool: PriorPool | None = None) -> None:
         self.config = config
         self.pool = pool or PriorPool(config)
-        self.stats = EngineStats()
+        self._runner = BatchRunner(self.pool, log)
+        self.stats = self._runner.stats
         self._batching = config.batching
         self._queues: dict[str, queue.Queue[_Pending | None]] = {}
         self._workers: dict[str, threading.Thread] = {}
         self._closed = threading.Event()
-        self._stats_lock = threading.Lock()
         for spec in config.priors:
             self._queues[spec.name] = queue.Queue(maxsize=self._batching.max_queue)
             worker = threading.Thread(target=self._run_worker, args=(spec.name,), name=f"sds-{spec.name}", daemon=True)
@@ -153,23 +144,10 @@ class GuidanceEngine:
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         first = batch[0].request
-        try:
-            prior = self.pool.get(first.prior, first.checkpoint_id)
-            results = sds.compute_sds(prior, [p.request for p in batch])
-        except Exception as error:  # noqa: BLE001 - one bad request must not fail its batch-mates
-            if len(batch) > 1:
-                for pending in batch:
-                    self._run_batch([pending])
-                return
-            if not isinstance(error, ServiceError):
-                log.exception("sds_failed", job_id=first.job_id, prior=first.prior)
-            batch[0].future.set_exception(error)
-            return
-        now = time.perf_counter()
-        with self._stats_lock:
-            self.stats.denoiser_calls += 1
-            self.stats.requests += len(batch)
-            self.stats.images += sum(p.request.batch_size for p in batch)
-        for pending, result in zip(batch, results):
-            result.server_time_s = now - pending.enqueued
-            pending.future.set_result(result)
+        outcomes = self._runner.outcomes(first.prior, first.checkpoint_id, [p.request for p in batch])
+        for pending, outcome in zip(batch, outcomes):
+            if isinstance(outcome, Exception):
+                pending.future.set_exception(outcome)
+            else:
+                outcome.server_time_s = time.perf_counter() - pending.enqueued
+                pending.future.set_result(outcome)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from typing import Callable
 
+from services.guidance.cache import LruCache
 from services.guidance.config import GuidanceConfig, PriorSpec
-from services.guidance.priors.base import DiffusionPrior, PriorKind
+from services.guidance.priors.base import DiffusionPrior
 from services.guidance.priors.vae_encoder import RANDOM_SOURCE_PREFIX
 from shared.errors import NotFound
+from shared.guidance_api import PriorKind
 
 PriorBuilder = Callable[[PriorSpec, str], DiffusionPrior]
 
@@ -94,8 +95,8 @@ class PriorPool:
     def __init__(self, config: GuidanceConfig, builders: dict[PriorKind, PriorBuilder] | None = None) -> None:
         self.config = config
         self._builders = builders or BUILDERS
-        self._max_loaded = config.batching.max_loaded_checkpoints
-        self._loaded: dict[str, OrderedDict[str, DiffusionPrior]] = {p.name: OrderedDict() for p in config.priors}
+        size = config.batching.max_loaded_checkpoints
+        self._loaded: dict[str, LruCache[str, DiffusionPrior]] = {p.name: LruCache(size) for p in config.priors}
         self._lock = threading.Lock()
 
     def spec(self, name: str) -> PriorSpec:
@@ -105,7 +106,8 @@ class PriorPool:
             raise NotFound(f"unknown prior {name!r}; served here: {known}", "prior")
         return spec
 
-    def get(self, name: str, checkpoint_id: str = "") -> DiffusionPrior:
+    def resolve(self, name: str, checkpoint_id: str = "") -> tuple[PriorSpec, str]:
+        """(spec, checkpoint id; "" is "default"); NotFound naming `prior` / `checkpoint_id` if either is unknown."""
         spec = self.spec(name)
         checkpoint_id = checkpoint_id or "default"
         if checkpoint_id not in spec.checkpoint_ids:
@@ -113,16 +115,13 @@ class PriorPool:
                 f"unknown checkpoint {checkpoint_id!r} of prior {name!r}; known: {', '.join(spec.checkpoint_ids)}",
                 "checkpoint_id",
             )
+        return spec, checkpoint_id
+
+    def get(self, name: str, checkpoint_id: str = "") -> DiffusionPrior:
+        spec, checkpoint_id = self.resolve(name, checkpoint_id)
+        build = self._builders[spec.kind]
         with self._lock:
-            loaded = self._loaded[name]
-            if checkpoint_id in loaded:
-                loaded.move_to_end(checkpoint_id)
-                return loaded[checkpoint_id]
-            prior = self._builders[spec.kind](spec, checkpoint_id)
-            loaded[checkpoint_id] = prior
-            while len(loaded) > self._max_loaded:
-                loaded.popitem(last=False)
-            return prior
+            return self._loaded[name].get_or_compute(checkpoint_id, lambda: build(spec, checkpoint_id))
 
     def warm(self) -> None:
         """Loads every prior's default checkpoint, so the first request does not pay for it."""

@@ -19,15 +19,18 @@ import time
 
 import torch
 
-from services.guidance.priors.base import DiffusionPrior, SdsRequest, SdsResult, ViewCondition, Weighting
+from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared.devices import to_device
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.guidance_api import SdsRequest, SdsResult, Weighting
 
 MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 1024
 
 
-_VIEW_SUFFIXES = (", front view", ", side view", ", back view", ", overhead view")
+VIEW_SUFFIXES = (", front view", ", side view", ", back view", ", overhead view")
+# The longest suffix `conditions_for` may append (prompt checks count with it).
+LONGEST_VIEW_SUFFIX = max(VIEW_SUFFIXES, key=len)
 
 
 def view_suffix(azimuth_deg: float, elevation_deg: float, overhead_above_deg: float = 60.0) -> str:
@@ -127,7 +130,7 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
             "checkpoint_id",
         )
     # With view-dependent prompting the longest suffix must fit too, or the tokenizer would silently cut it off.
-    longest = max(_VIEW_SUFFIXES, key=len) if request.view_dependent_prompt and request.cameras else ""
+    longest = LONGEST_VIEW_SUFFIX if request.view_dependent_prompt and request.cameras else ""
     prior.validate_prompt(request.prompt, "prompt")
     if longest:
         prior.validate_prompt(request.prompt + longest, "prompt")

@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -51,14 +51,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from services.guidance import messages, sds, serve_loopback
+from services.guidance import sds, serve_loopback
+from services.guidance.batching import BatchRunner
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig
-from services.guidance.engine import EngineStats, check_prompt
+from services.guidance.engine import check_prompt
 from services.guidance.pool import BUILDERS, PriorBuilder, PriorPool
-from services.guidance.priors.base import DiffusionPrior, PriorKind, SdsRequest, SdsResult
+from services.guidance.priors.base import DiffusionPrior
+from services.guidance.rpc_errors import internal_error, log_rejected
+from shared import guidance_api
 from shared.auth import bearer_token
-from shared.errors import InvalidArgument, NotFound, ServiceError, Unauthenticated
+from shared.errors import InvalidArgument, ServiceError, Unauthenticated
 from shared.grpcio import DEFAULT_MAX_MESSAGE_BYTES, INTERNAL_ERROR_MESSAGE, free_port
+from shared.guidance_api import PriorKind, SdsRequest, SdsResult
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -247,7 +251,7 @@ class GuidanceDeployment:
         )
         self.pool = PriorPool(pool_config, builders=builders)
         self._tokens = self.config.auth.service_tokens()
-        self._stats = EngineStats()
+        self._runner = BatchRunner(self.pool, log)
         self._batches = 0
         self._stats_lock = threading.Lock()
 
@@ -279,7 +283,7 @@ class GuidanceDeployment:
             infos = await asyncio.to_thread(lambda: [self.pool.get(spec.name).info for spec in self.config.priors])
         except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
             return _failed(grpc_context, error, guidance_pb2.ListPriorsResponse(), "list_priors_failed")
-        return guidance_pb2.ListPriorsResponse(priors=[messages.prior_info_to_proto(info) for info in infos])
+        return guidance_pb2.ListPriorsResponse(priors=[guidance_api.prior_info_to_proto(info) for info in infos])
 
     async def ComputeSds(self, request: guidance_pb2.ComputeSdsRequest, grpc_context=None):
         """Decode, validate, then join a batch. Through a DeploymentHandle (no grpc_context) errors are raised."""
@@ -288,7 +292,7 @@ class GuidanceDeployment:
             return guidance_pb2.ComputeSdsResponse()
         try:
             # Decoding and validation scan the whole tensor: off the replica's event loop.
-            sds_request = await asyncio.to_thread(messages.sds_request_from_proto, request)
+            sds_request = await asyncio.to_thread(guidance_api.sds_request_from_proto, request)
             name, checkpoint = resolve_model_id(sds_request, serve.get_multiplexed_model_id())
             sds_request.prior, sds_request.checkpoint_id = name, checkpoint
             self._check_known(name, checkpoint)
@@ -298,36 +302,29 @@ class GuidanceDeployment:
             if isinstance(result, ServiceError):
                 raise result
         except ServiceError as error:
-            log.info("sds_rejected", job_id=request.job_id, code=error.code.name, field=error.field, reason=error.message)
-            if grpc_context is None:
-                raise
-            set_error(grpc_context, error)
-            return guidance_pb2.ComputeSdsResponse()
+            empty = guidance_pb2.ComputeSdsResponse()
+            return _rejected(grpc_context, error, empty, "sds_rejected", job_id=request.job_id)
         except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
             return _failed(grpc_context, error, guidance_pb2.ComputeSdsResponse(), "sds_failed", job_id=request.job_id)
         result.server_time_s = time.perf_counter() - start
-        return messages.sds_response_to_proto(result, name, checkpoint)
+        return guidance_api.sds_response_to_proto(result, name, checkpoint)
 
     async def CheckPrompt(self, request: guidance_pb2.CheckPromptRequest, grpc_context=None):
         """The prompt checks of ComputeSds, on this replica's loaded prior. Errors as in ComputeSds."""
         if not self._authenticated(grpc_context):
             return guidance_pb2.CheckPromptResponse()
         try:
-            messages.check_prompt_request_fields(request)
+            guidance_api.check_prompt_request_fields(request)
             name, checkpoint = resolve_model_id(request, serve.get_multiplexed_model_id())
             self._check_known(name, checkpoint)
             loaded = await self._load(model_id(name, checkpoint))
             check = await asyncio.to_thread(check_prompt, loaded.prior, request.prompt, request.negative_prompt)
         except ServiceError as error:
-            log.info("prompt_rejected", prior=request.prior, code=error.code.name, field=error.field,
-                     reason=error.message)
-            if grpc_context is None:
-                raise
-            set_error(grpc_context, error)
-            return guidance_pb2.CheckPromptResponse()
+            empty = guidance_pb2.CheckPromptResponse()
+            return _rejected(grpc_context, error, empty, "prompt_rejected", prior=request.prior)
         except Exception as error:  # noqa: BLE001 - Serve would send the traceback to the client
             return _failed(grpc_context, error, guidance_pb2.CheckPromptResponse(), "check_prompt_failed")
-        return messages.prompt_check_to_proto(check)
+        return guidance_api.prompt_check_to_proto(check)
 
     def _authenticated(self, grpc_context) -> bool:
         """True, or the call's context is set to UNAUTHENTICATED (the token is never echoed)."""
@@ -341,19 +338,15 @@ class GuidanceDeployment:
 
     def _check_known(self, name: str, checkpoint: str) -> None:
         """NotFound (naming `prior` / `checkpoint_id`) before the multiplexer is asked for an id that cannot load."""
-        spec = self.pool.spec(name)
-        if checkpoint not in spec.checkpoint_ids:
-            raise NotFound(
-                f"unknown checkpoint {checkpoint!r} of prior {name!r}; known: {', '.join(spec.checkpoint_ids)}",
-                "checkpoint_id",
-            )
+        self.pool.resolve(name, checkpoint)
 
     # -- for tests, benchmarks and operators ------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """Counts on this replica since it started: denoiser calls, requests, images, batches formed by Serve."""
         with self._stats_lock:
-            return {**asdict(self._stats), "batches": self._batches}
+            batches = self._batches
+        return {**self._runner.snapshot(), "batches": batches}
 
     # -- batching ---------------------------------------------------------------------------------------------
 
@@ -371,28 +364,29 @@ class GuidanceDeployment:
         return results  # type: ignore[return-value]
 
     def _run_group(self, name: str, checkpoint: str, requests: list[SdsRequest]) -> list[SdsResult | ServiceError]:
-        try:
-            prior = self.pool.get(name, checkpoint)
-            results: list[SdsResult | ServiceError] = list(sds.compute_sds(prior, requests))
-        except Exception as error:  # noqa: BLE001 - one bad request must not fail its batch-mates
-            if len(requests) > 1:
-                return [r for request in requests for r in self._run_group(name, checkpoint, [request])]
-            if not isinstance(error, ServiceError):
-                log.exception("sds_failed", job_id=requests[0].job_id, prior=name)
-                error = ServiceError(INTERNAL_ERROR_MESSAGE)  # the traceback is in the log, not for the client
-            return [error]
-        with self._stats_lock:
-            self._stats.denoiser_calls += 1
-            self._stats.requests += len(requests)
-            self._stats.images += _images(requests)
-        return results
+        return [_for_client(outcome) for outcome in self._runner.outcomes(name, checkpoint, requests)]
+
+
+def _for_client(outcome: SdsResult | Exception) -> SdsResult | ServiceError:
+    """A bug's exception becomes INTERNAL with a generic message (the BatchRunner logged its traceback)."""
+    if isinstance(outcome, Exception) and not isinstance(outcome, ServiceError):
+        return ServiceError(INTERNAL_ERROR_MESSAGE)
+    return outcome
+
+
+def _rejected(grpc_context, error: ServiceError, empty, event: str, **fields):
+    """A refused request: logged, its code and details to the client (through a DeploymentHandle: raised)."""
+    log_rejected(log, event, error, **fields)
+    if grpc_context is None:
+        raise error
+    set_error(grpc_context, error)
+    return empty
 
 
 def _failed(grpc_context, error: Exception, empty, event: str, **fields):
     """A bug (not a ServiceError): logged with its traceback here, INTERNAL with a generic message to the client
     (through a DeploymentHandle: raised as that ServiceError)."""
-    log.error(event, exc_info=error, **fields)
-    internal = ServiceError(INTERNAL_ERROR_MESSAGE)
+    internal = internal_error(log, event, error, **fields)
     if grpc_context is None:
         raise internal from None
     set_error(grpc_context, internal)

@@ -6,8 +6,9 @@ import grpc
 import structlog
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
-from services.guidance import messages
 from services.guidance.engine import GuidanceEngine
+from services.guidance.rpc_errors import log_rejected
+from shared import guidance_api
 from shared.errors import ServiceError
 from shared.grpcio import abort_with
 from shared.logging import get_logger
@@ -21,16 +22,16 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
 
     def ListPriors(self, request, context):
         return guidance_pb2.ListPriorsResponse(
-            priors=[messages.prior_info_to_proto(info) for info in self.engine.list_priors()]
+            priors=[guidance_api.prior_info_to_proto(info) for info in self.engine.list_priors()]
         )
 
     def ComputeSds(self, request, context):
         with structlog.contextvars.bound_contextvars(job_id=request.job_id, prior=request.prior):
             try:
-                sds_request = messages.sds_request_from_proto(request)
+                sds_request = guidance_api.sds_request_from_proto(request)
                 result = self.engine.compute(sds_request, timeout=context.time_remaining())
             except ServiceError as error:
-                log.info("sds_rejected", code=error.code.name, field=error.field, reason=error.message)
+                log_rejected(log, "sds_rejected", error)
                 abort_with(context, error)
             except TimeoutError:
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while queued or computing")
@@ -40,16 +41,16 @@ class GuidanceServicer(guidance_pb2_grpc.GuidanceServiceServicer):
                 server_time_s=round(result.server_time_s, 4),
                 finite=all(result.finite),
             )
-            return messages.sds_response_to_proto(result, request.prior, request.checkpoint_id)
+            return guidance_api.sds_response_to_proto(result, request.prior, request.checkpoint_id)
 
     def CheckPrompt(self, request, context):
         with structlog.contextvars.bound_contextvars(prior=request.prior):
             try:
-                messages.check_prompt_request_fields(request)
+                guidance_api.check_prompt_request_fields(request)
                 check = self.engine.check_prompt(
                     request.prior, request.prompt, request.negative_prompt, request.checkpoint_id
                 )
             except ServiceError as error:
-                log.info("prompt_rejected", code=error.code.name, field=error.field, reason=error.message)
+                log_rejected(log, "prompt_rejected", error)
                 abort_with(context, error)
-            return messages.prompt_check_to_proto(check)
+            return guidance_api.prompt_check_to_proto(check)

@@ -35,7 +35,7 @@ from services.orchestrator.scenes import SceneReplicas
 from shared import artifact_keys
 from shared import logging as project_logging
 from shared.errors import FailedPrecondition, NotFound, ResourceExhausted, ServiceError, Unavailable
-from shared.guidance_client import DeadlineExceeded, error_from_rpc
+from shared.errors import DeadlineExceeded, error_from_rpc
 from shared.store import ArtifactStore
 
 log = project_logging.get_logger(__name__)

@@ -70,6 +70,14 @@ class HashGridConfig:
         """Table rows of each level: (N_l + 1)^3 for dense levels, 2^log2_hashmap_size for hashed ones."""
         return [min((res + 1) ** 3, self.table_size) for res in self.resolutions()]
 
+    def level_offsets(self) -> list[int]:
+        """First table row of each level when the levels' tables are laid end to end."""
+        sizes, out, total = self.level_sizes(), [], 0
+        for size in sizes:
+            out.append(total)
+            total += size
+        return out
+
     @property
     def n_params(self) -> int:
         return sum(self.level_sizes()) * self.n_features_per_level

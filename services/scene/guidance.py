@@ -11,8 +11,8 @@ from typing import Protocol
 import torch
 
 from services.guidance.engine import GuidanceEngine
-from services.guidance.priors.base import PriorInfo, SdsRequest, SdsResult
 from services.scene.latent_encoders import Encoder, LatentEncoders
+from shared.guidance_api import PriorInfo, SdsRequest, SdsResult
 
 
 class Guidance(Protocol):

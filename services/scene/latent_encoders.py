@@ -12,11 +12,11 @@ from typing import Callable
 
 import torch
 
-from services.guidance.priors.base import PriorInfo
 from services.guidance.priors.vae_encoder import VaeImageEncoder, build_encoder
 from shared import logging as project_logging
 from shared.devices import resolve_dtype
 from shared.errors import FailedPrecondition
+from shared.guidance_api import PriorInfo
 
 log = project_logging.get_logger(__name__)
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from services.scene.config import CoarseConfig, FineConfig, PriorTerm
 from shared.errors import InvalidArgument
 from shared.schedules import Schedule
-from shared.guidance_types import WEIGHTING_FROM_PROTO
+from shared.guidance_types import weighting_from_proto
 
 
 def schedule_from_proto(message: scene_pb2.Schedule, field: str) -> Schedule:
@@ -106,7 +106,7 @@ def _prior_terms(message: scene_pb2.StageConfig) -> tuple[PriorTerm, ...]:
                 weight=term.weight or 1.0,
                 checkpoint_id=term.checkpoint_id,
                 guidance_scale=term.guidance_scale if term.HasField("guidance_scale") else None,
-                weighting=WEIGHTING_FROM_PROTO.get(term.weighting),
+                weighting=weighting_from_proto(term.weighting),
             ))
         except ValidationError as error:  # its text is pydantic's: name the field, keep the reason short
             first = error.errors()[0]

@@ -12,12 +12,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from services.guidance.priors.base import PriorInfo, SdsRequest
 from services.scene.config import GuidedStageConfig
 from services.scene.guidance import Guidance, PriorInfoCache
 from shared.cameras import Camera
 from shared.devices import resolve_dtype, to_device
 from shared.errors import FailedPrecondition
+from shared.guidance_api import PriorInfo, SdsRequest
 
 
 class NonFiniteStepsExceeded(FailedPrecondition):

@@ -47,10 +47,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.guidance.priors.base import Conditioning, DiffusionPrior, PriorInfo, PriorKind, ViewCondition, Weighting
+from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared import meshes
 from shared.cameras import Camera
 from shared.errors import InvalidArgument
+from shared.guidance_api import Conditioning, PriorInfo, PriorKind, Weighting
 from shared.meshes import Mesh
 from shared.rasterize import Rasterizer, make_rasterizer
 from shared.render import render_mesh

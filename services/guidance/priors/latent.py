@@ -21,19 +21,14 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend
 
-from services.guidance.priors.base import PriorKind, ViewCondition
+from services.guidance.priors.base import ViewCondition
 from services.guidance.priors.layout import apply_layout
-from services.guidance.priors.text_conditioned import (
-    _as_device,
-    _as_dtype,
-    _freeze,
-    _TextConditionedPrior,
-    load_component,
-)
+from services.guidance.priors.text_conditioned import TextConditionedPrior, as_device, as_dtype, freeze, load_component
 from services.guidance.priors.vae_encoder import VaeImageEncoder, vae_attention_backends
+from shared.guidance_api import PriorKind
 
 
-class LatentPrior(_TextConditionedPrior):
+class LatentPrior(TextConditionedPrior):
     """Stable Diffusion as an SDS prior: CLIP text encoder, latent UNet, KL VAE, DDPM schedule."""
 
     kind = PriorKind.LATENT
@@ -50,7 +45,7 @@ class LatentPrior(_TextConditionedPrior):
         source: str = "",
         **components_and_settings: Any,
     ) -> None:
-        """Family defaults here; text model, UNet, scheduler and shared settings as in `_TextConditionedPrior`.
+        """Family defaults here; text model, UNet, scheduler and shared settings as in `TextConditionedPrior`.
 
         `source`: where the weights came from (a diffusers checkpoint or "random:<size>"). Where given, the prior
         publishes its encoder (`info.latent_encoder`) so that callers may send latents instead of images.
@@ -62,8 +57,8 @@ class LatentPrior(_TextConditionedPrior):
             time_range=time_range,
             **components_and_settings,
         )
-        self.vae_dtype = self.dtype if vae_dtype == "auto" else _as_dtype(vae_dtype, self.device)
-        self.vae = _freeze(vae, self.device, self.vae_dtype)
+        self.vae_dtype = self.dtype if vae_dtype == "auto" else as_dtype(vae_dtype, self.device)
+        self.vae = freeze(vae, self.device, self.vae_dtype)
         apply_layout(self, channels_last=self.channels_last)
         self.image_encoder = VaeImageEncoder(self.vae, self.resolution, vae_attention_backends(self.device))
         self.latent_resolution = self.image_encoder.latent_resolution
@@ -100,9 +95,9 @@ class LatentPrior(_TextConditionedPrior):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        torch_device = _as_device(device)
-        torch_dtype = _as_dtype(dtype, torch_device)
-        vae_torch_dtype = torch_dtype if vae_dtype == "auto" else _as_dtype(vae_dtype, torch_device)
+        torch_device = as_device(device)
+        torch_dtype = as_dtype(dtype, torch_device)
+        vae_torch_dtype = torch_dtype if vae_dtype == "auto" else as_dtype(vae_dtype, torch_device)
         return cls(
             tokenizer=load_component(CLIPTokenizer, source, "tokenizer"),
             text_encoder=load_component(CLIPTextModel, source, "text_encoder", dtype=torch_dtype),

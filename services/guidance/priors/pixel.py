@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from services.guidance.priors.base import PriorKind, ViewCondition, resize_square
-from services.guidance.priors.text_conditioned import _as_device, _as_dtype, _TextConditionedPrior, load_component
+from services.guidance.priors.base import ViewCondition, resize_square
+from services.guidance.priors.text_conditioned import TextConditionedPrior, as_device, as_dtype, load_component
+from shared.guidance_api import PriorKind
 
 IF_TEXT_TOKENS = 77
 
 
-class PixelPrior(_TextConditionedPrior):
+class PixelPrior(TextConditionedPrior):
     """DeepFloyd IF stage I as an SDS prior: T5 text encoder, 64x64 pixel UNet, DDPM schedule."""
 
     kind = PriorKind.PIXEL
@@ -40,7 +41,7 @@ class PixelPrior(_TextConditionedPrior):
         time_range: tuple[float, float] = (0.02, 0.98),
         **components_and_settings: Any,
     ) -> None:
-        """Family defaults here; text model, UNet, scheduler and shared settings as in `_TextConditionedPrior`."""
+        """Family defaults here; text model, UNet, scheduler and shared settings as in `TextConditionedPrior`."""
         super().__init__(
             name=name,
             resolution=resolution,
@@ -70,8 +71,8 @@ class PixelPrior(_TextConditionedPrior):
         from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import T5EncoderModel, T5Tokenizer
 
-        torch_device = _as_device(device)
-        torch_dtype = _as_dtype(dtype, torch_device)
+        torch_device = as_device(device)
+        torch_dtype = as_dtype(dtype, torch_device)
         return cls(
             tokenizer=load_component(T5Tokenizer, source, "tokenizer"),
             # from_pretrained keeps T5's `wo` projections in fp32 under fp16 (transformers' _keep_in_fp32_modules).

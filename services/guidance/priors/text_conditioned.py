@@ -21,19 +21,13 @@ from typing import Any, Sequence
 
 import torch
 
-from services.guidance.priors.base import (
-    Conditioning,
-    DiffusionPrior,
-    LruCache,
-    PriorInfo,
-    PriorKind,
-    ViewCondition,
-    Weighting,
-)
+from services.guidance.cache import LruCache
+from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from services.guidance.priors.cuda_graphs import GraphedForward, resolve_cuda_graphs
 from services.guidance.priors.layout import apply_layout, resolve_channels_last
 from shared.devices import resolve_device, resolve_dtype
 from shared.errors import InvalidArgument
+from shared.guidance_api import Conditioning, PriorInfo, PriorKind, Weighting
 
 # Tokenizers without a configured limit report a huge sentinel (transformers' VERY_LARGE_INTEGER).
 _UNSET_TOKEN_LIMIT = 1_000_000
@@ -51,7 +45,7 @@ def load_component(cls: Any, source: str | os.PathLike, subfolder: str, **kwargs
     return cls.from_pretrained(os.fspath(source), subfolder=subfolder, **kwargs)
 
 
-def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+def freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
     """Eval mode, no parameter gradients, on `device` and (unless None or already so) in `dtype`."""
     module.requires_grad_(False)
     module.eval()
@@ -60,15 +54,15 @@ def _freeze(module: torch.nn.Module, device: torch.device, dtype: torch.dtype | 
     return module.to(device)
 
 
-def _as_device(device: str | torch.device) -> torch.device:
+def as_device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else resolve_device(device)
 
 
-def _as_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def as_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
 
 
-class _TextConditionedPrior(DiffusionPrior):
+class TextConditionedPrior(DiffusionPrior):
     """A text-conditioned epsilon (or v) UNet with a DDPM schedule. Not used directly: see LatentPrior, PixelPrior."""
 
     kind: PriorKind
@@ -97,12 +91,12 @@ class _TextConditionedPrior(DiffusionPrior):
         memory_format: str = "auto",
         cuda_graphs: str = "auto",
     ) -> None:
-        self._device = _as_device(device)
-        self.dtype = _as_dtype(dtype, self._device)
+        self._device = as_device(device)
+        self.dtype = as_dtype(dtype, self._device)
         self.tokenizer = tokenizer
         # Cast only when the dtype differs: from_pretrained keeps some modules in fp32 on purpose (T5's `wo`).
-        self.text_encoder = _freeze(text_encoder, self._device, self.dtype)
-        self.unet = _freeze(unet, self._device, self.dtype)
+        self.text_encoder = freeze(text_encoder, self._device, self.dtype)
+        self.unet = freeze(unet, self._device, self.dtype)
         self.scheduler = scheduler
         self.channels_last = resolve_channels_last(memory_format, self._device, self.channels_last_helps)
         apply_layout(self, channels_last=self.channels_last)

@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from services.guidance.priors.base import LatentEncoderInfo, resize_square
+from services.guidance.priors.base import resize_square
+from shared.guidance_api import LatentEncoderInfo
 
 #: No restriction: PyTorch picks among all its kernels (the memory-efficient one for the VAE on CUDA).
 ANY_ATTENTION_KERNEL = (SDPBackend.MATH, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,

@@ -68,7 +68,7 @@ class _LevelGroup:
     """Index constants for a set of levels that share an indexing rule (dense or hashed)."""
 
     def __init__(self, levels: list[int], cfg: HashGridConfig, dense: bool) -> None:
-        resolutions, offsets = cfg.resolutions(), _offsets(cfg)
+        resolutions, offsets = cfg.resolutions(), cfg.level_offsets()
         self.levels = levels
         self.dense = dense
         self.resolution = torch.tensor([float(resolutions[l]) for l in levels], dtype=torch.float64)
@@ -79,14 +79,6 @@ class _LevelGroup:
             self.multipliers = torch.tensor([HASH_PRIMES] * len(levels), dtype=torch.int64)
         self.offsets = torch.tensor([offsets[l] for l in levels], dtype=torch.int64)
         self.mask = cfg.table_size - 1
-
-
-def _offsets(cfg: HashGridConfig) -> list[int]:
-    sizes, out, total = cfg.level_sizes(), [], 0
-    for size in sizes:
-        out.append(total)
-        total += size
-    return out
 
 
 class TorchHashGrid(Encoding):

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from services.scene.field.encoding import HASH_PRIMES, Encoding, HashGridConfig, _offsets
+from services.scene.field.encoding import HASH_PRIMES, Encoding, HashGridConfig
 
 try:  # Triton is optional: CUDA hosts have it with torch; CPU hosts run it through its interpreter in tests.
     import triton
@@ -195,7 +195,7 @@ class _Levels:
     def __init__(self, cfg: HashGridConfig, device: torch.device) -> None:
         self.res = torch.tensor([float(r) for r in cfg.resolutions()], dtype=torch.float32, device=device)
         self.side = torch.tensor([r + 1 for r in cfg.resolutions()], dtype=torch.int64, device=device)
-        self.offset = torch.tensor(_offsets(cfg), dtype=torch.int64, device=device)
+        self.offset = torch.tensor(cfg.level_offsets(), dtype=torch.int64, device=device)
         self.dense = torch.tensor([int(d) for d in cfg.level_is_dense()], dtype=torch.int32, device=device)
         self.mask = cfg.table_size - 1
 

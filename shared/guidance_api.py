@@ -1,27 +1,128 @@
-"""magic3d.v1 guidance messages <-> the engine's plain dataclasses. Translation and field checks only."""
+"""The guidance tier's contract: the plain request/result types of ComputeSds, ListPriors and CheckPrompt, and
+their magic3d.v1 translation (translation and field checks only).
+
+Shared by both sides of the wire: the guidance servers (standalone and Ray Serve) decode with it, the scene service
+and the benchmarks encode with it (through `shared.guidance_client`). Nothing here knows how gradients are made.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from magic3d.v1 import common_pb2, guidance_pb2
 
-from services.guidance.priors.base import (
-    Conditioning,
-    LatentEncoderInfo,
-    PriorInfo,
-    PriorKind,
-    PromptCheck,
-    SdsRequest,
-    SdsResult,
-    Weighting,
-)
 from shared import cameras, tensors
+from shared.cameras import Camera
 from shared.errors import InvalidArgument, Unimplemented
+# The torch-free part of the contract (the orchestrator's share) lives in shared/guidance_types.py; one class each.
 from shared.guidance_types import WEIGHTING_FROM_PROTO as _WEIGHTING_FROM_PROTO
 from shared.guidance_types import WEIGHTING_TO_PROTO as _WEIGHTING_TO_PROTO
-from shared.guidance_types import prompt_check_from_proto  # noqa: F401 - re-exported
+from shared.guidance_types import (  # noqa: F401 - re-exported as part of the contract
+    PromptCheck,
+    Weighting,
+    prompt_check_from_proto,
+    weighting_from_proto,
+)
+
+
+class PriorKind(str, Enum):
+    PIXEL = "pixel"
+    LATENT = "latent"
+    ANALYTIC = "analytic"
+    VIEW_CONDITIONED = "view_conditioned"
+
+
+class Conditioning(str, Enum):
+    TEXT = "text"
+    NEGATIVE_TEXT = "negative_text"
+    IMAGE = "image"
+    RELATIVE_POSE = "relative_pose"
+    CAMERA = "camera"
+
+
+@dataclass(frozen=True)
+class LatentEncoderInfo:
+    """A latent prior's image encoder, as a caller needs it to send latents (mirrors magic3d.v1.LatentEncoder)."""
+
+    source: str  # a diffusers checkpoint (directory or hub id) or "random:<size>"
+    subfolder: str
+    image_resolution: int
+    latent_channels: int
+    latent_resolution: int
+    digest: str  # SHA-256 of the weights; latents made with other weights are refused
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.latent_resolution, self.latent_resolution)
+
+
+@dataclass(frozen=True)
+class PriorInfo:
+    """What a caller needs to know about a served prior (mirrors magic3d.v1.PriorInfo)."""
+
+    name: str
+    kind: PriorKind
+    native_resolution: int
+    max_prompt_tokens: int
+    accepted_conditioning: tuple[Conditioning, ...]
+    default_guidance_scale: float
+    default_time_range: tuple[float, float]
+    default_weighting: Weighting = Weighting.SDS
+    checkpoint_ids: tuple[str, ...] = ("default",)
+    max_batch_size: int = 8
+    # True where the prior cannot work without one camera per image (the analytic prior re-renders them).
+    requires_cameras: bool = False
+    # Set where a caller may encode images itself and send latents (SdsRequest.latents) instead.
+    latent_encoder: LatentEncoderInfo | None = None
+
+
+@dataclass
+class SdsRequest:
+    """One ComputeSds call, validated and decoded, on any device. Exactly one input: `images` (B, 3, H, W) float in
+    [0, 1], or `latents` (B, C, h, w) made by the prior's published encoder (PriorInfo.latent_encoder), whose digest
+    the request then carries. The result's gradient is w.r.t. that input."""
+
+    job_id: str
+    prior: str
+    images: torch.Tensor | None
+    prompt: str
+    negative_prompt: str = ""
+    cameras: list[Camera] = field(default_factory=list)
+    checkpoint_id: str = ""
+    view_dependent_prompt: bool = False
+    time_range: tuple[float, float] | None = None
+    explicit_t: list[float] | None = None
+    guidance_scale: float | None = None
+    weighting: Weighting | None = None
+    seed: int = 0
+    grad_dtype: torch.dtype = torch.float32
+    latents: torch.Tensor | None = None
+    latent_encoder_digest: str = ""
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """What the gradient is taken w.r.t.: the latents where sent, else the images."""
+        return self.latents if self.latents is not None else self.images
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+@dataclass
+class SdsResult:
+    grad: torch.Tensor  # the shape of the request's input (images or latents), in its grad_dtype, on the prior's device
+    t: list[float]
+    loss: list[float]
+    finite: list[bool]
+    prompts: list[str]
+    server_time_s: float = 0.0
+
+
+# -- magic3d.v1 translation ----------------------------------------------------------------------------------------
 
 _KIND_TO_PROTO = {
     PriorKind.PIXEL: guidance_pb2.PRIOR_KIND_PIXEL,
