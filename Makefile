@@ -30,6 +30,7 @@ test-gpu: setup
 
 lint: setup
 	cd protos && ../$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check services shared bench tests scripts
 
 bench-gpu:  # on the GPU machine (wheels in .whl/, gen/ carried): the GPU suite's table and JSON in $$OUT or out/bench
 	bash bench/gpu/run.sh suite

@@ -128,6 +128,7 @@ def test_config_validation_names_fields():
 
 # -- quality: the torus from "a red torus" -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_coarse_stage_reconstructs_the_named_torus(coarse_torus):
     stage, (initial_distance, initial_iou) = coarse_torus
     distance, iou = geometry_scores(stage, level=stage.config.isosurface_level)

@@ -544,9 +544,9 @@ def test_orchestrator_statefulset_database_volume_config_mounts_and_ports():
     assert files["registry.yaml"] == ("guidance-config", "registry.yaml")
     # Prometheus finds the metrics port through the usual annotations.
     service = named("Service", statefulset["spec"]["serviceName"])
-    for annotations in (service["metadata"]["annotations"], template["metadata"]["annotations"]):
-        assert annotations["prometheus.io/scrape"] == "true"
-        assert annotations["prometheus.io/port"] == str(config["metrics_port"])
+    for notes in (service["metadata"]["annotations"], template["metadata"]["annotations"]):
+        assert notes["prometheus.io/scrape"] == "true"
+        assert notes["prometheus.io/port"] == str(config["metrics_port"])
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "metrics": 9090}
 
 

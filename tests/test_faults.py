@@ -11,7 +11,7 @@ from magic3d.v1 import orchestrator_pb2
 
 from bench.soak import SoakSettings, SoakStack, run_soak, soak_spec
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,7 @@ def albedo_views(size: int = 64) -> list:
     ]
 
 
+@pytest.mark.slow
 def test_fine_stage_refines_the_coarse_torus(fine_torus, coarse_torus):
     stage, report, (start_vertices, start_faces) = fine_torus
     coarse, _ = coarse_torus
@@ -89,6 +90,7 @@ def test_fine_stage_refines_the_coarse_torus(fine_torus, coarse_torus):
     assert albedo_error <= 0.1
 
 
+@pytest.mark.slow
 def test_exported_fine_mesh_is_watertight_and_textured(fine_torus):
     import io
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import trimesh
 
@@ -16,6 +17,8 @@ from scenes import mesh_scores, red_torus
 COARSE_STEPS, FINE_STEPS = 200, 40  # the cpu-demo preset, shortened to keep the suite within its budget
 
 
+@pytest.mark.slow
+@pytest.mark.serve
 def test_generate_through_ray_serve_writes_a_glb_that_matches_the_prompt(tmp_path, capsys):
     code = main([
         "generate", "a red torus", "--preset", "cpu-demo", "--seed", "0",

@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from magic3d.v1 import common_pb2, guidance_pb2, scene_pb2, scene_pb2_grpc
+from magic3d.v1 import scene_pb2, scene_pb2_grpc
 
 from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec

@@ -113,7 +113,7 @@ class TorchRasterizer(Rasterizer):
 
     def visibility(self, pos_clip: torch.Tensor, tri: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Nearest triangle per pixel, (B*H*W,) long, -1 where none. No grad; chunked over (triangle, tile)."""
-        batch, num_verts, num_faces = pos_clip.shape[0], pos_clip.shape[1], tri.shape[0]
+        batch, num_faces = pos_clip.shape[0], tri.shape[0]
         device = pos_clip.device
         best = torch.full((batch * height * width,), _NO_HIT, dtype=torch.int64, device=device)
         if num_faces == 0:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from services.scene.field.encoding import Encoding, FrequencyEncoding, make_encoding
-from services.scene.field_config import DENSITY_ACTIVATIONS, NORMAL_MODES, FieldConfig, HashGridConfig
+from services.scene.field_config import FieldConfig
 
 
 class _TruncExp(torch.autograd.Function):

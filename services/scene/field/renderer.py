@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.profiler import record_function
 
 from services.scene.field.occupancy import OccupancyGrid, uniform
-from services.scene.field_config import BACKGROUND_MODES, RendererConfig
+from services.scene.field_config import RendererConfig
 from shared.cameras import Camera, Shading
 from shared.shading import shade
 

@@ -1,7 +1,7 @@
 """Times one coarse-stage render step (forward + backward) with and without occupancy pruning, on the blob field.
 
-    python -m services.scene.field.bench                     # 64x64, batch 4, 64 samples, CPU
-    python -m services.scene.field.bench --device cuda --json out.json
+    python -m bench.volume_render                     # 64x64, batch 4, 64 samples, CPU
+    python -m bench.volume_render --device cuda --json out.json
 
 The loss is what a training step backpropagates: a random image gradient on rgb (standing in for SDS), plus the
 orientation and sparsity regularisers (so analytic normals are differentiated twice).
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from services.scene.field.encoding import HashGridConfig
+from services.scene.field_config import HashGridConfig
 from services.scene.field.field import BackgroundMLP, FieldConfig, NeuralField
 from services.scene.field.occupancy import OccupancyConfig, OccupancyGrid
 from services.scene.field.renderer import RendererConfig, VolumeRenderer, orientation_loss, sparsity_loss
