@@ -195,6 +195,24 @@ def start_server(
     return RunningServer(server, port, servicer, health_servicer, on_stop, before_stop)
 
 
+def config_from_command_line(description: str, load: Callable[[str], Any], default: Callable[[], Any], what: str) -> Any:
+    """A service's `--config FILE [--host H] [--port P]` command line as its typed config (`default()` without a
+    file; --host and --port win over the file), with JSON logging configured."""
+    import argparse
+
+    from shared import logging as project_logging
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help=f"{what} YAML (default: built-in defaults)")
+    parser.add_argument("--host", default=None, help="listen address (default: the config's, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args()
+    project_logging.configure()
+    config = load(args.config) if args.config else default()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    return config.model_copy(update=overrides)
+
+
 def serve_until_signalled(running: RunningServer, grace: float = 5.0) -> None:
     """Blocks until SIGTERM or SIGINT, then stops gracefully (Kubernetes sends SIGTERM on scale-down)."""
     stopped = threading.Event()

@@ -8,7 +8,6 @@ Answers grpc.health.v1 and server reflection; accepts 64 MiB messages; refuses w
 
 from __future__ import annotations
 
-import argparse
 
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
@@ -19,7 +18,7 @@ from services.guidance.servicer import GuidanceServicer
 from shared import logging as project_logging
 from services.guidance.metrics import start_metrics
 from shared.auth import server_tokens
-from shared.grpcio import RunningServer, serve_until_signalled, start_server
+from shared.grpcio import RunningServer, config_from_command_line, serve_until_signalled, start_server
 
 SERVICE_NAME = guidance_pb2.DESCRIPTOR.services_by_name["GuidanceService"].full_name
 
@@ -58,16 +57,9 @@ def start(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="guidance YAML; default: the analytic prior only")
-    parser.add_argument("--host", default=None, help="listen address (default: the config's, 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None)
-    args = parser.parse_args()
-    project_logging.configure()
-    config = GuidanceConfig.load(args.config) if args.config else DEFAULT_CONFIG
-    if args.host:
-        config = config.model_copy(update={"host": args.host})
-    running = start(config, args.port)
+    # Without a file: the analytic prior only.
+    config = config_from_command_line(__doc__.splitlines()[0], GuidanceConfig.load, lambda: DEFAULT_CONFIG, "guidance")
+    running = start(config)
     log = project_logging.get_logger(__name__)
     log.info("guidance_serving", address=f"{config.host}:{running.port}", priors=[p.name for p in config.priors])
     serve_until_signalled(running)

@@ -11,7 +11,6 @@ tiers with the service token; `tls` makes its port TLS (see README "Authenticati
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import socket
@@ -30,7 +29,7 @@ from services.orchestrator.scenes import SceneReplicas
 from services.orchestrator.servicer import OrchestratorServicer
 from shared import logging as project_logging
 from shared.auth import AuthConfig, ClientTlsConfig, TlsConfig, server_tokens
-from shared.grpcio import RunningServer, serve_until_signalled, start_server
+from shared.grpcio import RunningServer, config_from_command_line, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
 from shared.store import ArtifactStore, open_store
@@ -166,15 +165,7 @@ def start(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="orchestrator YAML (default: built-in defaults)")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    args = parser.parse_args()
-    project_logging.configure()
-    config = OrchestratorConfig.load(args.config) if args.config else OrchestratorConfig()
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    config = config.model_copy(update=overrides)
+    config = config_from_command_line(__doc__.splitlines()[0], OrchestratorConfig.load, OrchestratorConfig, "orchestrator")
     running = start(config)
     log.info("orchestrator_serving", address=f"{config.host}:{running.port}", replicas=config.scene_replicas)
     serve_until_signalled(running)

@@ -10,7 +10,6 @@ through its caller. Answers grpc.health.v1; JSON logs carry the job id.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import threading
 import time
@@ -49,7 +48,7 @@ from shared.errors import (
     Unavailable,
     echo,
 )
-from shared.grpcio import RunningServer, abort_with, serve_until_signalled, start_server
+from shared.grpcio import RunningServer, abort_with, config_from_command_line, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient, stop_retrying_when
 from shared.meshes import load_mesh_bytes
 from shared.registry import Registry
@@ -556,15 +555,7 @@ def start(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="scene service YAML (default: built-in defaults)")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    args = parser.parse_args()
-    project_logging.configure()
-    config = SceneServiceConfig.load(args.config) if args.config else SceneServiceConfig()
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    config = config.model_copy(update=overrides)
+    config = config_from_command_line(__doc__.splitlines()[0], SceneServiceConfig.load, SceneServiceConfig, "scene service")
     running = start(config)
     log.info(
         "scene_serving", address=f"{config.host}:{running.port}", capacity=config.capacity, metrics_port=running.metrics_port
