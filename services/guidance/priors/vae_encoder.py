@@ -32,9 +32,9 @@ def vae_attention_backends(device: torch.device) -> list[SDPBackend]:
     """Attention kernels for the VAE encoder's one self-attention (one head of width 512 over 64x64 tokens).
 
     Flash and cuDNN attention stop at head width 256, so on CUDA PyTorch would pick the memory-efficient kernel,
-    whose backward at width 512 took 15 ms of a 122 ms fine-stage SDS call on the H200 (bench/prior_speed.py
-    --profile latent). The plain matmul-softmax-matmul form needs 4 x 4096 x 4096 scores (128 MiB in fp16) and
-    runs on tensor cores: VAE forward + backward 62.8 -> 55.8 ms, the whole call 90.0 -> 83.0 ms (BENCHMARKS.md).
+    whose backward at width 512 is slow. The plain matmul-softmax-matmul form needs 4 x 4096 x 4096 scores (128 MiB
+    in fp16) and runs on tensor cores; it measured faster on an H200 (figures in BENCHMARKS.md, "Where the guidance
+    time went"; `bench/prior_speed.py --profile latent` re-measures it).
     """
     return [SDPBackend.MATH] if device.type == "cuda" else list(ANY_ATTENTION_KERNEL)
 
