@@ -16,7 +16,8 @@ from magic3d.v1 import common_pb2, guidance_pb2
 
 from shared import cameras, tensors
 from shared.cameras import Camera
-from shared.errors import InvalidArgument, Unimplemented
+from shared.tensor_digest import tensor_sha256
+from shared.errors import InvalidArgument
 # The torch-free part of the contract (the orchestrator's share) lives in shared/guidance_types.py; one class each.
 from shared.guidance_types import WEIGHTING_FROM_PROTO as _WEIGHTING_FROM_PROTO
 from shared.guidance_types import WEIGHTING_TO_PROTO as _WEIGHTING_TO_PROTO
@@ -77,6 +78,24 @@ class PriorInfo:
     requires_cameras: bool = False
     # Set where a caller may encode images itself and send latents (SdsRequest.latents) instead.
     latent_encoder: LatentEncoderInfo | None = None
+    # Textual-inversion embeddings the server can load into this prior's text encoder, by name.
+    learned_embeddings: tuple[str, ...] = ()
+
+
+@dataclass
+class ImageCondition:
+    """A job's reference image and camera (Magic123), for priors that accept Conditioning.IMAGE.
+
+    `image` is (1, 4, H, W) RGBA float32 in [0, 1] (alpha = foreground), or None when the caller sends only the
+    digest of an image it sent before: the server then looks it up in its cache by `image_sha256` (the digest of
+    the image's proto Tensor, shared.tensor_digest) and, where it does not hold it, refuses the request with
+    FAILED_PRECONDITION on field `image_condition.image` so that the caller resends it."""
+
+    reference_camera: Camera
+    image_sha256: str
+    image: torch.Tensor | None = None
+    # (delta elevation deg, delta azimuth deg, delta distance) per image; empty: derived from the request's cameras.
+    relative_poses: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -101,6 +120,9 @@ class SdsRequest:
     grad_dtype: torch.dtype = torch.float32
     latents: torch.Tensor | None = None
     latent_encoder_digest: str = ""
+    image_condition: ImageCondition | None = None
+    # Names of textual-inversion embeddings the server knows for this (text) prior.
+    learned_embeddings: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -158,6 +180,7 @@ def prior_info_to_proto(info: PriorInfo) -> guidance_pb2.PriorInfo:
         checkpoint_ids=list(info.checkpoint_ids),
         max_batch_size=info.max_batch_size,
         latent_encoder=_latent_encoder_to_proto(info.latent_encoder),
+        learned_embeddings=list(info.learned_embeddings),
     )
 
 
@@ -195,6 +218,7 @@ def prior_info_from_proto(message: guidance_pb2.PriorInfo) -> PriorInfo:
         max_batch_size=message.max_batch_size,
         requires_cameras=Conditioning.CAMERA in conditioning,
         latent_encoder=_latent_encoder_from_proto(message),
+        learned_embeddings=tuple(message.learned_embeddings),
     )
 
 
@@ -202,8 +226,6 @@ def sds_request_from_proto(message: guidance_pb2.ComputeSdsRequest) -> SdsReques
     """Decodes a request. Checks that need the prior (shape limits, prompt) happen in sds.validate_request."""
     if not message.prior:
         raise InvalidArgument("name the prior to use", "prior")
-    if message.HasField("image_condition"):
-        raise Unimplemented("image conditioning needs a view-conditioned prior; none is served yet", "image_condition")
     if message.HasField("images") == message.HasField("latents"):
         raise InvalidArgument("send exactly one of images and latents", "images")
     images = tensors.from_proto(message.images, field="images") if message.HasField("images") else None
@@ -230,11 +252,56 @@ def sds_request_from_proto(message: guidance_pb2.ComputeSdsRequest) -> SdsReques
         grad_dtype=_GRAD_DTYPES[message.grad_dtype],
         latents=latents,
         latent_encoder_digest=message.latent_encoder_digest,
+        image_condition=_image_condition_from_proto(message),
+        learned_embeddings=tuple(message.learned_embeddings),
     )
 
 
-def sds_request_to_proto(request: SdsRequest) -> guidance_pb2.ComputeSdsRequest:
-    """The client side of the same translation (used by the scene service and the benchmarks)."""
+def _image_condition_from_proto(message: guidance_pb2.ComputeSdsRequest) -> ImageCondition | None:
+    if not message.HasField("image_condition"):
+        return None
+    condition = message.image_condition
+    if not condition.image_sha256:
+        raise InvalidArgument("give the reference image's SHA-256", "image_condition.image_sha256")
+    if not condition.HasField("reference_camera"):
+        raise InvalidArgument("give the camera the reference image was taken from", "image_condition.reference_camera")
+    image = None
+    if condition.HasField("image"):
+        if tensor_sha256(condition.image) != condition.image_sha256:
+            raise InvalidArgument("the image does not match image_sha256", "image_condition.image_sha256")
+        image = tensors.from_proto(condition.image, field="image_condition.image")
+        if image.ndim != 4 or tuple(image.shape[:2]) != (1, 4):
+            raise InvalidArgument(
+                f"the reference image must be (1, 4, H, W) RGBA, got {list(image.shape)}", "image_condition.image"
+            )
+    return ImageCondition(
+        reference_camera=cameras.from_proto(condition.reference_camera, field="image_condition.reference_camera"),
+        image_sha256=condition.image_sha256,
+        image=image,
+        relative_poses=[
+            (p.delta_elevation_deg, p.delta_azimuth_deg, p.delta_distance) for p in condition.relative_poses
+        ],
+    )
+
+
+def image_condition_to_proto(condition: ImageCondition, with_image: bool) -> guidance_pb2.ImageCondition:
+    """`with_image` False sends the digest alone (the server's cache holds the image after its first request)."""
+    message = guidance_pb2.ImageCondition(
+        reference_camera=cameras.to_proto(condition.reference_camera),
+        image_sha256=condition.image_sha256,
+        relative_poses=[
+            guidance_pb2.RelativePose(delta_elevation_deg=e, delta_azimuth_deg=a, delta_distance=d)
+            for e, a, d in condition.relative_poses
+        ],
+    )
+    if with_image and condition.image is not None:
+        message.image.CopyFrom(tensors.to_proto(condition.image))
+    return message
+
+
+def sds_request_to_proto(request: SdsRequest, with_image: bool = True) -> guidance_pb2.ComputeSdsRequest:
+    """The client side of the same translation (used by the scene service and the benchmarks). `with_image`: see
+    image_condition_to_proto."""
     # The input goes in at construction: CopyFrom would copy its (up to 12 MiB of) bytes once more.
     inputs = {"images": request.images} if request.images is not None else {}
     if request.latents is not None:
@@ -251,7 +318,10 @@ def sds_request_to_proto(request: SdsRequest) -> guidance_pb2.ComputeSdsRequest:
         seed=request.seed,
         grad_dtype=tensors.proto_scalar_type(request.grad_dtype),
         latent_encoder_digest=request.latent_encoder_digest,
+        learned_embeddings=list(request.learned_embeddings),
     )
+    if request.image_condition is not None:
+        message.image_condition.CopyFrom(image_condition_to_proto(request.image_condition, with_image))
     if request.time_range is not None:
         message.time_range.CopyFrom(guidance_pb2.TimeRange(min=request.time_range[0], max=request.time_range[1]))
     if request.explicit_t is not None:

@@ -15,12 +15,13 @@ from conftest import CountingPrior, counting_config
 from services.guidance import standalone
 from services.guidance.config import DEFAULT_CONFIG
 from services.guidance.pool import PriorPool
-from shared import guidance_api, tensors
+from shared import cameras, guidance_api, tensors
 from shared.errors import InvalidArgument, NotFound, field_violations
 from shared.grpcio import insecure_channel
 from shared.guidance_api import PriorKind, PromptCheck, SdsRequest
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
+from shared.tensor_digest import tensor_sha256
 
 GATE = threading.Event()
 
@@ -147,7 +148,11 @@ def _mutate(name):
         elif name == "unknown_checkpoint":
             message.checkpoint_id = "dreambooth-1"
         elif name == "image_condition":
-            message.image_condition.image.CopyFrom(_tensor())
+            message.image_condition.image.CopyFrom(_tensor(shape=(1, 4, 8, 8)))
+            message.image_condition.image_sha256 = tensor_sha256(message.image_condition.image)
+            message.image_condition.reference_camera.CopyFrom(cameras.to_proto(cameras.orbit_camera(0.0, 15.0, 2.0)))
+        elif name == "image_condition_without_digest":
+            message.image_condition.image.CopyFrom(_tensor(shape=(1, 4, 8, 8)))
         elif name == "no_input":
             message.ClearField("images")
         elif name == "latents_to_a_pixel_prior":
@@ -179,7 +184,8 @@ def _mutate(name):
         ("long_prompt", grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         ("unknown_prior", grpc.StatusCode.NOT_FOUND, "prior"),
         ("unknown_checkpoint", grpc.StatusCode.NOT_FOUND, "checkpoint_id"),
-        ("image_condition", grpc.StatusCode.UNIMPLEMENTED, "image_condition"),
+        ("image_condition", grpc.StatusCode.INVALID_ARGUMENT, "image_condition"),
+        ("image_condition_without_digest", grpc.StatusCode.INVALID_ARGUMENT, "image_condition.image_sha256"),
         ("no_input", grpc.StatusCode.INVALID_ARGUMENT, "images"),
         ("latents_to_a_pixel_prior", grpc.StatusCode.FAILED_PRECONDITION, "latents"),
     ],

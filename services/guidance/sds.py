@@ -22,7 +22,7 @@ import torch
 from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared.devices import to_device
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from shared.guidance_api import SdsRequest, SdsResult, Weighting
+from shared.guidance_api import Conditioning, SdsRequest, SdsResult, Weighting
 
 MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 1024
@@ -104,6 +104,8 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
     limit = min(max_batch_size, prior.info.max_batch_size)
     if batch > limit:
         raise InvalidArgument(f"batch {batch} is over the maximum {limit}", field)
+    if request.image_condition is not None and Conditioning.IMAGE not in prior.info.accepted_conditioning:
+        raise InvalidArgument(f"prior {prior.info.name!r} takes no image conditioning", "image_condition")
     if prior.info.requires_cameras and not request.cameras:
         raise InvalidArgument(f"prior {prior.info.name!r} needs one camera per image", "cameras")
     if request.cameras and len(request.cameras) != batch:
