@@ -83,7 +83,15 @@ def conditions_for(request: SdsRequest) -> list[ViewCondition]:
         prompt = request.prompt
         if request.view_dependent_prompt and camera is not None:
             prompt += view_suffix(camera.azimuth_deg, camera.elevation_deg)
-        conditions.append(ViewCondition(prompt=prompt, negative_prompt=request.negative_prompt, camera=camera))
+        conditions.append(
+            ViewCondition(
+                prompt=prompt,
+                negative_prompt=request.negative_prompt,
+                camera=camera,
+                image=request.image_condition,
+                learned_embeddings=request.learned_embeddings,
+            )
+        )
     return conditions
 
 

@@ -14,16 +14,20 @@ from dataclasses import dataclass
 import torch
 
 from shared.cameras import Camera
-from shared.guidance_api import PriorInfo
+from shared.guidance_api import ImageCondition, PriorInfo
 
 
 @dataclass(frozen=True)
 class ViewCondition:
-    """The conditioning of one image: its prompt (view suffix already applied) and camera."""
+    """The conditioning of one image: its prompt (view suffix already applied), camera, and (image-to-3D) the job's
+    reference image and camera. `image.image` is always set here: the engine resolves a digest-only request
+    from its cache before a prior sees it."""
 
     prompt: str
     negative_prompt: str
     camera: Camera | None = None
+    image: ImageCondition | None = None
+    learned_embeddings: tuple[str, ...] = ()
 
 
 class DiffusionPrior(abc.ABC):
