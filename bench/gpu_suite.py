@@ -168,12 +168,16 @@ def standalone_guidance(config: GuidanceConfig, workdir: Path, gpu: int | None =
         env={**os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})},
     )
     name = config.priors[0].name
-    client = GuidanceClient(Registry.model_validate({"priors": {name: {"kind": "standalone", "address": f"127.0.0.1:{port}"}}}))
+    # A short outage window while waiting for the start, so that a server that died is seen at once.
+    registry = {"priors": {name: {"kind": "standalone", "address": f"127.0.0.1:{port}"}}, "client": {"outage_window_s": 2.0}}
+    client = GuidanceClient(Registry.model_validate(registry))
     try:
         deadline = time.monotonic() + timeout_s
         while True:  # the server answers once its prior is built (warm start)
             if process.poll() is not None:
-                raise RuntimeError(f"guidance server exited with {process.returncode}; see {log.name}")
+                log.flush()
+                tail = Path(log.name).read_text()[-4000:]
+                raise RuntimeError(f"guidance server exited with {process.returncode}; its log ends:\n{tail}")
             try:
                 client.prior_info(name, timeout_s=5.0)
                 break
