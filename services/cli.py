@@ -4,6 +4,7 @@
     magic3d serve --service scene --config deploy/config/scene.yaml --host 0.0.0.0     # one service
     magic3d generate "a red torus"              # starts the local stack, runs the job, writes ./out/<job>/, stops
     magic3d generate "a prompt" --preset magic3d --address orchestrator:50071           # against a deployment
+    magic3d generate --image photo.png ["a prompt"] [--elevation 10 --distance 1.8 --fovy 40 --depth d.npy]
     magic3d jobs list | get JOB | cancel JOB | delete JOB  [--address HOST:PORT]
 
 `generate` shows a progress bar (stage, step, ETA) and downloads every artifact (model.glb, model.obj + .mtl +
@@ -59,9 +60,21 @@ def generate(args: argparse.Namespace) -> int:
             stack.stop()
 
 
-def _generate(args: argparse.Namespace, address: str, token: str | None) -> int:
+def build_spec(args: argparse.Namespace) -> orchestrator_pb2.JobSpec:
+    """The JobSpec of `magic3d generate` (no network)."""
     spec = orchestrator_pb2.JobSpec(preset=args.preset, seed=args.seed)
-    if args.mesh:
+    if args.image:
+        image = spec.image
+        image.encoded = Path(args.image).read_bytes()  # PNG or JPEG: decoded and checked by the orchestrator
+        image.prompt = args.prompt or ""
+        image.negative_prompt = args.negative_prompt
+        image.segmenter = args.segmenter
+        for name, value in (("elevation_deg", args.elevation), ("distance", args.distance), ("fovy_deg", args.fovy)):
+            if value is not None:
+                setattr(image, name, value)
+        if args.depth:
+            image.depth.CopyFrom(depth_tensor(args.depth))
+    elif args.mesh:
         path = Path(args.mesh)
         spec.mesh.mesh = path.read_bytes()
         spec.mesh.format = path.suffix.lstrip(".").lower()
@@ -76,6 +89,23 @@ def _generate(args: argparse.Namespace, address: str, token: str | None) -> int:
         stage, _, steps = item.partition("=")
         override = spec.overrides.add(steps=int(steps))
         override.config.stage = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FINE}[stage]
+    return spec
+
+
+def depth_tensor(path: str):
+    """A (H, W) depth map from a .npy file as a float32 Tensor (numpy only; no pickles)."""
+    import numpy as np
+
+    from shared.image_input import array_to_proto
+
+    depth = np.load(path, allow_pickle=False)
+    if depth.ndim != 2:
+        raise SystemExit(f"error: --depth {path}: expected a (H, W) array, got shape {depth.shape}")
+    return array_to_proto(np.asarray(depth, dtype=np.float32))
+
+
+def _generate(args: argparse.Namespace, address: str, token: str | None) -> int:
+    spec = build_spec(args)
     request = orchestrator_pb2.GenerateRequest(spec=spec, request_id=args.request_id or uuid.uuid4().hex)
     channel = insecure_channel(address, token=token, tls=client_tls(args))
     stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
@@ -270,9 +300,10 @@ def describe(job: orchestrator_pb2.Job) -> str:
     state = orchestrator_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
     stage = STAGES.get(job.stage, "")
     where = f" {stage} {job.step}/{job.total_steps}" if stage else ""
-    prompt = job.spec.text.prompt or job.spec.edit.prompt or job.spec.mesh.prompt
+    prompt = job.spec.text.prompt or job.spec.edit.prompt or job.spec.mesh.prompt or job.spec.image.prompt
     error = f" ({job.error})" if job.error else ""
-    return f"{job.name}\t{state}{where}\t{job.spec.preset or 'default'}\t{prompt!r}{error}"
+    kind = job.spec.WhichOneof("input") or "?"
+    return f"{job.name}\t{state}{where}\t{kind}\t{job.spec.preset or 'default'}\t{prompt!r}{error}"
 
 
 # -- serve ------------------------------------------------------------------------------------------------------
@@ -322,9 +353,16 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=None)
     run.set_defaults(handler=serve)
 
-    gen = commands.add_parser("generate", help="turn a prompt into a textured mesh under ./out/<job>/")
-    gen.add_argument("prompt")
-    gen.add_argument("--preset", default="", help="magic3d, fast or cpu-demo (default: the orchestrator's default)")
+    gen = commands.add_parser("generate", help="turn a prompt (or an image) into a textured mesh under ./out/<job>/")
+    gen.add_argument("prompt", nargs="?", default=None, help="required, except with --image (then optional)")
+    gen.add_argument("--preset", default="", help="magic3d, fast, cpu-demo; magic123, image-cpu-demo with --image "
+                                                  "(default: the orchestrator's default for the input)")
+    gen.add_argument("--image", metavar="FILE", help="image to 3D (Magic123): a PNG (alpha = object) or JPEG")
+    gen.add_argument("--elevation", type=float, help="--image: the photo's camera elevation in degrees")
+    gen.add_argument("--distance", type=float, help="--image: its camera distance (scene box [-1, 1]^3)")
+    gen.add_argument("--fovy", type=float, help="--image: its vertical field of view in degrees")
+    gen.add_argument("--depth", metavar="FILE.npy", help="--image: a (H, W) depth map of the image")
+    gen.add_argument("--segmenter", default="", help="--image without alpha: background matte (default threshold)")
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steps", action="append", metavar="STAGE=N", help="override a stage's steps, e.g. fine=50")
@@ -352,10 +390,23 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser().parse_args(argv)
     if args.command == "jobs" and args.action != "list" and not args.job:
         parser().error(f"jobs {args.action} needs a job name")
+    if args.command == "generate":
+        if args.image and (args.mesh or args.edit):
+            parser().error("--image cannot be combined with --mesh or --edit")
+        if not args.image and args.prompt is None:
+            parser().error("generate needs a prompt (optional only with --image)")
+        image_only = ("elevation", "distance", "fovy", "depth", "segmenter")
+        if not args.image and any(getattr(args, name) not in (None, "") for name in image_only):
+            parser().error("--elevation, --distance, --fovy, --depth and --segmenter go with --image")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     return args.handler(args)
 
 

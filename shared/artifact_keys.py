@@ -7,6 +7,8 @@ from __future__ import annotations
 # Names in a job's artifact map (JobRecord.artifacts, the Artifact kinds a client sees).
 PROVENANCE = "provenance.json"
 MESHES = ("model.glb", "model.obj")  # an exported job has at least one of these
+INPUT_IMAGE = "input.png"  # an image job's input as given (decoded, stored as PNG)
+REFERENCE_IMAGE = "reference.png"  # its reference view as the scene fits it (matted, recentred: RGBA)
 
 
 def stage_checkpoint(stage: str) -> str:
@@ -35,11 +37,19 @@ def provenance_key(job_id: str) -> str:
     return f"{job_prefix(job_id)}/{PROVENANCE}"
 
 
+def input_key(job_id: str, name: str) -> str:
+    """An image job's input files (INPUT_IMAGE, REFERENCE_IMAGE)."""
+    return f"{job_prefix(job_id)}/input/{name}"
+
+
 __all__ = [
+    "INPUT_IMAGE",
     "MESHES",
+    "REFERENCE_IMAGE",
     "PROVENANCE",
     "checkpoint_key",
     "export_prefix",
+    "input_key",
     "job_prefix",
     "preview_key",
     "provenance_key",

@@ -130,7 +130,9 @@ def test_guided_sds_drives_a_wrong_object_to_the_named_one(prior, cameras):
 def test_info_and_encode(prior):
     info = prior.info
     assert info.kind == PriorKind.ANALYTIC and info.checkpoint_ids == ("default",)
-    assert set(info.accepted_conditioning) == {Conditioning.TEXT, Conditioning.NEGATIVE_TEXT, Conditioning.CAMERA}
+    assert set(info.accepted_conditioning) == {
+        Conditioning.TEXT, Conditioning.NEGATIVE_TEXT, Conditioning.CAMERA, Conditioning.IMAGE
+    }
     assert info.max_prompt_tokens == 77 and info.native_resolution == SIZE
     abar = prior.alphas_cumprod
     assert abar.shape == (1000,) and bool((abar[1:] < abar[:-1]).all())

@@ -58,6 +58,17 @@ PRESETS = {
             ],
             "export": {"texture_size": 64},
         },
+        "image-tiny": {
+            "checkpoint_every": 2,
+            "progress_every": 1,
+            "image": {"elevation_deg": 20.0, "distance": 1.8, "fovy_deg": 40.0},
+            "stages": [
+                {"stage": "coarse", "steps": 2, "reference": {"resolution": 16},
+                 "config": {"resolution": 16, "batchSize": 2, "samplesPerRay": 16,
+                            "priors": [{"prior": "analytic", "input": "PRIOR_INPUT_IMAGE"},
+                                       {"prior": "analytic", "input": "PRIOR_INPUT_TEXT"}]}},
+            ],
+        },
     },
 }
 COARSE_DEFAULTS = {
@@ -190,6 +201,36 @@ def job(**fields) -> orchestrator_pb2.SubmitJobRequest:
     for key, value in fields.items():
         setattr(spec, key, value)
     return orchestrator_pb2.SubmitJobRequest(spec=spec)
+
+
+def image_job(prompt: str = "", **fields) -> orchestrator_pb2.SubmitJobRequest:
+    """An image job of the image-tiny preset: a red square on white, unless `fields` change it."""
+    import numpy as np
+
+    from shared.image_input import array_to_proto, encode_png
+
+    pixels = np.full((40, 40, 3), 255, np.uint8)
+    pixels[10:30, 12:28] = (200, 30, 30)
+    spec = orchestrator_pb2.JobSpec(preset=fields.pop("preset", "image-tiny"), seed=1)
+    spec.image.prompt = prompt
+    pixels = fields.pop("pixels", pixels)
+    if fields.pop("png", False):
+        spec.image.encoded = encode_png(pixels)
+    elif pixels is not None:
+        spec.image.image.CopyFrom(array_to_proto(pixels))
+    if "depth" in fields:
+        spec.image.depth.CopyFrom(array_to_proto(fields.pop("depth")))
+    for name, config in fields.pop("overrides", []):
+        spec.overrides.add(config=scene_pb2.StageConfig(stage={"coarse": COARSE, "fine": FINE}[name], **config))
+    for key, value in fields.items():
+        setattr(spec.image, key, value)
+    return orchestrator_pb2.SubmitJobRequest(spec=spec)
+
+
+def _image(shape, value=255):
+    import numpy as np
+
+    return np.full(shape, value, np.uint8)
 
 
 def override_loss(name: str, loss: str, values) -> tuple[str, dict]:
@@ -354,7 +395,32 @@ CASES: list[tuple[str, Callable, grpc.StatusCode, str]] = [
     ("submit: mesh over the orchestrator's faces", O("SubmitJob", job(kind="mesh", mesh=MID_TORUS)), INVALID, "spec.mesh.mesh"),
     ("submit: mesh empty", O("SubmitJob", job(kind="mesh", mesh=b"")), INVALID, "spec.mesh.mesh"),
     ("submit: mesh format", O("SubmitJob", job(kind="mesh", mesh=SMALL_TORUS, format="stl")), INVALID, "spec.mesh.format"),
-    ("submit: image input", O("SubmitJob", job(kind="image")), grpc.StatusCode.UNIMPLEMENTED, "spec.image"),
+    ("submit: image job, text preset", O("SubmitJob", image_job(preset="tiny")), INVALID, "spec.preset"),
+    ("submit: text job, image preset", O("SubmitJob", job(preset="image-tiny")), INVALID, "spec.preset"),
+    ("submit: image missing", O("SubmitJob", image_job(pixels=None)), INVALID, "spec.image.image"),
+    ("submit: image and encoded", O("SubmitJob", image_job(encoded=b"\x89PNG")), INVALID, "spec.image.encoded"),
+    ("submit: image not PNG/JPEG", O("SubmitJob", image_job(pixels=None, encoded=b"GIF89a not really")), INVALID,
+     "spec.image.encoded"),
+    ("submit: image blank", O("SubmitJob", image_job(pixels=_image((40, 40, 3)))), INVALID, "spec.image.image"),
+    ("submit: image blank PNG", O("SubmitJob", image_job(pixels=_image((40, 40, 4), 0), png=True)), INVALID,
+     "spec.image.encoded"),
+    ("submit: image over the side limit", O("SubmitJob", image_job(pixels=_image((5000, 16, 3)))), INVALID,
+     "spec.image.image.shape"),
+    ("submit: image 2 channels", O("SubmitJob", image_job(pixels=_image((40, 40, 2)))), INVALID, "spec.image.image.shape"),
+    ("submit: image elevation", O("SubmitJob", image_job(elevation_deg=120.0)), INVALID, "spec.image.elevation_deg"),
+    ("submit: image elevation NaN", O("SubmitJob", image_job(elevation_deg=NAN)), INVALID, "spec.image.elevation_deg"),
+    ("submit: image distance 0", O("SubmitJob", image_job(distance=0.0)), INVALID, "spec.image.distance"),
+    ("submit: image fovy 180", O("SubmitJob", image_job(fovy_deg=180.0)), INVALID, "spec.image.fovy_deg"),
+    ("submit: image segmenter", O("SubmitJob", image_job(segmenter="rembg")), INVALID, "spec.image.segmenter"),
+    ("submit: image depth shape", O("SubmitJob", image_job(depth=__import__("numpy").zeros((8, 8), "float32"))), INVALID,
+     "spec.image.depth.shape"),
+    ("submit: image prompt names nothing", O("SubmitJob", image_job(prompt="a purple teapot")), INVALID,
+     "spec.image.prompt"),
+    ("submit: image override sets the reference", O("SubmitJob", image_job(overrides=[("coarse", {
+        "reference": scene_pb2.ReferenceView(image=tensors.to_proto(torch.zeros(4, 4, 4, dtype=torch.uint8)))})])),
+     INVALID, "spec.overrides[0].config.reference.image"),
+    ("submit: text job with a reference", O("SubmitJob", job(overrides=[("coarse", {
+        "reference": scene_pb2.ReferenceView(every_steps=2)})])), INVALID, "spec.overrides[0].config.reference"),
     ("submit: unknown edit source", O("SubmitJob", job(kind="edit", source="jobs/nope")), NOT_FOUND, "spec.edit.source_job_id"),
     ("generate: t NaN", O("Generate", orchestrator_pb2.GenerateRequest(spec=job(overrides=[("coarse", {"t_min": schedule(NAN)})]).spec)),
      INVALID, "spec.overrides[0].config.t_min.values[0]"),

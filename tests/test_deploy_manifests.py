@@ -557,11 +557,11 @@ def preset_names(data) -> set[str]:
     return set(presets)
 
 
-def test_presets_configmap_names_the_three_presets():
+def test_presets_configmap_names_the_presets():
     presets = configmaps()["magic3d-presets"]
     assert set(presets) == {"presets.yaml"}
     names = preset_names(yaml.safe_load(presets["presets.yaml"]))
-    assert names == {"magic3d", "fast", "cpu-demo"}
+    assert names == {"magic3d", "fast", "cpu-demo", "magic123", "image-cpu-demo"}
     real = CONFIG / "presets.yaml"
     if real.is_file():  # owned elsewhere; the placeholder must at least name the same presets
         assert preset_names(yaml.safe_load(real.read_text())) == names

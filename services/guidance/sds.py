@@ -141,9 +141,10 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
         )
     # With view-dependent prompting the longest suffix must fit too, or the tokenizer would silently cut it off.
     longest = LONGEST_VIEW_SUFFIX if request.view_dependent_prompt and request.cameras else ""
-    prior.validate_prompt(request.prompt, "prompt")
-    if longest:
-        prior.validate_prompt(request.prompt + longest, "prompt")
+    if request.prompt or request.image_condition is None:  # an image-conditioned request may come without a prompt
+        prior.validate_prompt(request.prompt, "prompt")
+        if longest:
+            prior.validate_prompt(request.prompt + longest, "prompt")
     if request.negative_prompt:
         prior.validate_prompt(request.negative_prompt, "negative_prompt")
 

@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from magic3d.v1 import orchestrator_pb2
+from magic3d.v1 import orchestrator_pb2, scene_pb2
 
-from services.orchestrator import validation
+from services.orchestrator import image_jobs, validation
 from services.orchestrator.events import EventHub
 from services.orchestrator.jobs import JobNotFound, JobRecord, JobState, JobStore, RequestIdConflict
 from services.orchestrator.presets import JobPlan, PresetBook, plan_job
@@ -25,7 +25,6 @@ from shared.errors import (
     NotFound,
     ResourceExhausted,
     ServiceError,
-    Unimplemented,
 )
 
 log = project_logging.get_logger(__name__)
@@ -83,14 +82,12 @@ class Admission:
         return record, created
 
     def validate(self, spec: orchestrator_pb2.JobSpec) -> JobPlan:
-        """Everything checkable before work starts; raises InvalidArgument / NotFound / Unimplemented / ..."""
+        """Everything checkable before work starts; raises InvalidArgument / NotFound / FailedPrecondition / ..."""
         kind = spec.WhichOneof("input")
         if kind is None:
             raise InvalidArgument("give one input: text, image, edit or mesh", "spec.input")
-        if kind == "image":
-            raise Unimplemented("image-to-3D (Magic123) is not served yet", "spec.image")
         prompt, negative = job_prompt(spec)
-        if not prompt.strip():
+        if not prompt.strip() and kind != "image":  # an image job's prompt is optional (the 2D prior's)
             raise InvalidArgument("the prompt must not be empty or blank", f"spec.{kind}.prompt")
         validation.validate_spec(self, spec)  # deadline well-formed, stage numbers, scene limits, mesh
         if spec.HasField("deadline") and spec.deadline.ToDatetime().timestamp() <= time.time():
@@ -105,8 +102,13 @@ class Admission:
 
     def plan(self, spec: orchestrator_pb2.JobSpec) -> JobPlan:
         prompt, negative = job_prompt(spec)
-        plan = plan_job(self.presets, spec.preset, spec.overrides, prompt.strip(), negative, spec.seed)
-        if spec.WhichOneof("input") == "mesh":  # the user's mesh is the fine stage's start: no coarse stage
+        kind = spec.WhichOneof("input")
+        preset = spec.preset or (self.presets.default_image if kind == "image" else "")
+        plan = plan_job(self.presets, preset, spec.overrides, prompt.strip(), negative, spec.seed)
+        if kind == "image":
+            return image_jobs.plan_image_job(plan, spec.image, spec.overrides)
+        image_jobs.check_text_plan(plan, spec.overrides, kind or "text")
+        if kind == "mesh":  # the user's mesh is the fine stage's start: no coarse stage
             fine = plan.stage("fine")
             if fine is None:
                 raise InvalidArgument(f"preset {plan.preset!r} has no fine stage to refine a mesh", "spec.preset")
@@ -129,17 +131,30 @@ class Admission:
             return
         for stage in plan.stages:
             for index, term in enumerate(stage.config.priors):
+                image_input = term.input == scene_pb2.PRIOR_INPUT_IMAGE
                 try:
-                    self.priors.check_prompt(term.prior, stage.config.prompt or prompt, negative, term.checkpoint_id)
+                    if image_input:  # conditioned on the image, not the prompt: only the prior must exist
+                        self._check_prior_exists(term)
+                    else:
+                        self.priors.check_prompt(term.prior, stage.config.prompt or prompt, negative, term.checkpoint_id)
                 except ServiceError as error:
                     if error.field in ("prior", "checkpoint_id"):
                         raise InvalidArgument(
                             f"{error.message} (stage {stage.name})", f"{stage.name}.priors[{index}].{error.field}"
                         ) from None
                     if error.field in ("prompt", "negative_prompt"):
-                        field = f"spec.{kind}.prompt" if error.field == "prompt" else "spec.text.negative_prompt"
+                        field = f"spec.{kind}.{error.field}" if kind in ("text", "image") else f"spec.{kind}.prompt"
                         raise InvalidArgument(f"{error.message} (prior {term.prior!r})", field) from None
                     raise
+
+    def _check_prior_exists(self, term: scene_pb2.PriorTerm) -> None:
+        """CheckPrompt resolves the prior and checkpoint (NOT_FOUND naming them) before it judges the prompt, so an
+        empty prompt's refusal (INVALID_ARGUMENT on `prompt`) tells that the prior is there."""
+        try:
+            self.priors.check_prompt(term.prior, "", "", term.checkpoint_id)
+        except ServiceError as error:
+            if error.field not in ("prompt", "negative_prompt"):
+                raise
 
 
 __all__ = ["Admission", "PriorChecker"]

@@ -5,6 +5,12 @@ YAML). A request's `StageOverride`s replace the set fields of the matching stage
 whole, never appended to; maps such as loss weights key by key), and may change its steps. The result is validated with the scene
 service's own config parsers against the stage classes' defaults, so a bad override is refused at submit time with
 the offending field named, before any GPU work.
+
+Image-to-3D presets (Magic123) carry an `image:` block (the reference camera's defaults, the limit on a request's
+camera distance, the foreground's share of the frame) and, per stage, a `reference:` block (the reference image's
+resolution, how often the fine stage renders the reference view, how far the mask is eroded); their prior terms
+state their input (PRIOR_INPUT_TEXT or PRIOR_INPUT_IMAGE). `services.orchestrator.image_jobs` turns the request's
+image into each stage's ReferenceView.
 """
 
 from __future__ import annotations
@@ -19,11 +25,48 @@ from magic3d.v1 import scene_pb2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.scene.config import CoarseConfig, FineConfig
-from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
+from services.scene.messages import coarse_config_from_proto, fine_config_from_proto, schedule_from_proto
 from shared.errors import InvalidArgument, ServiceError
 
 STAGE_ENUM = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FINE}
 STAGE_NAME = {value: name for name, value in STAGE_ENUM.items()}
+
+
+# The reference-view loss terms (scene.proto ReferenceView). Until the scene's stage configs know them, presets.py
+# validates them itself (finite schedules) and hands the scene's parser the rest (`scene_parsable`).
+REFERENCE_LOSSES = ("ref_rgb", "ref_mask", "ref_depth")
+
+
+class StageReference(BaseModel):
+    """An image preset's per-stage reference-view settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resolution: int = Field(gt=0, le=2048)  # side of the reference image (the scene renders the view at it)
+    every_steps: int = Field(default=0, ge=0)  # ReferenceView.every_steps (0: every step)
+    mask_erode_px: int = Field(default=0, ge=0, le=64)  # ReferenceView.mask_erode_px
+
+
+class ImagePreset(BaseModel):
+    """An image preset's reference camera defaults (a request may set each) and preprocessing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    elevation_deg: float = Field(default=0.0, ge=-90.0, le=90.0)
+    distance: float = Field(default=1.8, gt=0.0)
+    fovy_deg: float = Field(default=40.0, gt=0.0, lt=180.0)
+    # A request's reference distance must lie within this range (the scene box is [-1, 1]^3).
+    distance_range: tuple[float, float] = (1.0, 4.0)
+    # The foreground's bounding box's longer side as a fraction of the frame (Magic123: border ratio 0.2).
+    foreground_fraction: float = Field(default=0.8, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _distance(self) -> "ImagePreset":
+        low, high = self.distance_range
+        if not 0.0 < low <= self.distance <= high:
+            raise ValueError(f"need 0 < distance_range[0] <= distance <= distance_range[1], got {self.distance} "
+                             f"and {self.distance_range}")
+        return self
 
 
 class StagePreset(BaseModel):
@@ -32,10 +75,14 @@ class StagePreset(BaseModel):
     stage: Literal["coarse", "fine"]
     steps: int = Field(gt=0)
     config: dict = {}
+    reference: StageReference | None = None
 
     def stage_config(self) -> scene_pb2.StageConfig:
         message = json_format.ParseDict(self.config, scene_pb2.StageConfig())
         message.stage = STAGE_ENUM[self.stage]
+        if self.reference is not None:
+            message.reference.every_steps = self.reference.every_steps
+            message.reference.mask_erode_px = self.reference.mask_erode_px
         return message
 
 
@@ -55,6 +102,7 @@ class Preset(BaseModel):
     checkpoint_every: int = Field(default=500, gt=0)
     progress_every: int = Field(default=10, gt=0)
     export: ExportPreset = ExportPreset()
+    image: ImagePreset | None = None  # set: an image-to-3D preset (only image jobs use it)
 
     @model_validator(mode="after")
     def _stage_order(self) -> "Preset":
@@ -62,7 +110,18 @@ class Preset(BaseModel):
         if names not in (["coarse"], ["coarse", "fine"], ["fine"]):
             raise ValueError(f"stages must be coarse, coarse then fine, or fine; got {names}")
         for stage in self.stages:
-            stage.stage_config()  # proto JSON errors surface at load time
+            config = stage.stage_config()  # proto JSON errors surface at load time
+            if "reference" in stage.config:
+                raise ValueError(f"{stage.stage}: the reference view comes from the job's image; "
+                                 "set its options in the stage's `reference:` block")
+            if (self.image is None) != (stage.reference is None):
+                raise ValueError(f"{stage.stage}: an image preset (with `image:`) needs a `reference:` block in "
+                                 "every stage, and only an image preset may have one")
+            if self.image is not None:
+                unstated = [t.prior for t in config.priors if t.input == scene_pb2.PRIOR_INPUT_UNSPECIFIED]
+                if unstated:
+                    raise ValueError(f"{stage.stage}: state each prior's input (PRIOR_INPUT_TEXT or "
+                                     f"PRIOR_INPUT_IMAGE) in an image preset; unstated: {unstated}")
         return self
 
 
@@ -70,6 +129,7 @@ class PresetBook(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     default: str
+    default_image: str = ""  # the preset of image jobs that name none; empty: they must name one
     presets: dict[str, Preset]
 
     @model_validator(mode="after")
@@ -78,6 +138,8 @@ class PresetBook(BaseModel):
             preset.name = name
         if self.default not in self.presets:
             raise ValueError(f"default preset {self.default!r} is not defined")
+        if self.default_image and (self.default_image not in self.presets or self.presets[self.default_image].image is None):
+            raise ValueError(f"default_image {self.default_image!r} is not a defined image preset")
         return self
 
     @classmethod
@@ -95,7 +157,8 @@ class PresetBook(BaseModel):
 class PlannedStage:
     name: str  # "coarse" | "fine"
     steps: int
-    config: scene_pb2.StageConfig  # with prompt and seed filled in
+    config: scene_pb2.StageConfig  # with prompt and seed filled in (and, for image jobs, the reference view)
+    reference: StageReference | None = None  # an image preset's settings for this stage
 
 
 @dataclass(frozen=True)
@@ -105,6 +168,7 @@ class JobPlan:
     checkpoint_every: int
     progress_every: int
     export: ExportPreset
+    image: ImagePreset | None = None  # set for image presets
 
     @property
     def total_steps(self) -> int:
@@ -120,6 +184,9 @@ def merge_stage_config(base: scene_pb2.StageConfig, override: scene_pb2.StageCon
     merged.CopyFrom(base)
     for descriptor, value in override.ListFields():
         if descriptor.name == "stage":
+            continue
+        if descriptor.name == "reference":  # per field: an override may change every_steps alone
+            merged.reference.MergeFrom(value)
             continue
         if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
             target = getattr(merged, descriptor.name)
@@ -153,6 +220,7 @@ def plan_job(
             raise InvalidArgument(f"must be within [0, 1000000], got {override.steps}", f"{field}.steps")
         configs[name] = merge_stage_config(configs[name], override.config)
         steps[name] = override.steps or steps[name]
+    references = {stage.stage: stage.reference for stage in preset.stages}
     stages = []
     for name, config in configs.items():
         if not config.prompt:
@@ -161,17 +229,35 @@ def plan_job(
             config.negative_prompt = negative_prompt
         config.seed = seed
         _validate(name, config, overrides)
-        stages.append(PlannedStage(name, steps[name], config))
-    return JobPlan(preset.name, tuple(stages), preset.checkpoint_every, preset.progress_every, preset.export)
+        stages.append(PlannedStage(name, steps[name], config, references[name]))
+    return JobPlan(
+        preset.name, tuple(stages), preset.checkpoint_every, preset.progress_every, preset.export, preset.image
+    )
+
+
+def scene_parsable(name: str, config: scene_pb2.StageConfig) -> scene_pb2.StageConfig:
+    """`config` without the reference-view loss weights that the scene's stage config does not know (yet): those are
+    checked here (finite, like every number: shared.stage_limits), the rest by the scene's own parser."""
+    known = (CoarseConfig if name == "coarse" else FineConfig).default_loss_weights()
+    unknown = [key for key in REFERENCE_LOSSES if key in config.loss_weights and key not in known]
+    if not unknown:
+        return config
+    parsable = scene_pb2.StageConfig()
+    parsable.CopyFrom(config)
+    for key in unknown:
+        schedule_from_proto(config.loss_weights[key], f"config.loss_weights[{key}]")  # well-formed knots
+        del parsable.loss_weights[key]
+    return parsable
 
 
 def _validate(name: str, config: scene_pb2.StageConfig, overrides) -> None:
     """Parses the merged config as the scene service will (against the stage class's defaults)."""
     try:
+        parsable = scene_parsable(name, config)
         if name == "coarse":
-            coarse_config_from_proto(config, CoarseConfig(prompt=config.prompt or "unset"))
+            coarse_config_from_proto(parsable, CoarseConfig(prompt=config.prompt or "unset"))
         else:
-            fine_config_from_proto(config, FineConfig(prompt=config.prompt or "unset"))
+            fine_config_from_proto(parsable, FineConfig(prompt=config.prompt or "unset"))
     except ServiceError as error:
         index = next(
             (i for i, o in enumerate(overrides) if STAGE_NAME.get(o.config.stage) == name), None
@@ -200,7 +286,11 @@ def plan_to_json(plan: JobPlan) -> dict:
 
 
 __all__ = [
+    "REFERENCE_LOSSES",
     "ExportPreset",
+    "ImagePreset",
+    "StageReference",
+    "scene_parsable",
     "JobPlan",
     "PlannedStage",
     "Preset",

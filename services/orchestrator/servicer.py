@@ -43,10 +43,18 @@ def _same(uri: str) -> str:
     return uri
 
 
-def job_to_proto(record: JobRecord, link: Callable[[str], str] = _same) -> orchestrator_pb2.Job:
+def job_to_proto(record: JobRecord, link: Callable[[str], str] = _same, brief: bool = False) -> orchestrator_pb2.Job:
+    """`brief` (listings): an image job's pixels are left out (its spec keeps the image's fields and shapes, so it
+    still reads as an image job; the pixels are its `input.png` artifact and GetJob's spec)."""
+    spec = orchestrator_pb2.JobSpec.FromString(record.spec)
+    if brief and spec.HasField("image"):
+        spec.image.ClearField("encoded")
+        for name in ("image", "depth"):
+            if spec.image.HasField(name):
+                getattr(spec.image, name).ClearField("data")
     return orchestrator_pb2.Job(
         name=f"jobs/{record.job_id}",
-        spec=orchestrator_pb2.JobSpec.FromString(record.spec),
+        spec=spec,
         state=_STATE_TO_PROTO[record.state],
         stage=presets_module.STAGE_ENUM.get(record.stage, 0),
         step=record.step,
@@ -130,7 +138,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         except ValueError as error:
             abort_with(context, InvalidArgument(str(error), "page_token"))
         return orchestrator_pb2.ListJobsResponse(
-            jobs=[job_to_proto(r, self.link) for r in records], next_page_token=token
+            jobs=[job_to_proto(r, self.link, brief=True) for r in records], next_page_token=token
         )
 
     def DeleteJob(self, request, context):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from magic3d.v1 import orchestrator_pb2, scene_pb2
 
-from services.orchestrator.presets import STAGE_NAME
+from services.orchestrator.presets import STAGE_NAME, scene_parsable
 from services.scene.config import CoarseConfig, FineConfig
 from services.scene.messages import coarse_config_from_proto
 from shared.errors import InvalidArgument, ServiceError
@@ -25,6 +25,7 @@ from shared.stage_limits import (
     check_hash_table,
     check_mesh_faces,
     check_stage_config,
+    over_limit,
     read_mesh_summary,
 )
 
@@ -73,11 +74,37 @@ def check_stage(name: str, config: scene_pb2.StageConfig, limits: SceneLimits, o
     """A planned stage (preset merged with overrides) against the scene rules and limits."""
     try:
         check_stage_config(config, limits, "config", _DEFAULT_T[name])
+        check_prior_t_ranges(config)
+        check_reference(config, limits)
         if config.HasField("hash_grid"):  # else the scene's own default grid, which it checks against its budget
-            parsed = coarse_config_from_proto(config, CoarseConfig(prompt=config.prompt or "unset"))
+            parsed = coarse_config_from_proto(scene_parsable(name, config), CoarseConfig(prompt=config.prompt or "unset"))
             check_hash_table(parsed.hash_table_bytes(), limits, "config.hash_grid")
     except ServiceError as error:
         raise InvalidArgument(*_stage_error(name, error, overrides)) from None
+
+
+def check_prior_t_ranges(config: scene_pb2.StageConfig) -> None:
+    """A prior term's own t range (PriorTerm.t_min / t_max, Magic123's per-prior ranges): values in (0, 1) and
+    t_min <= t_max at every knot, the stage's range standing in for an unset end."""
+    for index, term in enumerate(config.priors):
+        if not (term.HasField("t_min") or term.HasField("t_max")):
+            continue
+        ranged = scene_pb2.StageConfig()
+        for name in ("t_min", "t_max"):
+            source = term if term.HasField(name) else config
+            if source.HasField(name):
+                getattr(ranged, name).CopyFrom(getattr(source, name))
+        default_t = _DEFAULT_T[STAGE_NAME.get(config.stage, "coarse")]
+        check_stage_config(ranged, SceneLimits(), f"config.priors[{index}]", default_t)
+
+
+def check_reference(config: scene_pb2.StageConfig, limits: SceneLimits) -> None:
+    """The reference view is rendered at its image's side: within the scene's resolution limit."""
+    if not config.HasField("reference") or not config.reference.HasField("image"):
+        return
+    side = max(config.reference.image.shape[:2], default=0)
+    if side > limits.max_resolution:
+        raise InvalidArgument(over_limit(side, limits.max_resolution, "max_resolution"), "config.reference.image")
 
 
 def _stage_error(name: str, error: ServiceError, overrides) -> tuple[str, str]:
@@ -113,4 +140,4 @@ def _mesh_summary(data: bytes, file_format: str) -> MeshSummary:
     return read_mesh_summary(data, file_format, "spec.mesh.mesh", "spec.mesh.format")
 
 
-__all__ = ["validate_spec", "check_deadline", "check_stage", "read_mesh"]
+__all__ = ["validate_spec", "check_deadline", "check_stage", "check_prior_t_ranges", "check_reference", "read_mesh"]

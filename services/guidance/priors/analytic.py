@@ -28,6 +28,16 @@ tessellations are modest on purpose, as every SDS call at a new camera renders t
 The torus is the non-convex one (a hole seen from above). ("can" is deliberately not an alias: it is a common English word.) User meshes join the set with `add_object`
 and `load_mesh_object` (service config: `analytic.meshes`).
 
+Image conditioning (Magic123's reference image, `ViewCondition.image`): the conditional branch's object set becomes
+the posterior over the objects given that image, p(k | image) = softmax_k(-d_k / IMAGE_TEMPERATURE), where d_k is
+the mean squared difference between the image and object k rendered at the reference camera, over premultiplied
+RGB and alpha (colour counts on the foreground, the mask everywhere), both recentred first the way the orchestrator
+recentres an input (bounding box's longer side 0.8 of the frame, so that the photo's framing does not matter) and
+compared at the prior's resolution. Those weights replace the prompt's uniform set: the conditional posterior at
+x_t is softmax_k(log p(x_t | k) + log p(k | image)). A prompt given as well restricts the set to the objects it
+names (the image weighs them); a prompt (or a view suffix alone) naming nothing leaves the image's weights over the
+whole set. An empty prompt is accepted when the image is there (image-only requests).
+
 Prompt matching: lower-case, split into words ([a-z0-9]+). An object matches if every word of its name, or of
 one of its aliases, is a word of the prompt; its score is the most words of any phrase that matched. The
 conditional set is the matching objects with the highest score ("a red torus" prefers "red torus" over a
@@ -36,6 +46,7 @@ conditional set is the matching objects with the highest score ("a red torus" pr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -49,14 +60,18 @@ import torch.nn.functional as F
 
 from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared import meshes
-from shared.cameras import Camera
-from shared.errors import InvalidArgument
-from shared.guidance_api import Conditioning, PriorInfo, PriorKind, Weighting
+from shared.cameras import Camera, Shading
+from shared.errors import FailedPrecondition, InvalidArgument
+from shared.guidance_api import Conditioning, ImageCondition, PriorInfo, PriorKind, Weighting
 from shared.meshes import Mesh
 from shared.rasterize import Rasterizer, make_rasterizer
 from shared.render import render_mesh
 
 MAX_PROMPT_WORDS = 77
+# Softmax temperature of the image posterior, in units of the mean squared RGBA difference (values in [0, 1]).
+# Two different built-in objects differ by about 0.02 or more at 64x64, so a matching render wins by e^10.
+IMAGE_TEMPERATURE = 0.002
+IMAGE_FOREGROUND_FRACTION = 0.8
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -142,17 +157,24 @@ def scaled_linear_alphas_cumprod(
 
 
 def posterior_weights(
-    noisy: torch.Tensor, renders: torch.Tensor, alpha_bar: torch.Tensor, member: torch.Tensor | None = None
+    noisy: torch.Tensor,
+    renders: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    member: torch.Tensor | None = None,
+    log_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Posterior over objects, softmax_k(-||x_t - sqrt(abar) x_k||^2 / (2 (1 - abar))): (B, K) float64.
+    """Posterior over objects, softmax_k(-||x_t - sqrt(abar) x_k||^2 / (2 (1 - abar)) + log_prior_k): (B, K) float64.
 
     noisy (B, C, H, W) x_t; renders (B, K, C, H, W) the objects' images x_k in model space; alpha_bar (B,);
     member (B, K) bool restricts each row to an object set (None: all K). Every row needs a member.
+    log_prior (B, K): log weights of the objects (e.g. given a reference image); None: uniform.
     """
     x_t = noisy.double()[:, None]
     a = alpha_bar.double().reshape(-1, 1)
     sq_dist = (x_t - a.sqrt()[..., None, None, None] * renders.double()).pow(2).flatten(2).sum(-1)  # (B, K)
     log_w = -sq_dist / (2.0 * (1.0 - a))
+    if log_prior is not None:
+        log_w = log_w + log_prior.double().to(log_w.device)
     if member is not None:
         log_w = log_w.masked_fill(~member.to(log_w.device, torch.bool), float("-inf"))
     weights = (log_w - log_w.amax(dim=1, keepdim=True)).exp()  # log-sum-exp stable softmax
@@ -160,18 +182,26 @@ def posterior_weights(
 
 
 def posterior_mean(
-    noisy: torch.Tensor, renders: torch.Tensor, alpha_bar: torch.Tensor, member: torch.Tensor | None = None
+    noisy: torch.Tensor,
+    renders: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    member: torch.Tensor | None = None,
+    log_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """E[x0 | x_t] = sum_k w_k x_k over the object set, (B, C, H, W) float64."""
-    weights = posterior_weights(noisy, renders, alpha_bar, member)
+    weights = posterior_weights(noisy, renders, alpha_bar, member, log_prior)
     return (weights[..., None, None, None] * renders.double()).sum(dim=1)
 
 
 def posterior_eps(
-    noisy: torch.Tensor, renders: torch.Tensor, alpha_bar: torch.Tensor, member: torch.Tensor | None = None
+    noisy: torch.Tensor,
+    renders: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    member: torch.Tensor | None = None,
+    log_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The optimal denoiser's noise prediction (x_t - sqrt(abar) E[x0 | x_t]) / sqrt(1 - abar), float64."""
-    x0_hat = posterior_mean(noisy, renders, alpha_bar, member)
+    x0_hat = posterior_mean(noisy, renders, alpha_bar, member, log_prior)
     a = alpha_bar.double().reshape(-1, 1, 1, 1)
     return (noisy.double() - a.sqrt() * x0_hat) / (1.0 - a).sqrt()
 
@@ -215,7 +245,9 @@ class AnalyticPrior(DiffusionPrior):
             kind=PriorKind.ANALYTIC,
             native_resolution=self.resolution,
             max_prompt_tokens=max_prompt_tokens,
-            accepted_conditioning=(Conditioning.TEXT, Conditioning.NEGATIVE_TEXT, Conditioning.CAMERA),
+            accepted_conditioning=(
+                Conditioning.TEXT, Conditioning.NEGATIVE_TEXT, Conditioning.CAMERA, Conditioning.IMAGE,
+            ),
             default_guidance_scale=guidance_scale,
             default_time_range=tuple(time_range),
             default_weighting=weighting,
@@ -226,6 +258,7 @@ class AnalyticPrior(DiffusionPrior):
         self._lock = threading.Lock()
         self._renders: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (object, R, camera key) -> (3, R, R)
         self._render_cache_size = render_cache_size
+        self._image_posteriors: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (digest, camera, objects) -> (K,)
 
     # ------------------------------------------------------------------ schedule / objects
     @property
@@ -324,9 +357,13 @@ class AnalyticPrior(DiffusionPrior):
             objects = list(self.objects)
         cond = torch.zeros(batch, len(objects), dtype=torch.bool)
         uncond = torch.zeros(batch, len(objects), dtype=torch.bool)
+        log_prior = torch.zeros(batch, len(objects), dtype=torch.float64)
         for b, condition in enumerate(conditions):
             named = match_objects(condition.prompt, objects)
-            if not named:
+            if condition.image is not None:  # the image weighs the objects; a prompt naming some restricts them
+                log_prior[b] = self.image_posterior(condition.image, objects).log()
+                named = named or list(range(len(objects)))
+            elif not named:
                 raise InvalidArgument(f"{condition.prompt!r} names no object of the set", "prompt")
             cond[b, named] = True
             negative = match_objects(condition.negative_prompt, objects) if condition.negative_prompt else []
@@ -334,7 +371,7 @@ class AnalyticPrior(DiffusionPrior):
         renders = self.render_set([condition.camera for condition in conditions], objects)
         alpha_bar = self.alphas_cumprod.double()[timesteps.detach().cpu().long()]
         x_t = noisy.detach().cpu()
-        eps_cond = posterior_eps(x_t, renders, alpha_bar, cond)
+        eps_cond = posterior_eps(x_t, renders, alpha_bar, cond, log_prior)
         eps_uncond = posterior_eps(x_t, renders, alpha_bar, uncond)
         return eps_cond.to(noisy), eps_uncond.to(noisy)
 
@@ -344,6 +381,42 @@ class AnalyticPrior(DiffusionPrior):
         """(B, K) float64 posterior over objects for x_t at integer timesteps (see `posterior_weights`)."""
         alpha_bar = self.alphas_cumprod.double()[timesteps.detach().cpu().long()]
         return posterior_weights(noisy, renders, alpha_bar, member)
+
+    # ------------------------------------------------------------------ image conditioning
+    def image_posterior(self, condition: ImageCondition, objects: list[ReferenceObject] | None = None) -> torch.Tensor:
+        """p(k | reference image) over `objects` (default: the set), (K,) float64; cached per image and camera."""
+        objects = self.objects if objects is None else objects
+        if condition.image is None:  # the engine resolves digest-only requests before a prior sees them
+            raise FailedPrecondition("the reference image is not held here: send it", "image_condition.image")
+        key = (condition.image_sha256, _camera_key(condition.reference_camera), tuple(id(o) for o in objects))
+        with self._lock:
+            cached = self._image_posteriors.get(key)
+        if cached is not None:
+            return cached
+        image = condition.image.detach().double().cpu()
+        if not torch.isfinite(image).all():
+            raise InvalidArgument("contains NaN or Inf", "image_condition.image")
+        straight = image[0].clamp(0.0, 1.0)
+        target = _recentred(torch.cat([straight[:3] * straight[3:], straight[3:]]), self.resolution)
+        renders = torch.stack([_recentred(self._render_rgba(obj, condition.reference_camera), self.resolution)
+                               for obj in objects])
+        distance = (renders - target).pow(2).flatten(1).mean(dim=1)
+        posterior = torch.softmax(-distance / IMAGE_TEMPERATURE, dim=0)
+        with self._lock:
+            self._image_posteriors[key] = posterior
+            while len(self._image_posteriors) > 16:
+                self._image_posteriors.popitem(last=False)
+        return posterior
+
+    def _render_rgba(self, obj: ReferenceObject, camera: Camera) -> torch.Tensor:
+        """`obj` at `camera` (its shading), (4, R, R) float64: colour over black (premultiplied) and coverage."""
+        black = dataclasses.replace(camera, background_color=(0.0, 0.0, 0.0), background_image=None)
+        mask_camera = dataclasses.replace(black, shading=Shading.ALBEDO)
+        with torch.no_grad():
+            color = render_mesh(obj.mesh, [black], self.rasterizer, albedo=obj.color, resolution=self.resolution)
+            mask = render_mesh(obj.mesh, [mask_camera], self.rasterizer, albedo=(1.0, 1.0, 1.0),
+                               resolution=self.resolution)
+        return torch.cat([color[0], mask[0, :1]]).double()
 
     # ------------------------------------------------------------------ render cache
     def _cache_get(self, key: tuple) -> torch.Tensor | None:
@@ -359,6 +432,24 @@ class AnalyticPrior(DiffusionPrior):
             self._renders.move_to_end(key)
             while len(self._renders) > self._render_cache_size:
                 self._renders.popitem(last=False)
+
+
+def _recentred(rgba: torch.Tensor, size: int, fraction: float = IMAGE_FOREGROUND_FRACTION) -> torch.Tensor:
+    """(4, H, W) premultiplied RGBA -> (4, size, size), its foreground's bounding box scaled to `fraction` of the
+    frame and centred (the orchestrator's preprocessing, shared.image_input)."""
+    alpha = rgba[3]
+    rows, cols = torch.nonzero(alpha > 0.5, as_tuple=True)
+    out = torch.zeros(4, size, size, dtype=rgba.dtype)
+    if rows.numel() == 0:
+        return out
+    top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    scale = fraction * size / max(bottom - top, right - left)
+    new_h, new_w = max(1, round((bottom - top) * scale)), max(1, round((right - left) * scale))
+    crop = rgba[:, top:bottom, left:right][None]
+    resized = F.interpolate(crop, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
+    y0, x0 = (size - new_h) // 2, (size - new_w) // 2
+    out[:, y0:y0 + new_h, x0:x0 + new_w] = resized
+    return out
 
 
 def _camera_key(camera: Camera) -> tuple:
