@@ -2,8 +2,9 @@
 reference mask loss to the fine stage's geometry when the rasteriser's coverage has no gradient (the pure-PyTorch
 rasteriser; nvdiffrast's antialiasing gives edge gradients to colour only).
 
-Each face covers pixel q with probability sigmoid(-d(q) / sigma), d the signed screen-space distance from q's centre
-to the projected triangle (negative inside); the pixel's coverage is 1 - prod_f (1 - p_f(q)). Each face is only
+Each face covers pixel q by sigmoid(-d(q) / sigma), d the signed screen-space distance from q's centre to the
+projected triangle (negative inside); the pixel's coverage is the largest over the faces (the nearest edge decides:
+SoftRas's probabilistic union over every face would grow the silhouette where many layers overlap). Each face is only
 evaluated over a square window of pixels around its bounding box (a few sigma of margin), so the cost is
 faces x window^2, not faces x pixels.
 """
@@ -11,7 +12,6 @@ faces x window^2, not faces x pixels.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from shared.cameras import Camera
 from shared.rasterize.base import to_top_row_first
@@ -40,12 +40,11 @@ def soft_silhouette(
     centres = cells + 0.5
     distance = _signed_distance(centres, tri)  # (B, F, K)
     inside_image = ((cells >= 0) & (cells < size)).all(dim=-1) & in_front[..., None]
-    log_uncovered = F.logsigmoid(distance / sigma_px) * inside_image
+    covered = torch.sigmoid(-distance / sigma_px) * inside_image
     index = (cells[..., 1].clamp(0, size - 1) * size + cells[..., 0].clamp(0, size - 1)).long()
     batch = clip.shape[0]
-    total = torch.zeros(batch, size * size, dtype=vertices.dtype, device=vertices.device)
-    total = total.scatter_add(1, index.reshape(batch, -1), log_uncovered.reshape(batch, -1))
-    coverage = 1.0 - torch.exp(total)
+    coverage = torch.zeros(batch, size * size, dtype=vertices.dtype, device=vertices.device)
+    coverage = coverage.scatter_reduce(1, index.reshape(batch, -1), covered.reshape(batch, -1), reduce="amax")
     return to_top_row_first(coverage.reshape(batch, size, size, 1)).permute(0, 3, 1, 2)
 
 
