@@ -10,7 +10,8 @@ from magic3d.v1 import scene_pb2
 
 from services.scene import checkpoint as checkpoint_io
 from services.scene.coarse import CoarseStage
-from services.scene.config import CoarseConfig, PriorTerm
+from services.scene.config import CoarseConfig, DMTetConfig, FineConfig, PriorTerm
+from services.scene.fine import FineStage
 from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
 from services.scene.mesh.silhouette import soft_silhouette
 from services.scene.messages import coarse_config_from_proto, reference_from_proto
@@ -18,6 +19,7 @@ from services.scene.reference import ReferenceTarget, erode, pearson_depth_loss
 from services.scene.server import _own_prompt
 from shared.errors import InvalidArgument
 from shared.image_input import array_to_proto
+from shared.meshes import torus
 from shared.schedules import Schedule
 from shared.stage_limits import SceneLimits, check_stage_config
 from tests.reference_images import analytic_object, reference_view, render_rgba
@@ -202,3 +204,22 @@ def test_a_checkpoint_keeps_the_reference(torus_rgba, guidance):
     assert np.array_equal(restored.reference.depth.numpy()[0, 0], depth)
     assert restored.reference.condition.image_sha256 == stage.reference.condition.image_sha256
     assert restored.step().losses.keys() == stage.step().losses.keys()
+
+
+def test_the_fine_stage_moves_its_surface_toward_the_reference_silhouette(guidance):
+    obj = analytic_object()
+    rgba = render_rgba(obj, 20.0, 1.8, 40.0, 32)
+    reference = reference_from_proto(reference_view(rgba, every_steps=1, mask_erode_px=1))
+    config = FineConfig(
+        prompt="", resolution=32, batch_size=1, priors=(PriorTerm(prior="analytic", input="image"),),
+        dmtet=DMTetConfig(grid_cells=16), reference=reference, rasterizer="torch",
+        loss_weights={"sds": Schedule.constant(0.0), "normal_consistency": Schedule.constant(0.0),
+                      "ref_rgb": Schedule.constant(1.0), "ref_mask": Schedule.constant(1.0)},
+    )
+    ring = torus(0.45, 0.3)  # a fat ring: its silhouette differs from the target's
+    stage, _ = FineStage.from_mesh(ring.vertices, ring.faces, config, guidance, "ref-fine")
+    before = stage.geometry.sdf.detach().clone()
+    reports = [stage.step() for _ in range(4)]
+    assert all({"ref_rgb", "ref_mask"} <= set(r.losses) for r in reports)
+    assert not torch.equal(stage.geometry.sdf.detach(), before)  # only the reference losses move the SDF here
+    assert reports[-1].losses["ref_mask"] < reports[0].losses["ref_mask"], [r.losses["ref_mask"] for r in reports]
