@@ -15,7 +15,7 @@ import pytest
 import torch
 import trimesh
 import yaml
-from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
 
 from services.guidance import standalone
 from services.guidance.config import GuidanceConfig, PriorSpec
@@ -37,6 +37,7 @@ from tests.scenes import mesh_scores
 PRESETS = Path(__file__).resolve().parents[1] / "deploy" / "config" / "presets.yaml"
 ELEVATION, FOVY, SIZE = 20.0, 40.0, 128
 FOREGROUND_FRACTION = 0.8  # the image-cpu-demo preset's image.foreground_fraction
+COARSE_STEPS, FINE_STEPS = 150, 30  # the image-cpu-demo preset, shortened to keep the suite within its budget
 
 
 def foreground_fraction(rgba: np.ndarray) -> float:
@@ -108,6 +109,8 @@ def test_an_image_of_the_torus_becomes_a_matching_textured_mesh(stack):
     spec = orchestrator_pb2.JobSpec(preset="image-cpu-demo", seed=0)
     spec.image.image.CopyFrom(array_to_proto(rgba))  # no prompt: the image alone
     spec.image.elevation_deg, spec.image.distance, spec.image.fovy_deg = ELEVATION, distance, FOVY
+    for stage, steps in ((scene_pb2.STAGE_COARSE, COARSE_STEPS), (scene_pb2.STAGE_FINE, FINE_STEPS)):
+        spec.overrides.add(steps=steps).config.stage = stage
     started = time.monotonic()
     events = [r.event for r in stub.Generate(orchestrator_pb2.GenerateRequest(spec=spec), timeout=900)]
     elapsed = time.monotonic() - started
@@ -125,7 +128,7 @@ def test_an_image_of_the_torus_becomes_a_matching_textured_mesh(stack):
     mask_iou = float((mask & target_mask).sum() / (mask | target_mask).sum())
     both = mask & target_mask
     color_error = float(np.abs(color[both] - rgba[..., :3][both] / 255.0).mean())
-    print(f"image-cpu-demo on the torus image: {elapsed:.0f} s; surface distance {surface:.4f} of the diagonal, "
+    print(f"image-cpu-demo ({COARSE_STEPS}+{FINE_STEPS} steps) on the torus image: {elapsed:.0f} s; surface distance {surface:.4f} of the diagonal, "
           f"IoU {iou:.3f}, reference-view mask IoU {mask_iou:.3f}, colour error {color_error:.4f}")
     assert surface <= 0.02 and iou >= 0.85
     assert mask_iou >= 0.95 and color_error <= 0.05
