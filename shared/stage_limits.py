@@ -102,8 +102,6 @@ def check_stage_config(
     for index, term in enumerate(message.priors):
         if term.HasField("t_min") or term.HasField("t_max"):
             _check_t_ranges(term, f"{prefix}.priors[{index}]", _stage_t(message, prefix, default_t))
-    if message.HasField("reference"):
-        check_reference(message.reference, limits, f"{prefix}.reference")
 
 
 def _stage_t(message: scene_pb2.StageConfig, prefix: str, default_t) -> tuple[Schedule, Schedule] | None:
@@ -120,7 +118,8 @@ def _stage_t(message: scene_pb2.StageConfig, prefix: str, default_t) -> tuple[Sc
 
 
 def check_reference(message: scene_pb2.ReferenceView, limits: SceneLimits, prefix: str = "config.reference") -> None:
-    """The reference view's image: square (S, S, 4) uint8 with 16 <= S <= SceneLimits.max_resolution (the scene
+    """(The scene's CreateScene applies it; the orchestrator builds the view itself and checks what it builds.)
+    The reference view's image: square (S, S, 4) uint8 with 16 <= S <= SceneLimits.max_resolution (the scene
     renders the view at S); a depth map, where given, (S, S)."""
     field = f"{prefix}.image"
     if not message.HasField("image"):

@@ -21,7 +21,7 @@ from shared.errors import InvalidArgument
 from shared.image_input import array_to_proto
 from shared.meshes import torus
 from shared.schedules import Schedule
-from shared.stage_limits import SceneLimits, check_stage_config
+from shared.stage_limits import SceneLimits, check_reference, check_stage_config
 from tests.reference_images import analytic_object, reference_view, render_rgba
 from tests.scenes import analytic_guidance
 
@@ -102,12 +102,12 @@ def test_bad_reference_views_are_refused_naming_the_field(torus_rgba, mutate, fi
 
 
 def test_the_edge_check_applies_the_resolution_limit(torus_rgba):
-    message = stage_message(reference_view(torus_rgba))
-    check_stage_config(message, SceneLimits())
-    error = refusal(lambda: check_stage_config(message, SceneLimits(max_resolution=15)))
+    message = reference_view(torus_rgba)
+    check_reference(message, SceneLimits())
+    error = refusal(lambda: check_reference(message, SceneLimits(max_resolution=15)))
     assert error.field == "config.reference.image.shape" and "max_resolution" in error.message
-    message.reference.depth.CopyFrom(array_to_proto(np.zeros((4, 4), np.float32)))
-    assert refusal(lambda: check_stage_config(message, SceneLimits())).field == "config.reference.depth.shape"
+    message.depth.CopyFrom(array_to_proto(np.zeros((4, 4), np.float32)))
+    assert refusal(lambda: check_reference(message, SceneLimits())).field == "config.reference.depth.shape"
 
 
 def test_a_prompt_is_optional_only_for_image_only_stages(torus_rgba):

@@ -239,8 +239,9 @@ def _validate(name: str, config: scene_pb2.StageConfig, overrides) -> None:
     """Parses the merged config as the scene service will (against the stage class's defaults)."""
     try:
         parsable = config
-        if config.HasField("reference") and not config.reference.HasField("image"):
-            # An image preset's reference options before the job's image fills the view (image_jobs.py).
+        if config.HasField("reference"):
+            # The reference view is the job's image's (image_jobs.py builds and checks it, and refuses overrides
+            # of its content): here only its options are set, before the image fills the view.
             parsable = scene_pb2.StageConfig()
             parsable.CopyFrom(config)
             parsable.ClearField("reference")

@@ -52,7 +52,7 @@ from shared.grpcio import RunningServer, abort_with, config_from_command_line, s
 from shared.guidance_client import GuidanceClient, stop_retrying_when
 from shared.meshes import load_mesh_bytes
 from shared.registry import Registry
-from shared.stage_limits import SceneLimits, check_hash_table, check_mesh_bytes, check_stage_config
+from shared.stage_limits import SceneLimits, check_hash_table, check_mesh_bytes, check_reference, check_stage_config
 from shared.store import ArtifactNotFound, ArtifactStore, open_store
 
 log = project_logging.get_logger(__name__)
@@ -422,6 +422,8 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         wanted = request.config.stage
         defaults = self.fine_defaults if wanted == scene_pb2.STAGE_FINE else self.defaults
         check_stage_config(request.config, self.limits, "config", (defaults.t_min, defaults.t_max))
+        if request.config.HasField("reference"):
+            check_reference(request.config.reference, self.limits, "config.reference")
         if request.init_mesh:
             return self._fine_from_mesh(request)
         if not request.init_checkpoint_uri:
