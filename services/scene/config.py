@@ -85,14 +85,13 @@ class ReferenceConfig(BaseModel):
 
 
 def _reference_loss_weights() -> dict[str, Schedule]:
-    # The reference view's losses (used only when the stage has a reference view). threestudio's Magic123 port
-    # weighs RGB 10000 and mask 1000 against an SDS term whose gradient is summed over a 64x64x4 latent; here each
-    # prior's gradient is per image pixel (B x 3 x H x W) and the surrogate is divided by the batch, while the
-    # reference losses are means over pixels, so the same ratio with the factor of the SDS normalisation taken out
-    # gives rgb 1000 and mask 100 (the image presets tune them further). Depth: Magic123's 0 by default.
+    # The reference view's losses (used only when the stage has a reference view): threestudio's Magic123 port,
+    # rgb 10000 and mask 1000, kept as they are because the normalisation is the same: there the SDS loss is
+    # 0.5 * sum((x - target)^2) / B, gradient w (eps_hat - eps) / B, as the surrogate here (sum(images * grad) / B,
+    # through the encoder for latent priors), and the reference losses are means over pixels in both. Depth: 0.
     return {
-        "ref_rgb": Schedule.constant(1000.0),
-        "ref_mask": Schedule.constant(100.0),
+        "ref_rgb": Schedule.constant(10000.0),
+        "ref_mask": Schedule.constant(1000.0),
         "ref_depth": Schedule.constant(0.0),
     }
 
