@@ -80,8 +80,9 @@ class ReferenceConfig(BaseModel):
         return np.frombuffer(self.depth, dtype="<f4").reshape(self.resolution, self.resolution)
 
     def due(self, step: int) -> bool:
-        """Whether step `step` renders the reference view."""
-        return self.every_steps <= 1 or step % self.every_steps == 0
+        """Whether step `step` (0-based) renders the reference view: the k-th, 2k-th, ... steps, so that progress
+        reported every few steps (after step k * n) carries the reference losses."""
+        return self.every_steps <= 1 or (step + 1) % self.every_steps == 0
 
 
 def _reference_loss_weights() -> dict[str, Schedule]:
