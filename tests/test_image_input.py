@@ -243,7 +243,7 @@ def test_an_image_job_without_a_prompt_plans_reference_views_and_image_priors_on
         assert (pose.azimuth_deg, pose.elevation_deg, pose.distance) == (0.0, 20.0, pytest.approx(1.8))
         assert (reference.camera.intrinsics.width, reference.camera.intrinsics.fovy_deg) == (side, 40.0)
         assert not reference.HasField("depth")
-    assert plan.stages[1].config.reference.every_steps == 2 and plan.stages[1].config.reference.mask_erode_px == 0
+    assert plan.stages[1].config.reference.every_steps == 1 and plan.stages[1].config.reference.mask_erode_px == 0
     assert all(prompt == "" for _, prompt in priors.calls)  # image priors: only checked to exist
 
 
