@@ -40,7 +40,7 @@ PRESETS = Path(__file__).resolve().parents[1] / "deploy" / "config" / "presets.y
 # foreground (the orchestrator's preprocessing) moves nothing: the image stays what the reference camera sees.
 ELEVATION, FOVY, SIZE = 0.0, 40.0, 128
 FOREGROUND_FRACTION = 0.8  # the image-cpu-demo preset's image.foreground_fraction
-COARSE_STEPS, FINE_STEPS = 150, 40  # the image-cpu-demo preset, shortened to keep the suite within its budget
+COARSE_STEPS, FINE_STEPS = 150, 50  # the image-cpu-demo preset, shortened to keep the suite within its budget
 
 
 def foreground_fraction(rgba: np.ndarray) -> float:
