@@ -28,6 +28,7 @@ from services.scene.checkpoint import Checkpoint
 from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
 from services.scene.config import CoarseConfig, FineConfig
 from services.scene.export import ExportSettings, export_textured_mesh
+from services.scene.field.encoding import ENCODINGS
 from services.scene.fine import FineStage
 from services.scene.guidance import Guidance
 from services.scene.stage import Stage
@@ -37,6 +38,7 @@ from shared import artifact_keys
 from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
+from shared.components import UnknownKind
 from shared.devices import resolve_device
 from shared.auth import AuthConfig, TlsConfig, server_tokens
 from shared.errors import (
@@ -408,6 +410,11 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         if not message.prompt:
             raise InvalidArgument("a prompt is required", "config.prompt")
         check_hash_table(config.hash_table_bytes(), self.limits, "config.hash_grid")
+        if config.field.backend != "auto":
+            try:
+                ENCODINGS.find(config.field.backend)
+            except UnknownKind as error:
+                raise error.invalid_argument("config.encoding_backend") from None
         return config
 
     def _fine_config(self, message: scene_pb2.StageConfig) -> FineConfig:
