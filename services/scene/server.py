@@ -444,7 +444,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             config = self._fine_config(request.config)  # validated before the coarse field is even built
             coarse = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
             try:
-                stage, report = FineStage.from_coarse(coarse, config, self.guidance, request.job_id, self.device)
+                fine, report = FineStage.from_coarse(coarse, config, self.guidance, request.job_id, self.device)
             except ServiceError as error:  # e.g. no surface at the level tried: name the request's field
                 raise type(error)(error.message, f"config.{error.field}" if error.field else None) from None
             log.info(
@@ -452,7 +452,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 silhouette_iou=round(report.silhouette_iou, 4), removed_vertices=report.removed_vertices,
                 faces=report.faces,
             )
-            return stage
+            return fine
         if wanted not in (scene_pb2.STAGE_UNSPECIFIED, _STAGE_FROM_NAME.get(checkpoint.stage)):
             raise FailedPrecondition(
                 f"{request.init_checkpoint_uri} holds a {checkpoint.stage} scene; it cannot start a "
@@ -461,12 +461,12 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             )
         if checkpoint.stage == "fine":
             return FineStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
-        stage = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
-        if request.config.prompt and request.config.prompt != stage.config.prompt:
+        resumed = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
+        if request.config.prompt and request.config.prompt != resumed.config.prompt:
             # Another prompt on a coarse checkpoint: prompt-based editing, the fitted scene fine-tuned from step 0.
-            stage.retarget(request.config.prompt, request.config.negative_prompt)
+            resumed.retarget(request.config.prompt, request.config.negative_prompt)
             log.info("coarse_stage_retargeted", prompt=request.config.prompt)
-        return stage
+        return resumed
 
     def _fine_from_mesh(self, request: scene_pb2.CreateSceneRequest) -> FineStage:
         if request.config.stage != scene_pb2.STAGE_FINE or request.init_checkpoint_uri:
