@@ -147,10 +147,8 @@ def start(
         jobs.close()
         if guidance is not None:
             guidance.close()
-        if metrics is not None:
-            metrics.shutdown()
 
-    running = start_server(
+    return start_server(
         OrchestratorServicer(runner),
         orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
         SERVICE_NAME,
@@ -159,9 +157,8 @@ def start(
         on_stop=on_stop,
         tokens=tokens,
         tls=config.tls,
+        metrics=metrics,
     )
-    running.metrics_port = metrics.port if metrics is not None else None
-    return running
 
 
 def main() -> None:

@@ -540,25 +540,19 @@ def start(
         if config.checkpoint_on_shutdown:
             servicer.drain(config.drain_timeout_s)
 
-    def on_stop() -> None:
-        sweeping.set()
-        if metrics is not None:
-            metrics.shutdown()
-
-    running = start_server(
+    return start_server(
         servicer,
         scene_pb2_grpc.add_SceneServiceServicer_to_server,
         SERVICE_NAME,
         f"{config.host}:{config.port}",
         max_workers=config.max_workers,
         max_message_bytes=config.max_message_bytes,
-        on_stop=on_stop,
+        on_stop=sweeping.set,
         before_stop=before_stop,
         tokens=tokens,
         tls=config.tls,
+        metrics=metrics,
     )
-    running.metrics_port = metrics.port if metrics is not None else None
-    return running
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Self, Sequence
 
 import torch
 
@@ -70,6 +70,11 @@ class TextConditionedPrior(DiffusionPrior):
     text_length_cap: int | None = None
     #: Whether memory_format "auto" picks channels-last on CUDA (measured per family in bench/prior_speed.py).
     channels_last_helps: bool = False
+
+    @classmethod
+    def from_components(cls, **kwargs: Any) -> Self:
+        """Built from modules already in memory (benchmarks, random weights): the constructor, by name."""
+        return cls(**kwargs)
 
     def __init__(
         self,
