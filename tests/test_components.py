@@ -15,6 +15,7 @@ from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.pool import PRIORS, PriorPool
 from services.guidance.priors.base import DiffusionPrior
 from services.scene.field.encoding import ENCODINGS, Encoding, make_encoding
+from services.scene.config import RASTERIZER_NAMES
 from services.scene.field_config import HashGridConfig
 from shared.components import Registry, UnknownKind
 from shared.errors import InvalidArgument
@@ -147,6 +148,8 @@ def test_rasterizers_registry_lists_backends_and_builds_each_usable_one():
     assert isinstance(make_rasterizer(" Torch "), Rasterizer)
     with pytest.raises(UnknownKind, match="unknown rasteriser 'opengl'; known: nvdiffrast, torch"):
         make_rasterizer("opengl")
+    # The fine stage's torch-free config names the same rasterisers (and "auto").
+    assert set(RASTERIZER_NAMES) == {"auto", *RASTERIZERS.kinds()}
 
 
 def test_stores_registry_builds_each_kind_from_its_typed_config(tmp_path):
