@@ -115,10 +115,14 @@ def test_with_builders_overrides_a_copy_only():
 # -- every registry ----------------------------------------------------------------------------------------------
 
 
-def test_priors_registry_lists_kinds_and_builds_the_analytic_prior():
+def test_priors_registry_lists_kinds_and_builds_each_on_cpu():
     assert {"analytic", "latent", "pixel"} <= set(PRIORS.kinds())
     prior = PRIORS.build(PriorSpec(name="a", kind=PriorKind.ANALYTIC, resolution=32), "default")
     assert isinstance(prior, DiffusionPrior) and prior.info.name == "a" and prior.info.kind == PriorKind.ANALYTIC
+    for kind in (PriorKind.LATENT, PriorKind.PIXEL):  # the tiny architectures on random weights
+        spec = PriorSpec(name=kind.value, kind=kind, source="random:tiny", device="cpu", dtype="float32")
+        prior = PRIORS.build(spec, "default")
+        assert isinstance(prior, DiffusionPrior) and prior.info.kind == kind and prior.info.name == kind.value
 
 
 def test_prior_pool_refuses_a_kind_without_a_builder_naming_the_config_field():
