@@ -89,3 +89,19 @@ def test_the_pool_keeps_the_most_recently_used_checkpoints_and_names_unknown_one
         with pytest.raises(NotFound) as caught:
             pool.resolve(name, checkpoint)
         assert caught.value.field == field
+
+
+def test_lru_cache_evicts_the_least_recently_used_and_counts():
+    from services.guidance.cache import LruCache
+
+    cache: LruCache[str, int] = LruCache(2)
+    computed = []
+    assert cache.get_or_compute("a", lambda: computed.append("a") or 1) == 1
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recent: "b" goes first
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
+    assert cache.get_or_compute("a", lambda: computed.append("again") or 9) == 1 and computed == ["a"]
+    assert (cache.hits, cache.misses) == (4, 2)
+    cache.put("none", None)  # a stored None is a value: get_or_compute does not recompute it
+    assert cache.get_or_compute("none", lambda: computed.append("none") or 0) is None and "none" not in computed

@@ -51,13 +51,13 @@ import hashlib
 import math
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from services.guidance.cache import LruCache
 from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared import meshes
 from shared.cameras import Camera, Shading
@@ -256,9 +256,9 @@ class AnalyticPrior(DiffusionPrior):
             requires_cameras=True,
         )
         self._lock = threading.Lock()
-        self._renders: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (object, R, camera key) -> (3, R, R)
-        self._render_cache_size = render_cache_size
-        self._image_posteriors: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (digest, camera, objects) -> (K,)
+        # Both filled outside the lock (a render is slow; concurrent misses of one key compute it twice, harmlessly).
+        self._renders: LruCache[tuple, torch.Tensor] = LruCache(render_cache_size)  # (object, R, camera) -> (3, R, R)
+        self._image_posteriors: LruCache[tuple, torch.Tensor] = LruCache(16)  # (digest, camera, objects) -> (K,)
 
     # ------------------------------------------------------------------ schedule / objects
     @property
@@ -403,9 +403,7 @@ class AnalyticPrior(DiffusionPrior):
         distance = (renders - target).pow(2).flatten(1).mean(dim=1)
         posterior = torch.softmax(-distance / IMAGE_TEMPERATURE, dim=0)
         with self._lock:
-            self._image_posteriors[key] = posterior
-            while len(self._image_posteriors) > 16:
-                self._image_posteriors.popitem(last=False)
+            self._image_posteriors.put(key, posterior)
         return posterior
 
     def _render_rgba(self, obj: ReferenceObject, camera: Camera) -> torch.Tensor:
@@ -421,17 +419,11 @@ class AnalyticPrior(DiffusionPrior):
     # ------------------------------------------------------------------ render cache
     def _cache_get(self, key: tuple) -> torch.Tensor | None:
         with self._lock:
-            value = self._renders.get(key)
-            if value is not None:
-                self._renders.move_to_end(key)
-            return value
+            return self._renders.get(key)
 
     def _cache_put(self, key: tuple, value: torch.Tensor) -> None:
         with self._lock:
-            self._renders[key] = value
-            self._renders.move_to_end(key)
-            while len(self._renders) > self._render_cache_size:
-                self._renders.popitem(last=False)
+            self._renders.put(key, value)
 
 
 def _recentred(rgba: torch.Tensor, size: int, fraction: float = IMAGE_FOREGROUND_FRACTION) -> torch.Tensor:
