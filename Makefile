@@ -28,9 +28,11 @@ test: setup lint
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests/test_gpu_*.py  # GPU tests live in tests/test_gpu_*.py
 
+# buf over the protos, ruff over the code, mypy over shared/ and the three servicers (files: [tool.mypy] in pyproject).
 lint: setup
 	cd protos && ../$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check services shared bench tests scripts
+	$(VENV)/bin/mypy
 
 bench-gpu:  # on the GPU machine (wheels in .whl/, gen/ carried): the GPU suite's table and JSON in $$OUT or out/bench
 	bash bench/gpu/run.sh suite

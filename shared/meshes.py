@@ -154,7 +154,7 @@ def _revolve(profile: list[tuple[float, float]], segments: int, closed: bool = F
         c, d = i_next * segments + jn, i * segments + jn
         faces += [torch.stack([a, b, c], 1), torch.stack([a, c, d], 1)]
     vertices = [rings]
-    if not closed:
+    if top is not None and bottom is not None:  # an open profile: its ends become the two poles
         top_index, bottom_index = rings.shape[0], rings.shape[0] + 1
         vertices += [torch.tensor([[0.0, 0.0, top[1]], [0.0, 0.0, bottom[1]]], dtype=torch.float64)]
         last = (num_rings - 1) * segments
@@ -248,9 +248,9 @@ def load_mesh(path: str | Path, up_axis: str = "auto", radius: float = 0.5) -> M
     colors = None
     try:
         visual = loaded.visual
-        if visual.kind == "texture":
+        if isinstance(visual, trimesh.visual.TextureVisuals):
             visual = visual.to_color()
-        if visual.kind == "vertex":
+        if isinstance(visual, trimesh.visual.ColorVisuals) and visual.kind == "vertex":
             colors = torch.from_numpy(np.asarray(visual.vertex_colors)[:, :3].astype("float32") / 255.0)
     except Exception:  # colours are optional; geometry is what matters
         colors = None

@@ -28,6 +28,7 @@ from services.scene.checkpoint import Checkpoint
 from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
 from services.scene.config import CoarseConfig, FineConfig
 from services.scene.export import ExportSettings, export_textured_mesh
+from services.scene.field.encoding import ENCODINGS
 from services.scene.fine import FineStage
 from services.scene.guidance import Guidance
 from services.scene.stage import Stage
@@ -37,6 +38,7 @@ from shared import artifact_keys
 from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
+from shared.components import UnknownKind
 from shared.devices import resolve_device
 from shared.auth import AuthConfig, TlsConfig, server_tokens
 from shared.errors import (
@@ -408,6 +410,11 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         if not message.prompt:
             raise InvalidArgument("a prompt is required", "config.prompt")
         check_hash_table(config.hash_table_bytes(), self.limits, "config.hash_grid")
+        if config.field.backend != "auto":
+            try:
+                ENCODINGS.find(config.field.backend)
+            except UnknownKind as error:
+                raise error.invalid_argument("config.encoding_backend") from None
         return config
 
     def _fine_config(self, message: scene_pb2.StageConfig) -> FineConfig:
@@ -437,7 +444,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             config = self._fine_config(request.config)  # validated before the coarse field is even built
             coarse = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
             try:
-                stage, report = FineStage.from_coarse(coarse, config, self.guidance, request.job_id, self.device)
+                fine, report = FineStage.from_coarse(coarse, config, self.guidance, request.job_id, self.device)
             except ServiceError as error:  # e.g. no surface at the level tried: name the request's field
                 raise type(error)(error.message, f"config.{error.field}" if error.field else None) from None
             log.info(
@@ -445,7 +452,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 silhouette_iou=round(report.silhouette_iou, 4), removed_vertices=report.removed_vertices,
                 faces=report.faces,
             )
-            return stage
+            return fine
         if wanted not in (scene_pb2.STAGE_UNSPECIFIED, _STAGE_FROM_NAME.get(checkpoint.stage)):
             raise FailedPrecondition(
                 f"{request.init_checkpoint_uri} holds a {checkpoint.stage} scene; it cannot start a "
@@ -454,12 +461,12 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             )
         if checkpoint.stage == "fine":
             return FineStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
-        stage = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
-        if request.config.prompt and request.config.prompt != stage.config.prompt:
+        resumed = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
+        if request.config.prompt and request.config.prompt != resumed.config.prompt:
             # Another prompt on a coarse checkpoint: prompt-based editing, the fitted scene fine-tuned from step 0.
-            stage.retarget(request.config.prompt, request.config.negative_prompt)
+            resumed.retarget(request.config.prompt, request.config.negative_prompt)
             log.info("coarse_stage_retargeted", prompt=request.config.prompt)
-        return stage
+        return resumed
 
     def _fine_from_mesh(self, request: scene_pb2.CreateSceneRequest) -> FineStage:
         if request.config.stage != scene_pb2.STAGE_FINE or request.init_checkpoint_uri:
