@@ -204,6 +204,13 @@ class Zero123Prior(DiffusionPrior):
         return self._device
 
     # -------------------------------------------------------------------------------------------- conditioning
+    def validate_prompt(self, prompt: str, field: str) -> None:
+        """Zero123 ignores prompts; one sent along must still be a real one, within the common word limit."""
+        if not prompt or not prompt.strip():
+            raise InvalidArgument("prompt must not be empty or blank (or leave it out with an image)", field)
+        if self.count_tokens(prompt) > self.info.max_prompt_tokens:
+            raise InvalidArgument(f"prompt is over {self.info.max_prompt_tokens} words", field)
+
     def validate_conditioning(self, request: SdsRequest) -> None:
         super().validate_conditioning(request)
         if request.image_condition is None:
