@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.auth import AuthConfig, TlsConfig
 from shared.guidance_api import PriorKind, Weighting
@@ -29,12 +29,18 @@ class AnalyticOptions(BaseModel):
     meshes: list[MeshObject] = []
 
 
+#: Names of families accepted as `kind` in YAML besides the PriorKind values.
+KIND_ALIASES = {"zero123": PriorKind.VIEW_CONDITIONED}
+
+
 class PriorSpec(BaseModel):
-    """One logical prior. `source` is a local diffusers directory or a hub id (ignored by the analytic prior)."""
+    """One logical prior. `source` is a local diffusers directory or a hub id (ignored by the analytic prior);
+    `random:<size>` builds the published architecture on random weights (benchmarks)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
+    # analytic | pixel | latent | zero123 (= view_conditioned: Zero-1-to-3, a local diffusers directory)
     kind: PriorKind
     source: str | None = None
     # Extra checkpoints of the same family (e.g. DreamBooth-tuned), multiplexed by id; "default" is `source`.
@@ -53,13 +59,24 @@ class PriorSpec(BaseModel):
     # The UNet's forward replayed as a CUDA graph per batch shape ("auto": on CUDA; services/guidance/priors/cuda_graphs.py).
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     analytic: AnalyticOptions = AnalyticOptions()
+    # Textual-inversion embeddings a request may name (ComputeSdsRequest.learned_embeddings), name -> diffusers
+    # learned-embeddings file ({token: tensor}, safetensors only); text-conditioned priors (latent, pixel) only.
+    learned_embeddings: dict[str, Path] = {}
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind_alias(cls, value):
+        return KIND_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "PriorSpec":
-        if self.kind in (PriorKind.LATENT, PriorKind.PIXEL) and not self.source:
+        if self.kind in (PriorKind.LATENT, PriorKind.PIXEL, PriorKind.VIEW_CONDITIONED) and not self.source:
             raise ValueError(f"prior {self.name!r}: kind {self.kind.value} needs a source")
-        if self.kind == PriorKind.VIEW_CONDITIONED:
-            raise ValueError(f"prior {self.name!r}: view-conditioned priors are not implemented yet")
+        if self.learned_embeddings and self.kind not in (PriorKind.LATENT, PriorKind.PIXEL):
+            raise ValueError(f"prior {self.name!r}: learned embeddings need a text-conditioned prior (latent, pixel)")
+        for name, path in self.learned_embeddings.items():
+            if path.suffix != ".safetensors":
+                raise ValueError(f"prior {self.name!r}: learned embeddings {name!r} must be a .safetensors file")
         if self.time_range is not None and not 0 < self.time_range[0] <= self.time_range[1] < 1:
             raise ValueError(f"prior {self.name!r}: time_range must satisfy 0 < min <= max < 1")
         if "default" in self.checkpoints:
@@ -102,6 +119,10 @@ class GuidanceConfig(BaseModel):
     # auth off (warned). The standalone server checks it here; the Ray Serve ingress checks it too.
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None  # standalone server only (Serve's gRPC proxy has no TLS of its own)
+    # Reference images (image-conditioned priors) kept per server (per Serve replica) by digest, so that a job
+    # sends its image once: at most this many, and at most this many bytes (least recently used evicted).
+    reference_image_cache_size: int = Field(default=64, ge=1)
+    reference_image_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "GuidanceConfig":
