@@ -126,12 +126,15 @@ def load_mesh_object(
     path: str | Path,
     color: tuple[float, float, float] | None = None,
     aliases: tuple[str, ...] = (),
+    up: str = "auto",
 ) -> ReferenceObject:
     """A reference object from a mesh file (GLB/OBJ/PLY via `shared.meshes.load_mesh`, normalised to radius 0.5).
 
-    color None uses the file's vertex colours when it has them, else light grey (0.8, 0.8, 0.8).
+    color None uses the file's own colours when it has them (vertex colours, glTF COLOR_0, or its texture sampled
+    at the vertices), else light grey (0.8, 0.8, 0.8). `up`: the file's up axis ("auto", "+y", "+z"; see
+    `load_mesh`).
     """
-    mesh = meshes.load_mesh(path)
+    mesh = meshes.load_mesh(path, up_axis=up)
     if color is None and mesh.vertex_colors is None:
         color = (0.8, 0.8, 0.8)
     return ReferenceObject(name, mesh, None if color is None else tuple(float(c) for c in color), tuple(aliases))
