@@ -56,9 +56,13 @@ def object_name(shape: Shape) -> str:
     return "fidelity " + shape.name.replace("-", " ")
 
 
-def write_guidance_config(shapes: list[Shape], folder: Path) -> Path:
-    """PLY files with vertex colours and a guidance YAML listing them once for both analytic priors."""
+def write_guidance_config(shapes: list[Shape], folder: Path, base: Path | None = None) -> Path:
+    """PLY files with vertex colours and a guidance YAML listing them once (top-level `analytic.meshes`) for every
+    analytic prior of `base` (default: the local stack's deploy/config/guidance.yaml, so that the priors'
+    resolutions are the ones cpu-demo is served with)."""
     import trimesh
+
+    from services.local_stack import CONFIG_DIR
 
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -68,14 +72,8 @@ def write_guidance_config(shapes: list[Shape], folder: Path) -> Path:
         trimesh.Trimesh(shape.mesh.vertices.numpy(), shape.mesh.faces.numpy(), vertex_colors=colors,
                         process=False).export(path)
         entries.append({"name": object_name(shape), "path": str(path), "color": None, "up": "+z"})
-    config = {
-        "analytic": {"meshes": entries},
-        "priors": [
-            {"name": "analytic", "kind": "analytic", "resolution": 64},
-            {"name": "analytic-lowres", "kind": "analytic", "resolution": 32},
-        ],
-        "batching": {"max_batch_images": 16, "wait_s": 0.005},
-    }
+    config = yaml.safe_load(Path(base or CONFIG_DIR / "guidance.yaml").read_text())
+    config["analytic"] = {"meshes": [*config.get("analytic", {}).get("meshes", []), *entries]}
     path = folder / "guidance.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -154,12 +152,12 @@ def generate(address: str, token: str, prompt: str, preset: str, seed: int, out:
 
 
 def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, presets: Path | None = None,
-        workdir: Path | None = None, progress=None) -> list[FidelityRow]:
+        workdir: Path | None = None, progress=None, guidance: Path | None = None) -> list[FidelityRow]:
     """Every shape at every seed through one local stack; one row each."""
     from services.local_stack import LocalStackSettings, start_local_stack
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="fidelity-"))
-    guidance_config = write_guidance_config(shapes, workdir / "meshes")
+    guidance_config = write_guidance_config(shapes, workdir / "meshes", guidance)
     settings = LocalStackSettings(guidance="standalone", state_dir=workdir / "state", orchestrator_port=0,
                                   guidance_config=guidance_config)
     if presets is not None:
@@ -199,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--presets", type=Path, help="presets YAML (default: deploy/config/presets.yaml)")
+    parser.add_argument("--guidance", type=Path, help="guidance YAML the shapes are added to "
+                                                      "(default: deploy/config/guidance.yaml)")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [shape for shape in shape_set() if shape.name in wanted]
     seeds = [int(s) for s in args.seeds.split(",")]
     print(HEADER, flush=True)
-    rows = run(shapes, seeds, args.preset, args.presets, args.workdir, progress=lambda r: print(format_row(r), flush=True))
+    rows = run(shapes, seeds, args.preset, args.presets, args.workdir,
+               progress=lambda r: print(format_row(r), flush=True), guidance=args.guidance)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0 if all(r.passed for r in rows) else 1
