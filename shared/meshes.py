@@ -233,8 +233,9 @@ def load_mesh(path: str | Path, up_axis: str = "auto", radius: float = 0.5) -> M
     """Loads GLB/GLTF/OBJ/PLY (anything trimesh reads) into one `Mesh`, normalised by `normalize_mesh`.
 
     Scenes are flattened into one mesh. Vertex colours are kept when the file has them (textures are sampled
-    to vertex colours where trimesh can). `up_axis`: "z" keeps coordinates; "y" rotates a Y-up file to Z-up
-    ((x, y, z) -> (x, -z, y)); "auto" is "y" for glTF files (Y-up by specification) and "z" otherwise.
+    to vertex colours where trimesh can). `up_axis`: "z" (or "+z") keeps coordinates; "y" (or "+y") rotates a
+    Y-up file to Z-up ((x, y, z) -> (x, -z, y)); "auto" is "y" for glTF files (Y-up by specification) and "z"
+    otherwise.
     """
     import numpy as np
     import trimesh
@@ -256,13 +257,13 @@ def load_mesh(path: str | Path, up_axis: str = "auto", radius: float = 0.5) -> M
         colors = None
     vertices = torch.from_numpy(np.asarray(loaded.vertices, dtype="float32"))
     faces = torch.from_numpy(np.asarray(loaded.faces, dtype="int64"))
-    up = up_axis.lower()
+    up = up_axis.lower().removeprefix("+")
     if up == "auto":
         up = "y" if path.suffix.lower() in (".glb", ".gltf") else "z"
     if up == "y":
         vertices = torch.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], dim=1)
     elif up != "z":
-        raise ValueError(f"up_axis must be 'auto', 'y' or 'z', got {up_axis!r}")
+        raise ValueError(f"up_axis must be 'auto', '+y' or '+z', got {up_axis!r}")
     if colors is not None and colors.shape[0] != vertices.shape[0]:
         colors = None
     return normalize_mesh(Mesh(vertices, faces, colors), radius)

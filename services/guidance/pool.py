@@ -36,7 +36,7 @@ def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
 
     prior = AnalyticPrior(name=spec.name, **_tuning(spec))
     for mesh in spec.analytic.meshes:
-        prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases))
+        prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases, up=mesh.up))
     return prior
 
 
