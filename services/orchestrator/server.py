@@ -43,6 +43,10 @@ class OrchestratorConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=50071, ge=0, le=65535)
+    # The web page (submit, watch, orbit results; services/orchestrator/web) on this port; None: off. Same client
+    # tokens as gRPC; TLS with `tls` when set.
+    http_host: str = "127.0.0.1"
+    http_port: int | None = Field(default=None, ge=0, le=65535)
     # Prometheus /metrics on this port (same host); None: off.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     database_path: Path = Path("out/orchestrator/jobs.db")
@@ -161,7 +165,27 @@ def start(
         tls=config.tls,
     )
     running.metrics_port = metrics.port if metrics is not None else None
+    running.web = None
+    if config.http_port is not None:
+        running.web = _start_web(config, running)
     return running
+
+
+def _start_web(config: OrchestratorConfig, running: RunningServer):
+    """The page server beside the gRPC server, stopped before the runner (its streams read the runner's events)."""
+    from services.orchestrator.web.server import start_web
+
+    tokens = server_tokens(config.auth.client_tokens(), config.http_host, config.auth.allow_unauthenticated, "web")
+    web = start_web(running.servicer, config.http_host, config.http_port, tokens, config.tls)
+    stop_rest = running.on_stop
+
+    def on_stop() -> None:
+        web.stop()
+        if stop_rest is not None:
+            stop_rest()
+
+    running.on_stop = on_stop
+    return web
 
 
 def main() -> None:
