@@ -119,7 +119,7 @@ def start_web(
 
 
 class _StreamContext:
-    """What `OrchestratorServicer._events` asks of a gRPC context: whether the client is still there. Each check
+    """What `OrchestratorServicer.job_events` asks of a gRPC context: whether the client is still there. Each check
     writes an SSE comment, so a closed tab is noticed within one check."""
 
     def __init__(self, handler: "PageHandler") -> None:
@@ -271,12 +271,12 @@ class PageHandler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise InvalidArgument(f"not JSON: {error}", "body") from None
         form = translate.parse_submit(body)
-        record, _ = self.servicer._submit(translate.submit_request(form))
+        record, _ = self.servicer.submit(translate.submit_request(form))
         log.info("web_job_submitted", job_id=record.job_id, principal=current_principal().name)
         return translate.job_json(record)
 
     def _owned(self, job_id: str):
-        return self.servicer._owned(f"jobs/{job_id}")
+        return self.servicer.owned_job(f"jobs/{job_id}")
 
     def _events(self, job_id: str) -> None:
         record = self._owned(job_id)  # 404/403 before the stream starts
@@ -284,7 +284,7 @@ class PageHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        for event in self.servicer._events(record.job_id, _StreamContext(self)):
+        for event in self.servicer.job_events(record.job_id, _StreamContext(self)):
             data = translate.event_json(record.job_id, event, lambda uri: self._preview_name(record.job_id, uri))
             self.wfile.write(f"event: job\ndata: {json.dumps(data)}\n\n".encode())
             self.wfile.flush()
