@@ -11,6 +11,7 @@ out/test-artifacts/. It skips where chromium or Playwright is missing (scripts/b
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import time
@@ -181,6 +182,26 @@ def test_event_json_translates_store_links():
     assert data == {"type": "progress", "job": "j", "stage": "fine", "step": 4, "total_steps": 9,
                     "losses": {"sds": 0.5}, "eta_seconds": 2.0,
                     "preview_url": "/api/jobs/j/artifacts/previews/fine-0000004.png"}
+
+
+def test_form_becomes_a_job_spec():
+    from magic3d.v1 import scene_pb2
+
+    image = b"\x89PNG\r\n\x1a\n-not-decoded-here"
+    form = translate.parse_submit({"prompt": "a cat", "preset": "p", "seed": 7, "steps": {"fine": 5},
+                                   "image_base64": base64.b64encode(image).decode()})
+    spec = translate.spec_from_form(form)
+    assert spec.WhichOneof("input") == "image" and spec.image.encoded == image and spec.image.prompt == "a cat"
+    assert spec.preset == "p" and spec.seed == 7 and [(o.config.stage, o.steps) for o in spec.overrides] == [(scene_pb2.STAGE_FINE, 5)]
+    text = translate.spec_from_form(translate.parse_submit({"prompt": "a cat", "negative_prompt": "blurry"}))
+    assert text.WhichOneof("input") == "text" and text.text.negative_prompt == "blurry"
+
+
+def test_serve_flag_for_the_page():
+    from services.cli import parse_args
+
+    assert parse_args(["serve"]).http_port == 8080
+    assert parse_args(["serve", "--http-port", "-1"]).http_port == -1
 
 
 # -- in a browser ----------------------------------------------------------------------------------------------------
