@@ -197,6 +197,21 @@ def test_form_becomes_a_job_spec():
     assert text.WhichOneof("input") == "text" and text.text.negative_prompt == "blurry"
 
 
+def test_page_beyond_loopback_needs_tokens(tmp_path):
+    from services.orchestrator import server as orchestrator_server
+    from shared.auth import AuthNotConfigured
+    from tests.test_orchestrator import TINY_PRESETS
+
+    (tmp_path / "presets.yaml").write_text(yaml.safe_dump(TINY_PRESETS))
+    config = orchestrator_server.OrchestratorConfig(
+        port=0, http_host="0.0.0.0", http_port=0, database_path=tmp_path / "jobs.db",
+        store_uri=str(tmp_path / "store"), presets_path=tmp_path / "presets.yaml",
+    )
+    with pytest.raises(AuthNotConfigured, match="web"):
+        orchestrator_server.start(config, priors=object())
+    assert not (tmp_path / "jobs.db").exists()  # refused before anything started
+
+
 def test_serve_flag_for_the_page():
     from services.cli import parse_args
 

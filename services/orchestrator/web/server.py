@@ -284,10 +284,15 @@ class PageHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        for event in self.servicer.job_events(record.job_id, _StreamContext(self)):
-            data = translate.event_json(record.job_id, event, lambda uri: self._preview_name(record.job_id, uri))
-            self.wfile.write(f"event: job\ndata: {json.dumps(data)}\n\n".encode())
-            self.wfile.flush()
+        try:
+            for event in self.servicer.job_events(record.job_id, _StreamContext(self)):
+                data = translate.event_json(record.job_id, event, lambda uri: self._preview_name(record.job_id, uri))
+                self.wfile.write(f"event: job\ndata: {json.dumps(data)}\n\n".encode())
+                self.wfile.flush()
+        except OSError:
+            pass  # the browser went away
+        except Exception:  # noqa: BLE001 - the headers are sent: end the stream (the page's EventSource reconnects)
+            log.exception("web_event_stream_failed", job_id=record.job_id)
 
     def _preview_name(self, job_id: str, uri: str) -> str | None:
         """A preview's name within its job ("previews/coarse-0000002.png") from its store link."""
