@@ -21,6 +21,7 @@ gen/.stamp: $(PROTOS) $(STAMP)
 PROMPT ?= a red torus
 run: setup
 	$(VENV)/bin/magic3d generate "$(PROMPT)" --preset cpu-demo --out out
+	@echo "web page (submit, watch, orbit results): 'make serve' serves it on http://127.0.0.1:8080/ and prints the address with its token"
 
 test: setup lint
 	$(PY) -m pytest -q

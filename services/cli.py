@@ -1,6 +1,7 @@
 """`magic3d`: run the services, generate a mesh, manage jobs.
 
-    magic3d serve                               # every service on 127.0.0.1 (guidance under Ray Serve), until Ctrl-C
+    magic3d serve                               # every service on 127.0.0.1 (guidance under Ray Serve), until Ctrl-C;
+                                                # the web page on http://127.0.0.1:8080/ (--http-port)
     magic3d serve --guidance-config my-guidance.yaml    # ... with your own guidance YAML (e.g. analytic meshes)
     magic3d serve --service scene --config deploy/config/scene.yaml --host 0.0.0.0     # one service
     magic3d generate "a red torus"              # starts the local stack, runs the job, writes ./out/<job>/, stops
@@ -339,9 +340,12 @@ def serve(args: argparse.Namespace) -> int:
 
     project_logging.configure()
     stack = start_local_stack(local_stack_settings(
-        args, orchestrator_port=args.port or 50071, metrics_port=args.metrics_port
+        args, orchestrator_port=args.port or 50071, metrics_port=args.metrics_port,
+        http_port=None if args.http_port < 0 else args.http_port,
     ))
     print(f"orchestrator listening on {stack.orchestrator_address} (Ctrl-C stops everything)", file=sys.stderr)
+    if stack.web_url:  # the token is the local one (state dir, 0600); the page swaps it for a cookie at once
+        print(f"web page: {stack.web_url}?token={stack.client_token}", file=sys.stderr)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
@@ -366,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=None)
     run.add_argument("--guidance-config", metavar="FILE", help="the guidance tier's YAML (all; default: "
                                                                "deploy/config/guidance.yaml), e.g. with your meshes")
+    run.add_argument("--http-port", type=int, default=8080,
+                     help="the web page on 127.0.0.1 (all; 0: any free port, -1: off)")
     run.set_defaults(handler=serve)
 
     gen = commands.add_parser("generate", help="turn a prompt (or an image) into a textured mesh under ./out/<job>/")
