@@ -256,15 +256,29 @@ def test_page_in_chromium_submits_watches_and_shows_the_model(web_stack):
             assert page.locator("#downloads a", has_text="model.glb").count() == 1
             assert page.text_content("#job-losses") != "\u2014"
             drawn = page.evaluate(FOREGROUND_FRACTION)
+            before = page.evaluate(CANVAS_PIXELS)
+            page.wait_for_timeout(300)
+            assert page.evaluate(CANVAS_PIXELS) == before  # still without input: a change below is the drag's
+            box = page.locator("#viewer").bounding_box()  # orbit: drag across the canvas
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.4, steps=8)
+            page.mouse.up()
+            page.wait_for_timeout(500)
+            orbited = page.evaluate(CANVAS_PIXELS) != before
             ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
             screenshot = ARTIFACTS_DIR / "web_page.png"
             page.screenshot(path=str(screenshot), full_page=True)
             print(f"screenshot: {screenshot} (model covers {drawn:.1%} of the canvas; {time.monotonic() - started:.1f} s)")
             assert drawn > 0.01, f"the WebGL canvas shows only background ({drawn:.2%} drawn); see {screenshot}"
+            assert orbited, "dragging over the canvas did not move the view"
             assert not errors, errors
         finally:
             browser.close()
 
+
+# The viewer canvas's pixels as a data URL (compared before and after orbiting).
+CANVAS_PIXELS = "() => document.querySelector('#viewer').toDataURL()"
 
 # The share of the viewer canvas's pixels that differ from its clear colour (0x20232a): the model drawn.
 FOREGROUND_FRACTION = """() => {
