@@ -8,6 +8,9 @@ Sections:
 * coarse: a step of the `magic3d` preset's coarse stage (64x64, 64 samples per ray, occupancy grid) at batch 4 and 8,
   guided by a random-weight prior of IF-I-XL's architecture; the field is first fitted to a torus with the analytic
   prior, so the step is timed on real geometry (occupancy pruning skips what it would in practice).
+* serve: the coarse (batch 4) and fine steps with the guidance under Ray Serve (a local Ray on 127.0.0.1, the Serve
+  gRPC ingress, one replica holding the GPU), beside the same steps through a standalone service in the same run;
+  the table gives the Serve / standalone ratio per stage. Not in the default sections (Ray's start costs ~20 s).
 * fine: a step of the preset's fine stage (512x512, batch 4, 128-cell DMTet grid) on the exact SDF of the same torus,
   guided by a random-weight prior of SD 2.1-base's architecture.
 Each step is run with the guidance in this process and through a standalone guidance service in its own process
@@ -196,6 +199,25 @@ def standalone_guidance(config: GuidanceConfig, workdir: Path, gpu: int | None =
         log.close()
 
 
+@contextlib.contextmanager
+def serve_guidance(config: GuidanceConfig):
+    """The guidance tier as deployed on Kubernetes: one Ray Serve application behind Serve's gRPC proxy, on a local
+    Ray pinned to 127.0.0.1; yields a client that reaches it as a `serve` registry entry does."""
+    from services.guidance.serve_app import ServeAppSettings, start_local
+
+    name = config.priors[0].name
+    gpus = 1 if torch.cuda.is_available() else 0
+    app = ServeAppSettings(name=name, route_prefix=f"/{name}", num_gpus=gpus, num_cpus=1)
+    local = start_local([(config, app)], num_gpus=gpus, request_timeout_s=600.0)
+    registry = {"priors": {name: {"kind": "serve", "address": local.grpc_address, "application": name}}}
+    client = GuidanceClient(Registry.model_validate(registry))
+    try:
+        yield client
+    finally:
+        client.close()
+        local.shutdown()
+
+
 def scrape_metric(metrics_url: str, name: str) -> float | None:
     """The first sample of `name` on a service's /metrics (None if it has none)."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
@@ -359,6 +381,26 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
     return rows
 
 
+def bench_serve(coarse, fine, settings: SuiteSettings, fitted: dict, workdir: Path) -> list[dict]:
+    """Coarse (batch 4) and fine steps through the Serve gRPC ingress and through a standalone service, in one run so
+    that the ratio compares like with like."""
+    rows = []
+    for stage, config in (("coarse", _replace(coarse, batch_size=settings.coarse_batches[0])), ("fine", fine)):
+        kind = "pixel" if stage == "coarse" else "latent"
+        gconfig = guidance_config(settings, kind, config.resolution)
+        with standalone_guidance(gconfig, workdir, settings.guidance_gpu) as (client, _):
+            rows.append({"stage": stage, "batch": config.batch_size, "path": "standalone gRPC",
+                         **time_steps(make_stage(stage, config, client, settings, fitted), settings)})
+            print(json.dumps(rows[-1]), flush=True)
+        with serve_guidance(gconfig) as client:
+            rows.append({"stage": stage, "batch": config.batch_size, "path": "Ray Serve gRPC",
+                         **time_steps(make_stage(stage, config, client, settings, fitted), settings)})
+            print(json.dumps(rows[-1]), flush=True)
+        if settings.device != "cpu":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def bench_concurrent(config, settings: SuiteSettings, fitted: dict, workdir: Path, jobs: int = 2) -> list[dict]:
     """Overlap on one GPU: 1 then `jobs` coarse jobs at once against one guidance service with its default dynamic
     batching (requests arriving within 5 ms share one denoiser call). Each job steps in its own thread."""
@@ -428,13 +470,13 @@ def markdown(results: dict) -> str:
                 f"| 2^{r['points'].bit_length() - 1} | {_ms(r['torch_ms'])} | n/a | n/a | n/a |"
             )
         lines.append("")
-    if results.get("steps"):
+    if results.get("steps") or results.get("serve"):
         lines += [
             "| stage | batch | guidance path | render | (encoding fwd / bwd) | guidance | backward | optimiser | step ms"
             " | first step s | scene process peak MiB | guidance process peak MiB |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in results["steps"]:
+        for r in results.get("steps", []) + results.get("serve", []):
             groups = {g: sum(r["phases_ms"].get(k, 0.0) for k in keys) for g, keys in PHASE_GROUPS.items()}
             enc = r["encoding_ms"]
             lines.append(
@@ -449,6 +491,13 @@ def markdown(results: dict) -> str:
         for (stage, batch, path), value in by_key.items():
             if path == "standalone gRPC" and (stage, batch, "in-process") in by_key:
                 lines.append(f"| {stage} | {batch} | {value / by_key[(stage, batch, 'in-process')]:.3f} |")
+    if results.get("serve"):
+        lines += ["", "| stage | batch | standalone step ms | Ray Serve step ms | Serve / standalone |", "|---|---:|---:|---:|---:|"]
+        by_key = {(r["stage"], r["batch"], r["path"]): r["step_ms"] for r in results["serve"]}
+        for (stage, batch, path), value in by_key.items():
+            if path == "Ray Serve gRPC" and (stage, batch, "standalone gRPC") in by_key:
+                alone = by_key[(stage, batch, "standalone gRPC")]
+                lines.append(f"| {stage} | {batch} | {alone:.1f} | {value:.1f} | {value / alone:.3f} |")
     if results.get("concurrent"):
         lines += ["", "| stage | batch | jobs at once | step ms per job | steps/s, all jobs | images per denoiser call |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -493,6 +542,9 @@ def main(argv: list[str] | None = None) -> dict:
             results["concurrent"] = bench_concurrent(coarse, settings, fitted, workdir)
         if "fine" in sections:
             results["steps"] += bench_stage("fine", (fine.batch_size,), fine, settings, None, workdir)
+        if "serve" in sections:
+            fitted = fitted if "coarse" in sections else fitted_coarse_state(coarse, settings)
+            results["serve"] = bench_serve(coarse, fine, settings, fitted, workdir)
     table = markdown(results)
     print(f"\nmachine: {results['machine']}; commit {results['commit']}; {results['date']}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,9 +25,11 @@ INTERNAL_ERROR_MESSAGE = "internal error; the service logged it"
 log = get_logger(__name__)
 
 
-def abort_with(context: grpc.ServicerContext, error: ServiceError) -> None:
-    """Ends the RPC with the error's code, message and google.rpc.Status details (field violations, retry info)."""
+def abort_with(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
+    """Ends the RPC with the error's code, message and google.rpc.Status details (field violations, retry info).
+    Never returns: grpc's `abort_with_status` raises, which is what lets handlers end on `abort_with(...)`."""
     context.abort_with_status(rpc_status.to_status(error.to_rpc_status()))
+    raise RuntimeError("ServicerContext.abort_with_status returned instead of raising")
 
 
 class LastResortInterceptor(grpc.ServerInterceptor):
@@ -140,6 +142,8 @@ class RunningServer:
     on_stop: Callable[[], None] | None = None
     # Runs after the health turns NOT_SERVING and before the server stops taking calls: in-flight work winds down.
     before_stop: Callable[[], None] | None = None
+    # The service's Prometheus /metrics port, where it serves one (set by the service's `start`).
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:

@@ -154,7 +154,7 @@ def _revolve(profile: list[tuple[float, float]], segments: int, closed: bool = F
         c, d = i_next * segments + jn, i * segments + jn
         faces += [torch.stack([a, b, c], 1), torch.stack([a, c, d], 1)]
     vertices = [rings]
-    if not closed:
+    if top is not None and bottom is not None:  # an open profile: its ends become the two poles
         top_index, bottom_index = rings.shape[0], rings.shape[0] + 1
         vertices += [torch.tensor([[0.0, 0.0, top[1]], [0.0, 0.0, bottom[1]]], dtype=torch.float64)]
         last = (num_rings - 1) * segments
@@ -233,8 +233,9 @@ def load_mesh(path: str | Path, up_axis: str = "auto", radius: float = 0.5) -> M
     """Loads GLB/GLTF/OBJ/PLY (anything trimesh reads) into one `Mesh`, normalised by `normalize_mesh`.
 
     Scenes are flattened into one mesh. Vertex colours are kept when the file has them (textures are sampled
-    to vertex colours where trimesh can). `up_axis`: "z" keeps coordinates; "y" rotates a Y-up file to Z-up
-    ((x, y, z) -> (x, -z, y)); "auto" is "y" for glTF files (Y-up by specification) and "z" otherwise.
+    to vertex colours where trimesh can). `up_axis`: "z" (or "+z") keeps coordinates; "y" (or "+y") rotates a
+    Y-up file to Z-up ((x, y, z) -> (x, -z, y)); "auto" is "y" for glTF files (Y-up by specification) and "z"
+    otherwise.
     """
     import numpy as np
     import trimesh
@@ -248,21 +249,21 @@ def load_mesh(path: str | Path, up_axis: str = "auto", radius: float = 0.5) -> M
     colors = None
     try:
         visual = loaded.visual
-        if visual.kind == "texture":
+        if isinstance(visual, trimesh.visual.TextureVisuals):
             visual = visual.to_color()
-        if visual.kind == "vertex":
+        if isinstance(visual, trimesh.visual.ColorVisuals) and visual.kind == "vertex":
             colors = torch.from_numpy(np.asarray(visual.vertex_colors)[:, :3].astype("float32") / 255.0)
     except Exception:  # colours are optional; geometry is what matters
         colors = None
     vertices = torch.from_numpy(np.asarray(loaded.vertices, dtype="float32"))
     faces = torch.from_numpy(np.asarray(loaded.faces, dtype="int64"))
-    up = up_axis.lower()
+    up = up_axis.lower().removeprefix("+")
     if up == "auto":
         up = "y" if path.suffix.lower() in (".glb", ".gltf") else "z"
     if up == "y":
         vertices = torch.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], dim=1)
     elif up != "z":
-        raise ValueError(f"up_axis must be 'auto', 'y' or 'z', got {up_axis!r}")
+        raise ValueError(f"up_axis must be 'auto', '+y' or '+z', got {up_axis!r}")
     if colors is not None and colors.shape[0] != vertices.shape[0]:
         colors = None
     return normalize_mesh(Mesh(vertices, faces, colors), radius)

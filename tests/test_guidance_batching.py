@@ -68,14 +68,16 @@ def test_a_good_batch_is_one_denoiser_call(monkeypatch):
 
 def test_the_pool_keeps_the_most_recently_used_checkpoints_and_names_unknown_ones():
     from services.guidance.config import GuidanceConfig, PriorSpec
-    from services.guidance.pool import PriorPool
+    from services.guidance.pool import PRIORS, PriorPool
     from shared.errors import NotFound
     from shared.guidance_api import PriorKind
 
     spec = PriorSpec(name="p", kind=PriorKind.PIXEL, source="s0", checkpoints={"a": "s1", "b": "s2"})
     config = GuidanceConfig(priors=[spec], batching={"max_loaded_checkpoints": 2})
     built: list[str] = []
-    pool = PriorPool(config, builders={PriorKind.PIXEL: lambda s, ckpt: built.append(ckpt) or object()})
+    pool = PriorPool(
+        config, priors=PRIORS.with_builders({PriorKind.PIXEL: lambda s, ckpt: built.append(ckpt) or object()})
+    )
     default = pool.get("p")
     assert pool.get("p", "default") is default and pool.get("p", "a") is not default
     pool.get("p")  # default is now the most recently used: loading "b" evicts "a"

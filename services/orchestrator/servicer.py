@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from google.protobuf import timestamp_pb2
-from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
 
 from services.orchestrator import presets as presets_module
 from services.orchestrator.jobs import JobRecord, JobState
@@ -56,7 +56,7 @@ def job_to_proto(record: JobRecord, link: Callable[[str], str] = _same, brief: b
         name=f"jobs/{record.job_id}",
         spec=spec,
         state=_STATE_TO_PROTO[record.state],
-        stage=presets_module.STAGE_ENUM.get(record.stage, 0),
+        stage=presets_module.STAGE_ENUM.get(record.stage, scene_pb2.STAGE_UNSPECIFIED),
         step=record.step,
         total_steps=record.total_steps,
         artifacts=[orchestrator_pb2.Artifact(kind=k, uri=link(v)) for k, v in sorted(record.artifacts.items())],
@@ -78,7 +78,7 @@ def snapshot_event(
     elif record.state == JobState.QUEUED:
         event.queued.position = queue_position
     else:
-        event.progress.stage = presets_module.STAGE_ENUM.get(record.stage, 0)
+        event.progress.stage = presets_module.STAGE_ENUM.get(record.stage, scene_pb2.STAGE_UNSPECIFIED)
         event.progress.step = record.step
         event.progress.total_steps = record.total_steps
     return event
