@@ -51,14 +51,45 @@ def web_stack(tmp_path_factory):
     guidance.stop(grace=None)
 
 
+# tests/test_orchestrator.py's tiny text preset made an image preset (the analytic prior conditioned on the image)
+TINY_IMAGE_PRESET = {
+    "checkpoint_every": 2,
+    "progress_every": 1,
+    "image": {"elevation_deg": 20.0, "distance": 1.8, "fovy_deg": 40.0, "distance_range": [1.0, 4.0]},
+    "stages": [
+        {"stage": "coarse", "steps": 4, "reference": {"resolution": 16, "every_steps": 0, "mask_erode_px": 0},
+         "config": {"resolution": 16, "batchSize": 2, "samplesPerRay": 16,
+                    "priors": [{"prior": "analytic", "input": "PRIOR_INPUT_IMAGE"}]}},
+        {"stage": "fine", "steps": 2, "reference": {"resolution": 32, "every_steps": 1, "mask_erode_px": 0},
+         "config": {"resolution": 32, "batchSize": 2, "priors": [{"prior": "analytic", "input": "PRIOR_INPUT_IMAGE"}],
+                    "dmtet": {"gridCells": 16}}},
+    ],
+    "export": {"texture_size": 64},
+}
+
+
 def _stack_with_web(registry: Registry, root: Path, tokens: Path) -> Stack:
-    """tests/test_orchestrator.py's stack, its orchestrator with the page on a free port and client tokens."""
+    """tests/test_orchestrator.py's stack (plus an image preset), its orchestrator with the page on a free port and
+    client tokens."""
 
     class WebStack(Stack):
         def start_orchestrator(self, **settings) -> None:
+            presets = yaml.safe_load((self.root / "presets.yaml").read_text())
+            presets["presets"]["tiny-image"] = TINY_IMAGE_PRESET
+            (self.root / "presets.yaml").write_text(yaml.safe_dump(presets))
             super().start_orchestrator(http_port=0, auth=AuthConfig(tokens_file=tokens), **settings)
 
     return WebStack(registry, root)
+
+
+def disc_png(path: Path) -> Path:
+    """A red disc on a transparent background (the alpha is the object's mask)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((12, 12, 52, 52), fill=(200, 30, 30, 255))
+    image.save(path)
+    return path
 
 
 def base_url(stack: Stack) -> str:
@@ -226,7 +257,7 @@ def chromium_path() -> str | None:
 
 
 @pytest.mark.browser
-def test_page_in_chromium_submits_watches_and_shows_the_model(web_stack):
+def test_page_in_chromium_submits_watches_and_shows_the_model(web_stack, tmp_path):
     if chromium_path() is None:
         pytest.skip("Debian's chromium is not installed (scripts/bootstrap.sh installs it as root)")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -244,8 +275,8 @@ def test_page_in_chromium_submits_watches_and_shows_the_model(web_stack):
             page.goto(f"{base_url(web_stack)}/?token={TOKEN}")
             assert "token" not in page.url  # swapped for the cookie
             page.wait_for_selector("#preset option[value=tiny]", state="attached", timeout=10_000)
-            page.fill("#prompt", "a red torus")
-            page.select_option("#preset", "tiny")
+            page.set_input_files("#image", str(disc_png(tmp_path / "disc.png")))  # image to 3D, no prompt
+            page.select_option("#preset", "tiny-image")
             page.click("#submit")
             page.wait_for_selector("#event-log li", timeout=10_000)
             page.wait_for_function("document.querySelector('#job-step').textContent.includes('/')", timeout=60_000)
