@@ -202,6 +202,18 @@ def test_submit_watch_download_and_ownership(web_stack):
     assert call(web_stack, "GET", f"/api/jobs/{job['id']}/artifacts/previews/../input.png")[0] == 404
 
 
+def test_cancel_ends_the_event_stream(web_stack):
+    status, job = call(web_stack, "POST", "/api/jobs", {"prompt": "a blue sphere", "preset": "slow"})
+    assert status == 201, job
+    assert call(web_stack, "POST", f"/api/jobs/{job['id']}/cancel", b"", content_type="text/plain")[0] == 415
+    status, cancelled = call(web_stack, "POST", f"/api/jobs/{job['id']}/cancel", {})
+    assert status == 200 and cancelled["id"] == job["id"], cancelled
+    events = read_events(web_stack, job["id"], timeout_s=60)
+    assert events[-1]["type"] == "failed" and "cancel" in events[-1]["reason"].lower(), events[-1]
+    assert call(web_stack, "GET", f"/api/jobs/{job['id']}")[1]["state"] == "cancelled"
+    assert call(web_stack, "POST", f"/api/jobs/{job['id']}/cancel", {}, token=OTHER_TOKEN)[0] == 403
+
+
 def test_event_json_translates_store_links():
     from magic3d.v1 import orchestrator_pb2, scene_pb2
 
