@@ -2,11 +2,11 @@
 scene service, the tiny preset of tests/test_orchestrator.py) with client tokens on.
 
 HTTP-level checks need no browser: 401 without/with a wrong token, 400 naming the field, 404 for unknown jobs,
-another principal's job refused, a job submitted and its events streamed and artifacts downloaded.
+another principal's job refused (403), a job submitted, its events streamed and artifacts downloaded, a cancel.
 The browser test (marker `browser`) drives headless chromium (Debian's package) through Playwright: it opens the
-page with the token, submits a tiny job, sees progress events and previews arrive, and waits until the finished
-GLB is drawn in the WebGL canvas (pixels that are not the background); the screenshot is kept under
-out/test-artifacts/. It skips where chromium or Playwright is missing (scripts/bootstrap.sh installs both).
+page with the token, uploads an image for a tiny image-to-3D job, sees progress events and previews arrive, waits
+until the finished GLB is drawn in the WebGL canvas (pixels that are not the background) and orbits it by dragging;
+the screenshot is kept as out/test-artifacts/web_page.png. It skips where chromium or Playwright is missing (scripts/bootstrap.sh installs both).
 """
 
 from __future__ import annotations
