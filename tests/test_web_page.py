@@ -2,11 +2,11 @@
 scene service, the tiny preset of tests/test_orchestrator.py) with client tokens on.
 
 HTTP-level checks need no browser: 401 without/with a wrong token, 400 naming the field, 404 for unknown jobs,
-another principal's job refused, a job submitted and its events streamed and artifacts downloaded.
+another principal's job refused (403), a job submitted, its events streamed and artifacts downloaded, a cancel.
 The browser test (marker `browser`) drives headless chromium (Debian's package) through Playwright: it opens the
-page with the token, submits a tiny job, sees progress events and previews arrive, and waits until the finished
-GLB is drawn in the WebGL canvas (pixels that are not the background); the screenshot is kept under
-out/test-artifacts/. It skips where chromium or Playwright is missing (scripts/bootstrap.sh installs both).
+page with the token, uploads an image for a tiny image-to-3D job, sees progress events and previews arrive, waits
+until the finished GLB is drawn in the WebGL canvas (pixels that are not the background) and orbits it by dragging;
+the screenshot is kept as out/test-artifacts/web_page.png. It skips where chromium or Playwright is missing (scripts/bootstrap.sh installs both).
 """
 
 from __future__ import annotations
@@ -51,14 +51,45 @@ def web_stack(tmp_path_factory):
     guidance.stop(grace=None)
 
 
+# tests/test_orchestrator.py's tiny text preset made an image preset (the analytic prior conditioned on the image)
+TINY_IMAGE_PRESET = {
+    "checkpoint_every": 2,
+    "progress_every": 1,
+    "image": {"elevation_deg": 20.0, "distance": 1.8, "fovy_deg": 40.0, "distance_range": [1.0, 4.0]},
+    "stages": [
+        {"stage": "coarse", "steps": 4, "reference": {"resolution": 16, "every_steps": 0, "mask_erode_px": 0},
+         "config": {"resolution": 16, "batchSize": 2, "samplesPerRay": 16,
+                    "priors": [{"prior": "analytic", "input": "PRIOR_INPUT_IMAGE"}]}},
+        {"stage": "fine", "steps": 2, "reference": {"resolution": 32, "every_steps": 1, "mask_erode_px": 0},
+         "config": {"resolution": 32, "batchSize": 2, "priors": [{"prior": "analytic", "input": "PRIOR_INPUT_IMAGE"}],
+                    "dmtet": {"gridCells": 16}}},
+    ],
+    "export": {"texture_size": 64},
+}
+
+
 def _stack_with_web(registry: Registry, root: Path, tokens: Path) -> Stack:
-    """tests/test_orchestrator.py's stack, its orchestrator with the page on a free port and client tokens."""
+    """tests/test_orchestrator.py's stack (plus an image preset), its orchestrator with the page on a free port and
+    client tokens."""
 
     class WebStack(Stack):
         def start_orchestrator(self, **settings) -> None:
+            presets = yaml.safe_load((self.root / "presets.yaml").read_text())
+            presets["presets"]["tiny-image"] = TINY_IMAGE_PRESET
+            (self.root / "presets.yaml").write_text(yaml.safe_dump(presets))
             super().start_orchestrator(http_port=0, auth=AuthConfig(tokens_file=tokens), **settings)
 
     return WebStack(registry, root)
+
+
+def disc_png(path: Path) -> Path:
+    """A red disc on a transparent background (the alpha is the object's mask)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    ImageDraw.Draw(image).ellipse((12, 12, 52, 52), fill=(200, 30, 30, 255))
+    image.save(path)
+    return path
 
 
 def base_url(stack: Stack) -> str:
@@ -171,6 +202,18 @@ def test_submit_watch_download_and_ownership(web_stack):
     assert call(web_stack, "GET", f"/api/jobs/{job['id']}/artifacts/previews/../input.png")[0] == 404
 
 
+def test_cancel_ends_the_event_stream(web_stack):
+    status, job = call(web_stack, "POST", "/api/jobs", {"prompt": "a blue sphere", "preset": "slow"})
+    assert status == 201, job
+    assert call(web_stack, "POST", f"/api/jobs/{job['id']}/cancel", b"", content_type="text/plain")[0] == 415
+    status, cancelled = call(web_stack, "POST", f"/api/jobs/{job['id']}/cancel", {})
+    assert status == 200 and cancelled["id"] == job["id"], cancelled
+    events = read_events(web_stack, job["id"], timeout_s=60)
+    assert events[-1]["type"] == "failed" and "cancel" in events[-1]["reason"].lower(), events[-1]
+    assert call(web_stack, "GET", f"/api/jobs/{job['id']}")[1]["state"] == "cancelled"
+    assert call(web_stack, "POST", f"/api/jobs/{job['id']}/cancel", {}, token=OTHER_TOKEN)[0] == 403
+
+
 def test_event_json_translates_store_links():
     from magic3d.v1 import orchestrator_pb2, scene_pb2
 
@@ -226,7 +269,7 @@ def chromium_path() -> str | None:
 
 
 @pytest.mark.browser
-def test_page_in_chromium_submits_watches_and_shows_the_model(web_stack):
+def test_page_in_chromium_submits_watches_and_shows_the_model(web_stack, tmp_path):
     if chromium_path() is None:
         pytest.skip("Debian's chromium is not installed (scripts/bootstrap.sh installs it as root)")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -244,8 +287,8 @@ def test_page_in_chromium_submits_watches_and_shows_the_model(web_stack):
             page.goto(f"{base_url(web_stack)}/?token={TOKEN}")
             assert "token" not in page.url  # swapped for the cookie
             page.wait_for_selector("#preset option[value=tiny]", state="attached", timeout=10_000)
-            page.fill("#prompt", "a red torus")
-            page.select_option("#preset", "tiny")
+            page.set_input_files("#image", str(disc_png(tmp_path / "disc.png")))  # image to 3D, no prompt
+            page.select_option("#preset", "tiny-image")
             page.click("#submit")
             page.wait_for_selector("#event-log li", timeout=10_000)
             page.wait_for_function("document.querySelector('#job-step').textContent.includes('/')", timeout=60_000)
@@ -256,15 +299,29 @@ def test_page_in_chromium_submits_watches_and_shows_the_model(web_stack):
             assert page.locator("#downloads a", has_text="model.glb").count() == 1
             assert page.text_content("#job-losses") != "\u2014"
             drawn = page.evaluate(FOREGROUND_FRACTION)
+            before = page.evaluate(CANVAS_PIXELS)
+            page.wait_for_timeout(300)
+            assert page.evaluate(CANVAS_PIXELS) == before  # still without input: a change below is the drag's
+            box = page.locator("#viewer").bounding_box()  # orbit: drag across the canvas
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] / 2)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.4, steps=8)
+            page.mouse.up()
+            page.wait_for_timeout(500)
+            orbited = page.evaluate(CANVAS_PIXELS) != before
             ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
             screenshot = ARTIFACTS_DIR / "web_page.png"
             page.screenshot(path=str(screenshot), full_page=True)
             print(f"screenshot: {screenshot} (model covers {drawn:.1%} of the canvas; {time.monotonic() - started:.1f} s)")
             assert drawn > 0.01, f"the WebGL canvas shows only background ({drawn:.2%} drawn); see {screenshot}"
+            assert orbited, "dragging over the canvas did not move the view"
             assert not errors, errors
         finally:
             browser.close()
 
+
+# The viewer canvas's pixels as a data URL (compared before and after orbiting).
+CANVAS_PIXELS = "() => document.querySelector('#viewer').toDataURL()"
 
 # The share of the viewer canvas's pixels that differ from its clear colour (0x20232a): the model drawn.
 FOREGROUND_FRACTION = """() => {

@@ -44,8 +44,8 @@ class OrchestratorConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=50071, ge=0, le=65535)
     # The web page (submit, watch, orbit results; services/orchestrator/web) on this port; None: off. Same client
-    # tokens as gRPC; TLS with `tls` when set.
-    http_host: str = "127.0.0.1"
+    # tokens as gRPC; TLS with `tls` when set. `http_host` None: the gRPC `host`.
+    http_host: str | None = None
     http_port: int | None = Field(default=None, ge=0, le=65535)
     # Prometheus /metrics on this port (same host); None: off.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -124,7 +124,8 @@ def start(
     tokens = server_tokens(config.auth.client_tokens(), config.host, config.auth.allow_unauthenticated, "orchestrator")
     web_tokens = None
     if config.http_port is not None:  # checked before anything starts: a page beyond loopback needs tokens too
-        web_tokens = server_tokens(config.auth.client_tokens(), config.http_host, config.auth.allow_unauthenticated, "web")
+        web_tokens = server_tokens(config.auth.client_tokens(), config.http_host or config.host,
+                                   config.auth.allow_unauthenticated, "web")
     service_token = config.auth.service_token()
     guidance = None
     if priors is None:
@@ -179,7 +180,7 @@ def _start_web(config: OrchestratorConfig, running: RunningServer, tokens: Token
     from services.orchestrator.web.server import start_web
 
     try:
-        web = start_web(running.servicer, config.http_host, config.http_port, tokens, config.tls)
+        web = start_web(running.servicer, config.http_host or config.host, config.http_port, tokens, config.tls)
     except BaseException:  # e.g. the port is taken: stop what started
         running.stop(grace=None)
         raise

@@ -15,8 +15,8 @@ validation, the event stream), and maps `ServiceError`s to HTTP statuses with a 
 
 Authentication uses the orchestrator's client tokens (the same as Generate's): `Authorization: Bearer <token>`,
 or the `magic3d_token` cookie that `GET /?token=<token>` sets (HttpOnly, SameSite=Strict) so that the page's
-EventSource and downloads carry it. POSTs must be JSON (a cross-site form cannot send that without a CORS
-preflight, which this server never grants). With authentication off (no tokens, loopback) every caller is the
+EventSource and downloads carry it. Every POST must be `application/json` (a cross-site form cannot send that
+without a CORS preflight, which this server never grants). With authentication off (no tokens, loopback) every caller is the
 local admin, as over gRPC.
 """
 
@@ -160,6 +160,8 @@ class PageHandler(BaseHTTPRequestHandler):
             if principal is None:
                 raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or invalid token: send 'Authorization: Bearer "
                                 "<token>' or open the page with ?token=<token>")
+            if method == "POST" and self._content_type() != "application/json":  # no cross-site form sends JSON
+                raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json", "Content-Type")
             with acting_as(principal):
                 self._route(method, parts, urllib.parse.parse_qs(url.query))
         except HttpError as error:
@@ -261,8 +263,6 @@ class PageHandler(BaseHTTPRequestHandler):
         return {"jobs": [translate.job_json(r) for r in records], "next_page_token": token}
 
     def _submit(self) -> dict[str, Any]:
-        if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
-            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the job as application/json", "Content-Type")
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
             raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"over {MAX_BODY_BYTES} bytes", "body")
@@ -274,6 +274,9 @@ class PageHandler(BaseHTTPRequestHandler):
         record, _ = self.servicer.submit(translate.submit_request(form))
         log.info("web_job_submitted", job_id=record.job_id, principal=current_principal().name)
         return translate.job_json(record)
+
+    def _content_type(self) -> str:
+        return (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
 
     def _owned(self, job_id: str):
         return self.servicer.owned_job(f"jobs/{job_id}")

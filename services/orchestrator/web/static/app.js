@@ -99,6 +99,7 @@ function watch(id) {
   $('event-log').replaceChildren();
   $('job-progress').value = 0;
   viewer.clear();
+  $('cancel').hidden = true;
   const source = new EventSource(`/api/jobs/${encodeURIComponent(id)}/events`);
   watching = { id, source };
   source.addEventListener('job', (message) => onEvent(JSON.parse(message.data)));
@@ -109,7 +110,20 @@ function watch(id) {
   for (const row of $('jobs').querySelectorAll('tbody tr')) row.classList.toggle('selected', row.dataset.job === id);
 }
 
+async function cancel() {
+  if (!watching) return;
+  try {
+    await api(`/api/jobs/${encodeURIComponent(watching.id)}/cancel`, {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: '{}',
+    });
+    log('cancel requested');
+  } catch (error) {
+    $('job-error').textContent = error.message;
+  }
+}
+
 function onEvent(event) {
+  $('cancel').hidden = event.type === 'done' || event.type === 'failed';
   log(`${event.type}${event.stage ? ' ' + event.stage : ''}${event.step !== undefined ? ' ' + event.step : ''}`);
   switch (event.type) {
     case 'queued':
@@ -247,6 +261,7 @@ class Viewer {
 
 const viewer = new Viewer($('viewer'));
 $('submit-form').addEventListener('submit', submit);
+$('cancel').addEventListener('click', cancel);
 loadPresets().catch((error) => { $('submit-error').textContent = error.message; });
 refreshJobs();
 setInterval(refreshJobs, 5000);
