@@ -127,7 +127,7 @@ def crease_normals(
 
 
 # ------------------------------------------------------------------ builders
-def _revolve(profile: list[tuple[float, float]], segments: int, closed: bool = False) -> Mesh:
+def revolve(profile: list[tuple[float, float]], segments: int, closed: bool = False) -> Mesh:
     """Revolves a (rho, z) profile about +Z. Open profiles must start and end on the axis (rho = 0): those
     become single pole vertices. Walk the profile so that the outside is on the right when going
     top -> bottom along the outer side (then d(profile) x d(phi) points outward)."""
@@ -174,7 +174,7 @@ def torus(
     # Clockwise in the (rho, z) plane: down on the outer side, so the normal points away from the tube axis.
     v = [-2 * math.pi * k / minor_segments for k in range(minor_segments)]
     profile = [(major_radius + minor_radius * math.cos(a), minor_radius * math.sin(a)) for a in v]
-    return _revolve(profile, segments, closed=True)
+    return revolve(profile, segments, closed=True)
 
 
 def uv_sphere(radius: float = 0.4, segments: int = 48, rings: int = 24) -> Mesh:
@@ -184,19 +184,19 @@ def uv_sphere(radius: float = 0.4, segments: int = 48, rings: int = 24) -> Mesh:
     theta = [math.pi * k / rings for k in range(rings + 1)]
     profile = [(radius * math.sin(t), radius * math.cos(t)) for t in theta]
     profile[0], profile[-1] = (0.0, radius), (0.0, -radius)
-    return _revolve(profile, segments)
+    return revolve(profile, segments)
 
 
 def cone(radius: float = 0.35, height: float = 0.7, segments: int = 48) -> Mesh:
     """Apex at z = +height/2, base disk of `radius` at z = -height/2."""
     h = height / 2
-    return _revolve([(0.0, h), (radius, -h), (0.0, -h)], segments)
+    return revolve([(0.0, h), (radius, -h), (0.0, -h)], segments)
 
 
 def cylinder(radius: float = 0.3, height: float = 0.7, segments: int = 48) -> Mesh:
     """Axis along Z, capped at z = +-height/2."""
     h = height / 2
-    return _revolve([(0.0, h), (radius, h), (radius, -h), (0.0, -h)], segments)
+    return revolve([(0.0, h), (radius, h), (radius, -h), (0.0, -h)], segments)
 
 
 def box(size: float = 0.55) -> Mesh:

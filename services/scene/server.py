@@ -406,7 +406,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             abort_with(context, error)
 
     def _coarse_config(self, message: scene_pb2.StageConfig) -> CoarseConfig:
-        config = _own_prompt(coarse_config_from_proto(message, self.defaults), message)
+        config = own_prompt(coarse_config_from_proto(message, self.defaults), message)
         check_hash_table(config.hash_table_bytes(), self.limits, "config.hash_grid")
         if config.field.backend != "auto":
             try:
@@ -416,7 +416,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         return config
 
     def _fine_config(self, message: scene_pb2.StageConfig) -> FineConfig:
-        config = _own_prompt(fine_config_from_proto(message, self.fine_defaults), message)
+        config = own_prompt(fine_config_from_proto(message, self.fine_defaults), message)
         if config.dmtet.grid_cells > self.limits.max_grid_cells:  # the default's, when the request sets none
             raise InvalidArgument(
                 f"{config.dmtet.grid_cells} cells per side is over this service's limit of {self.limits.max_grid_cells}",
@@ -503,7 +503,7 @@ _EXPORT_FORMAT_OF = {"model.glb": "glb", "model.obj": "obj", "model.mtl": "obj"}
 _CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "text/plain", "mtl": "text/plain", "png": "image/png", "gif": "image/gif"}
 
 
-def _own_prompt(config, message: scene_pb2.StageConfig):
+def own_prompt(config, message: scene_pb2.StageConfig):
     """The request's own prompt, never the service's placeholder default: an image-only stage (every prior
     image-conditioned, or a reference view) may have none; any other is refused. An image-input prior needs the
     stage's reference view."""
