@@ -36,7 +36,7 @@ def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
 
     prior = AnalyticPrior(name=spec.name, **_tuning(spec))
     for mesh in spec.analytic.meshes:
-        prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases))
+        prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases, up=mesh.up))
     return prior
 
 
@@ -50,6 +50,7 @@ def _text_prior_settings(spec: PriorSpec) -> dict:
         "checkpoint_ids": spec.checkpoint_ids,
         "memory_format": spec.memory_format,
         "cuda_graphs": spec.cuda_graphs,
+        "learned_embeddings": spec.learned_embeddings,
         **_tuning(spec),
     }
 
@@ -88,6 +89,30 @@ def build_pixel(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     from services.guidance.priors.pixel import PixelPrior
 
     return _build_text_prior(PixelPrior, spec, checkpoint_id)
+
+
+@PRIORS.register(PriorKind.VIEW_CONDITIONED)
+def build_zero123(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
+    """Zero-1-to-3 from a local diffusers directory, or `random:tiny` / `random:zero123` (random weights)."""
+    from services.guidance.priors import random_init
+    from services.guidance.priors.zero123 import Zero123Prior
+
+    source = spec.checkpoint_source(checkpoint_id)
+    settings = {
+        "name": spec.name,
+        "device": spec.device,
+        "dtype": spec.dtype,
+        "embedding_cache_size": spec.embedding_cache_size,
+        "checkpoint_ids": spec.checkpoint_ids,
+        **_tuning(spec),
+    }
+    if source.startswith(RANDOM_SOURCE_PREFIX):
+        size = source[len(RANDOM_SOURCE_PREFIX) :]
+        if size not in random_init.ZERO123_SIZES:
+            known = ", ".join(random_init.ZERO123_SIZES)
+            raise NotFound(f"prior {spec.name!r}: no random architecture {size!r}; known: {known}", "source")
+        return random_init.build_random_zero123_prior(size, **settings)
+    return Zero123Prior.from_pretrained(source, **settings)
 
 
 class PriorPool:

@@ -406,9 +406,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             abort_with(context, error)
 
     def _coarse_config(self, message: scene_pb2.StageConfig) -> CoarseConfig:
-        config = coarse_config_from_proto(message, self.defaults)
-        if not message.prompt:
-            raise InvalidArgument("a prompt is required", "config.prompt")
+        config = own_prompt(coarse_config_from_proto(message, self.defaults), message)
         check_hash_table(config.hash_table_bytes(), self.limits, "config.hash_grid")
         if config.field.backend != "auto":
             try:
@@ -418,9 +416,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         return config
 
     def _fine_config(self, message: scene_pb2.StageConfig) -> FineConfig:
-        config = fine_config_from_proto(message, self.fine_defaults)
-        if not message.prompt:
-            raise InvalidArgument("a prompt is required", "config.prompt")
+        config = own_prompt(fine_config_from_proto(message, self.fine_defaults), message)
         if config.dmtet.grid_cells > self.limits.max_grid_cells:  # the default's, when the request sets none
             raise InvalidArgument(
                 f"{config.dmtet.grid_cells} cells per side is over this service's limit of {self.limits.max_grid_cells}",
@@ -505,6 +501,22 @@ _STAGE_FROM_NAME = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FI
 # Which requested format needs each exported file (the texture and previews always come).
 _EXPORT_FORMAT_OF = {"model.glb": "glb", "model.obj": "obj", "model.mtl": "obj"}
 _CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "text/plain", "mtl": "text/plain", "png": "image/png", "gif": "image/gif"}
+
+
+def own_prompt(config, message: scene_pb2.StageConfig):
+    """The request's own prompt, never the service's placeholder default: an image-only stage (every prior
+    image-conditioned, or a reference view) may have none; any other is refused. An image-input prior needs the
+    stage's reference view."""
+    for index, term in enumerate(config.priors):
+        if term.input == "image" and config.reference is None:
+            raise InvalidArgument("an image-input prior needs the stage's reference view (config.reference)",
+                                  f"config.priors[{index}].input")
+    if message.prompt:
+        return config
+    if config.needs_prompt():
+        raise InvalidArgument("a prompt is required unless every prior takes the image (input PRIOR_INPUT_IMAGE) "
+                              "or the stage has a reference view", "config.prompt")
+    return config.model_copy(update={"prompt": ""})
 
 
 def _export_formats(requested) -> set[str]:
