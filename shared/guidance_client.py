@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections import OrderedDict
 import dataclasses
 import itertools
 import random
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import grpc
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
-from shared.errors import Cancelled, NotFound, Unavailable, error_from_rpc
+from shared.errors import Cancelled, FailedPrecondition, NotFound, Unavailable, error_from_rpc
 from shared.grpcio import insecure_channel
 from shared.guidance_types import PromptCheck, prompt_check_from_proto
 from shared.logging import get_logger
@@ -58,6 +59,10 @@ _REPLICA_GONE = re.compile(
     r"|actor experienced an error|worker died unexpectedly|WorkerCrashedError",
     re.IGNORECASE,
 )
+# The field a server names when it does not hold a reference image sent earlier (the caller resends it).
+REFERENCE_IMAGE_FIELD = "image_condition.image"
+# Reference images remembered as sent, per (address, application): enough for every job a scene runs at once.
+_SENT_IMAGES_KEPT = 4096
 # Polling period of the caller's cancellation check while waiting between attempts.
 _CANCEL_POLL_S = 0.1
 _stop_check: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("guidance_stop", default=None)
@@ -97,6 +102,8 @@ class GuidanceClient:
         self._stubs: dict[str, tuple[grpc.Channel, guidance_pb2_grpc.GuidanceServiceStub]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        # (address, application, image digest) of reference images a server has already received.
+        self._sent_images: OrderedDict[tuple[str, str, str], None] = OrderedDict()
 
     # -- public API -------------------------------------------------------------------------------------------
 
@@ -152,16 +159,53 @@ class GuidanceClient:
 
         A checkpoint id in the request wins over the registry's; the result's gradient has the images' shape.
         `timeout_s` bounds each attempt, `outage_window_s` how long an outage is retried (None: the registry's).
+        A reference image (request.image_condition) goes to each (address, application) once, then its digest
+        alone; a server that answers that it does not hold it (FAILED_PRECONDITION on `image_condition.image`: a
+        new replica, or the image evicted) gets it once more.
         """
         endpoint = self.endpoint(request.prior)
         checkpoint = request.checkpoint_id or endpoint.checkpoint_id
         if checkpoint != endpoint.checkpoint_id:
             endpoint = dataclasses.replace(endpoint, checkpoint_id=checkpoint)
-        message = _api().sds_request_to_proto(request)
-        message.prior = endpoint.prior
-        message.checkpoint_id = checkpoint
-        response = self._call(endpoint, "ComputeSds", message, timeout_s, outage_window_s)
+        image_key = self._image_key(endpoint, request)
+        with_image = image_key is None or not self._image_sent(image_key)
+        try:
+            response = self._call(endpoint, "ComputeSds", self._sds_message(request, endpoint, with_image),
+                                  timeout_s, outage_window_s)
+        except FailedPrecondition as error:
+            if with_image or error.field != REFERENCE_IMAGE_FIELD:
+                raise
+            log.info("guidance_image_resent", address=endpoint.address, job_id=request.job_id)
+            response = self._call(endpoint, "ComputeSds", self._sds_message(request, endpoint, True),
+                                  timeout_s, outage_window_s)
+        if image_key is not None:
+            self._remember_image(image_key)
         return _api().sds_result_from_proto(response)
+
+    @staticmethod
+    def _sds_message(request: SdsRequest, endpoint: Endpoint, with_image: bool):
+        message = _api().sds_request_to_proto(request, with_image=with_image)
+        message.prior = endpoint.prior
+        message.checkpoint_id = endpoint.checkpoint_id
+        return message
+
+    @staticmethod
+    def _image_key(endpoint: Endpoint, request: SdsRequest) -> tuple[str, str, str] | None:
+        condition = request.image_condition
+        if condition is None or condition.image is None:
+            return None
+        return (endpoint.address, endpoint.application or "", condition.image_sha256)
+
+    def _image_sent(self, key: tuple[str, str, str]) -> bool:
+        with self._lock:
+            return key in self._sent_images
+
+    def _remember_image(self, key: tuple[str, str, str]) -> None:
+        with self._lock:
+            self._sent_images[key] = None
+            self._sent_images.move_to_end(key)
+            while len(self._sent_images) > _SENT_IMAGES_KEPT:
+                self._sent_images.popitem(last=False)
 
     def close(self) -> None:
         with self._lock:

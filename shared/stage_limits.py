@@ -253,6 +253,8 @@ def _read(data: bytes, fmt: str, field: str) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         loaded = trimesh.load(io.BytesIO(data), file_type=fmt, force="mesh", process=False)
+        if not isinstance(loaded, trimesh.Trimesh):  # force="mesh" concatenates a scene; anything else is unreadable
+            raise TypeError(f"loaded a {type(loaded).__name__}, not a triangle mesh")
         vertices = np.asarray(loaded.vertices, dtype=np.float64).reshape(-1, 3)
         faces = np.asarray(loaded.faces, dtype=np.int64).reshape(-1, 3)
     except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable upload; its text stays here

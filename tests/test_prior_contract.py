@@ -13,17 +13,24 @@ from services.guidance.priors.analytic import AnalyticPrior
 from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from services.guidance.priors.latent import LatentPrior
 from services.guidance.priors.pixel import PixelPrior
-from services.guidance.priors.random_init import save_random_latent_prior, save_random_pixel_prior
+from services.guidance.priors.random_init import (
+    save_random_latent_prior,
+    save_random_pixel_prior,
+    save_random_zero123_prior,
+)
+from services.guidance.priors.zero123 import Zero123Prior
 from services.guidance.sds import compute_sds, validate_request
 from shared import cameras as camera_math
 from shared.errors import InvalidArgument
-from shared.guidance_api import PriorKind, SdsRequest, Weighting
+from shared import tensors
+from shared.guidance_api import Conditioning, ImageCondition, PriorKind, SdsRequest, Weighting
+from shared.tensor_digest import tensor_sha256
 
 SIDE = 32
 PROMPT = "a red torus"
 
 
-@pytest.fixture(scope="module", params=["analytic", "latent", "pixel"])
+@pytest.fixture(scope="module", params=["analytic", "latent", "pixel", "zero123"])
 def prior(request, tmp_path_factory) -> DiffusionPrior:
     root = tmp_path_factory.mktemp(f"contract-{request.param}")
     if request.param == "analytic":
@@ -31,6 +38,9 @@ def prior(request, tmp_path_factory) -> DiffusionPrior:
     if request.param == "latent":
         path = save_random_latent_prior(root / "sd", "tiny", seed=0)
         return LatentPrior.from_pretrained(path, device="cpu", dtype="float32", resolution=64)
+    if request.param == "zero123":
+        path = save_random_zero123_prior(root / "zero123", "tiny", seed=0)
+        return Zero123Prior.from_pretrained(path, device="cpu", dtype="float32", resolution=64)
     path = save_random_pixel_prior(root / "if", "tiny", seed=0)
     return PixelPrior.from_pretrained(path, device="cpu", dtype="float32")
 
@@ -43,9 +53,19 @@ def images(count: int, seed: int) -> torch.Tensor:
     return torch.rand(count, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(seed))
 
 
+def reference_image() -> ImageCondition:
+    """What an image-conditioned prior is given: an RGBA reference and the camera it was taken from."""
+    rgba = torch.rand(1, 4, SIDE, SIDE, generator=torch.Generator().manual_seed(99))
+    return ImageCondition(reference_camera=views(1)[0], image_sha256=tensor_sha256(tensors.to_proto(rgba)), image=rgba)
+
+
 def request_for(prior: DiffusionPrior, batch: int, seed: int, image_seed: int = 1) -> SdsRequest:
+    # A prior that takes images gets one only where it cannot work without (the analytic prior takes a prompt).
+    needs_image = Conditioning.IMAGE in prior.info.accepted_conditioning and Conditioning.TEXT not in (
+        prior.info.accepted_conditioning
+    )
     request = SdsRequest(job_id="contract", prior=prior.info.name, images=images(batch, image_seed), prompt=PROMPT,
-                         cameras=views(batch), seed=seed)
+                         cameras=views(batch), seed=seed, image_condition=reference_image() if needs_image else None)
     validate_request(request, prior, max_batch_size=prior.info.max_batch_size)
     return request
 

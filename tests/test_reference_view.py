@@ -16,7 +16,7 @@ from services.scene.field import FieldConfig, HashGridConfig, OccupancyConfig, R
 from services.scene.mesh.silhouette import soft_silhouette
 from services.scene.messages import coarse_config_from_proto, reference_from_proto
 from services.scene.reference import ReferenceTarget, erode, pearson_depth_loss
-from services.scene.server import stage_prompt_checked
+from services.scene.server import own_prompt
 from shared.errors import InvalidArgument
 from shared.image_input import array_to_proto
 from shared.meshes import torus
@@ -117,13 +117,13 @@ def test_a_prompt_is_optional_only_for_image_only_stages(torus_rgba):
     with pytest.raises(ValueError, match="prompt is required"):
         CoarseConfig(priors=(PriorTerm(prior="analytic", input="text"),))
     text_only = scene_pb2.StageConfig(stage=scene_pb2.STAGE_COARSE, priors=[scene_pb2.PriorTerm(prior="analytic")])
-    error = refusal(lambda: stage_prompt_checked(coarse_config_from_proto(text_only, CoarseConfig(prompt="unset")), text_only))
+    error = refusal(lambda: own_prompt(coarse_config_from_proto(text_only, CoarseConfig(prompt="unset")), text_only))
     assert error.field == "config.prompt"
     with_image = stage_message(reference_view(torus_rgba))
-    assert stage_prompt_checked(coarse_config_from_proto(with_image, CoarseConfig(prompt="unset")), with_image).prompt == ""
+    assert own_prompt(coarse_config_from_proto(with_image, CoarseConfig(prompt="unset")), with_image).prompt == ""
     image_prior = scene_pb2.StageConfig(stage=scene_pb2.STAGE_COARSE, priors=[
         scene_pb2.PriorTerm(prior="zero123", input=scene_pb2.PRIOR_INPUT_IMAGE)])
-    error = refusal(lambda: stage_prompt_checked(coarse_config_from_proto(image_prior, CoarseConfig(prompt="unset")), image_prior))
+    error = refusal(lambda: own_prompt(coarse_config_from_proto(image_prior, CoarseConfig(prompt="unset")), image_prior))
     assert error.field == "config.priors[0].input"  # an image prior with no image to give it
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.auth import AuthConfig, TlsConfig
 from shared.guidance_api import PriorKind, Weighting
@@ -20,21 +20,45 @@ class AnalyticOptions(BaseModel):
 
     class MeshObject(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        name: str
+        name: str = Field(min_length=1)
         path: Path
-        color: tuple[float, float, float] = (0.8, 0.8, 0.8)
+        # One albedo for the whole object; null uses the file's own colours (vertex colours, glTF COLOR_0, or a
+        # texture sampled at the vertices), light grey when it has none.
+        color: tuple[float, float, float] | None = (0.8, 0.8, 0.8)
         aliases: tuple[str, ...] = ()
+        # The file's up axis: "auto" is +y for glTF/GLB (the glTF rule) and +z for other formats; "+z" for files
+        # from Z-up tools (Blender's native axes, CAD), "+y" for Y-up OBJ/PLY.
+        up: Literal["auto", "+y", "+z"] = "auto"
+
+        @model_validator(mode="after")
+        def _check_color(self) -> "AnalyticOptions.MeshObject":
+            if self.color is not None and not all(0.0 <= c <= 1.0 for c in self.color):
+                raise ValueError(f"mesh {self.name!r}: color components must be in [0, 1], got {self.color}")
+            return self
 
     # Built-in procedural objects are always present; these user meshes are added to the set.
     meshes: list[MeshObject] = []
 
+    @model_validator(mode="after")
+    def _unique_meshes(self) -> "AnalyticOptions":
+        names = [m.name.lower() for m in self.meshes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"analytic mesh names must be unique, got {names}")
+        return self
+
+
+#: Names of families accepted as `kind` in YAML besides the PriorKind values.
+KIND_ALIASES = {"zero123": PriorKind.VIEW_CONDITIONED}
+
 
 class PriorSpec(BaseModel):
-    """One logical prior. `source` is a local diffusers directory or a hub id (ignored by the analytic prior)."""
+    """One logical prior. `source` is a local diffusers directory or a hub id (ignored by the analytic prior);
+    `random:<size>` builds the published architecture on random weights (benchmarks)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1)
+    # analytic | pixel | latent | zero123 (= view_conditioned: Zero-1-to-3, a local diffusers directory)
     kind: PriorKind
     source: str | None = None
     # Extra checkpoints of the same family (e.g. DreamBooth-tuned), multiplexed by id; "default" is `source`.
@@ -53,13 +77,24 @@ class PriorSpec(BaseModel):
     # The UNet's forward replayed as a CUDA graph per batch shape ("auto": on CUDA; services/guidance/priors/cuda_graphs.py).
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     analytic: AnalyticOptions = AnalyticOptions()
+    # Textual-inversion embeddings a request may name (ComputeSdsRequest.learned_embeddings), name -> diffusers
+    # learned-embeddings file ({token: tensor}, safetensors only); text-conditioned priors (latent, pixel) only.
+    learned_embeddings: dict[str, Path] = {}
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _kind_alias(cls, value):
+        return KIND_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> "PriorSpec":
-        if self.kind in (PriorKind.LATENT, PriorKind.PIXEL) and not self.source:
+        if self.kind in (PriorKind.LATENT, PriorKind.PIXEL, PriorKind.VIEW_CONDITIONED) and not self.source:
             raise ValueError(f"prior {self.name!r}: kind {self.kind.value} needs a source")
-        if self.kind == PriorKind.VIEW_CONDITIONED:
-            raise ValueError(f"prior {self.name!r}: view-conditioned priors are not implemented yet")
+        if self.learned_embeddings and self.kind not in (PriorKind.LATENT, PriorKind.PIXEL):
+            raise ValueError(f"prior {self.name!r}: learned embeddings need a text-conditioned prior (latent, pixel)")
+        for name, path in self.learned_embeddings.items():
+            if path.suffix != ".safetensors":
+                raise ValueError(f"prior {self.name!r}: learned embeddings {name!r} must be a .safetensors file")
         if self.time_range is not None and not 0 < self.time_range[0] <= self.time_range[1] < 1:
             raise ValueError(f"prior {self.name!r}: time_range must satisfy 0 < min <= max < 1")
         if "default" in self.checkpoints:
@@ -102,12 +137,35 @@ class GuidanceConfig(BaseModel):
     # auth off (warned). The standalone server checks it here; the Ray Serve ingress checks it too.
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig | None = None  # standalone server only (Serve's gRPC proxy has no TLS of its own)
+    # Reference images (image-conditioned priors) kept per server (per Serve replica) by digest, so that a job
+    # sends its image once: at most this many, and at most this many bytes (least recently used evicted).
+    reference_image_cache_size: int = Field(default=64, ge=1)
+    reference_image_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    # User meshes listed once for every analytic prior of this file (each prior's own `analytic.meshes` follow).
+    analytic: AnalyticOptions = AnalyticOptions()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "GuidanceConfig":
         names = [p.name for p in self.priors]
         if len(set(names)) != len(names):
             raise ValueError(f"prior names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _share_meshes(self) -> "GuidanceConfig":
+        """Prepends the top-level meshes to every analytic prior's own list, so that each prior builds from its
+        spec alone. A name listed in both places is an error, not an override."""
+        if not self.analytic.meshes:
+            return self
+        shared = {m.name.lower() for m in self.analytic.meshes}
+        for spec in self.priors:
+            if spec.kind != PriorKind.ANALYTIC:
+                continue
+            own = [m for m in spec.analytic.meshes if m not in self.analytic.meshes]
+            clash = sorted(m.name for m in own if m.name.lower() in shared)
+            if clash:
+                raise ValueError(f"prior {spec.name!r}: meshes {clash} are also listed under the top-level analytic")
+            spec.analytic = AnalyticOptions(meshes=[*self.analytic.meshes, *own])
         return self
 
     def prior(self, name: str) -> PriorSpec | None:

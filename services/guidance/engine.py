@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from services.guidance import sds
 from services.guidance.batching import BatchRunner
 from services.guidance.config import GuidanceConfig
+from services.guidance.image_cache import ReferenceImageCache
 from services.guidance.pool import PriorPool
 from services.guidance.priors.base import DiffusionPrior
 from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -64,6 +65,7 @@ class GuidanceEngine:
         self._runner = BatchRunner(self.pool, log)
         self.stats = self._runner.stats
         self._batching = config.batching
+        self.reference_images = ReferenceImageCache(config.reference_image_cache_size, config.reference_image_cache_bytes)
         self._queues: dict[str, queue.Queue[_Pending | None]] = {}
         self._workers: dict[str, threading.Thread] = {}
         self._closed = threading.Event()
@@ -91,6 +93,7 @@ class GuidanceEngine:
             raise Unavailable("guidance engine is shutting down", retry_after_s=1.0)
         prior = self.pool.get(request.prior, request.checkpoint_id)
         sds.validate_request(request, prior, self._batching.max_batch_images)
+        request = self.reference_images.resolve(request)
         pending = _Pending(request, Future())
         try:
             self._queues[request.prior].put_nowait(pending)

@@ -22,7 +22,8 @@ import torch
 from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared.devices import to_device
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from shared.guidance_api import Conditioning, SdsRequest, SdsResult, Weighting
+from shared.cameras import Camera
+from shared.guidance_api import Conditioning, ImageCondition, SdsRequest, SdsResult, Weighting
 
 MIN_IMAGE_SIDE = 16
 MAX_IMAGE_SIDE = 1024
@@ -83,16 +84,33 @@ def conditions_for(request: SdsRequest) -> list[ViewCondition]:
         prompt = request.prompt
         if request.view_dependent_prompt and camera is not None:
             prompt += view_suffix(camera.azimuth_deg, camera.elevation_deg)
+        condition = request.image_condition
         conditions.append(
             ViewCondition(
                 prompt=prompt,
                 negative_prompt=request.negative_prompt,
                 camera=camera,
-                image=request.image_condition,
+                image=condition,
                 learned_embeddings=request.learned_embeddings,
+                relative_pose=relative_pose(condition, camera, i) if condition is not None else None,
             )
         )
     return conditions
+
+
+def relative_pose(condition: ImageCondition, camera: Camera | None, index: int) -> tuple[float, float, float] | None:
+    """Image `index`'s pose from the reference view: the request's explicit one, else its camera's minus the
+    reference camera's (elevation, azimuth in degrees, distance); None where neither is known."""
+    if condition.relative_poses:
+        return tuple(condition.relative_poses[index])
+    if camera is None:
+        return None
+    reference = condition.reference_camera
+    return (
+        camera.elevation_deg - reference.elevation_deg,
+        camera.azimuth_deg - reference.azimuth_deg,
+        camera.distance - reference.distance,
+    )
 
 
 def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size: int) -> None:
@@ -114,6 +132,8 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
         raise InvalidArgument(f"batch {batch} is over the maximum {limit}", field)
     if request.image_condition is not None and Conditioning.IMAGE not in prior.info.accepted_conditioning:
         raise InvalidArgument(f"prior {prior.info.name!r} takes no image conditioning", "image_condition")
+    if request.image_condition is not None:
+        _validate_image_condition(request.image_condition, batch)
     if prior.info.requires_cameras and not request.cameras:
         raise InvalidArgument(f"prior {prior.info.name!r} needs one camera per image", "cameras")
     if request.cameras and len(request.cameras) != batch:
@@ -139,6 +159,7 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
             f"known: {', '.join(prior.info.checkpoint_ids)}",
             "checkpoint_id",
         )
+    prior.validate_conditioning(request)
     # With view-dependent prompting the longest suffix must fit too, or the tokenizer would silently cut it off.
     longest = LONGEST_VIEW_SUFFIX if request.view_dependent_prompt and request.cameras else ""
     if request.prompt or request.image_condition is None:  # an image-conditioned request may come without a prompt
@@ -147,6 +168,23 @@ def validate_request(request: SdsRequest, prior: DiffusionPrior, max_batch_size:
             prior.validate_prompt(request.prompt + longest, "prompt")
     if request.negative_prompt:
         prior.validate_prompt(request.negative_prompt, "negative_prompt")
+
+
+def _validate_image_condition(condition: ImageCondition, batch: int) -> None:
+    if condition.relative_poses and len(condition.relative_poses) != batch:
+        raise InvalidArgument(
+            f"{len(condition.relative_poses)} relative poses for {batch} images", "image_condition.relative_poses"
+        )
+    if not all(math.isfinite(value) for pose in condition.relative_poses for value in pose):
+        raise InvalidArgument("relative poses must be finite", "image_condition.relative_poses")
+    if condition.image is not None:
+        for side in condition.image.shape[-2:]:
+            if not MIN_IMAGE_SIDE <= side <= MAX_IMAGE_SIDE:
+                raise InvalidArgument(
+                    f"reference image side {side} outside [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}]",
+                    "image_condition.image",
+                )
+        _check_finite_float(condition.image, "image_condition.image")
 
 
 def _validate_images(images: torch.Tensor) -> None:

@@ -231,6 +231,11 @@ def _default_fine_loss_weights() -> dict[str, Schedule]:
 FINE_LOSSES = tuple(_default_fine_loss_weights())
 
 
+# shared.rasterize.RASTERIZERS' kinds and "auto", spelled out because this module stays torch-free (the orchestrator
+# validates presets with it); tests/test_components.py keeps the two in step.
+RASTERIZER_NAMES = ("auto", "torch", "nvdiffrast")
+
+
 class FineConfig(GuidedStageConfig):
     """The fine stage: a DMTet mesh from the coarse field, rasterised at high resolution, optimised by SDS from a
     latent prior (Magic3D defaults: 512x512, batch 4, t in [0.02, 0.5], weighting 1 - abar)."""
@@ -257,9 +262,9 @@ class FineConfig(GuidedStageConfig):
     @field_validator("rasterizer")
     @classmethod
     def _known_rasterizer(cls, name: str) -> str:
-        if name not in ("auto", "torch", "nvdiffrast"):
-            raise ValueError(f"unknown rasterizer {name!r}; known: auto, torch, nvdiffrast")
+        if name not in RASTERIZER_NAMES:
+            raise ValueError(f"unknown rasterizer {name!r}; known: {', '.join(RASTERIZER_NAMES)}")
         return name
 
 
-__all__ = ["GuidedStageConfig", "ReferenceConfig", "ReferenceCamera", "REFERENCE_LOSSES", "CoarseConfig", "DMTetConfig", "FineConfig", "PriorTerm", "HashGridConfig", "KNOWN_LOSSES", "FINE_LOSSES"]
+__all__ = ["GuidedStageConfig", "ReferenceConfig", "ReferenceCamera", "REFERENCE_LOSSES", "CoarseConfig", "DMTetConfig", "FineConfig", "RASTERIZER_NAMES", "PriorTerm", "HashGridConfig", "KNOWN_LOSSES", "FINE_LOSSES"]

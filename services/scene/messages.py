@@ -37,15 +37,20 @@ def coarse_config_from_proto(message: scene_pb2.StageConfig, defaults: CoarseCon
     if message.HasField("hash_grid"):
         grid = {k: v for k, v in _set_fields(message.hash_grid).items()}
         field_updates["encoding"] = _replace(defaults.field.encoding, grid, "config.hash_grid")
+    if message.scene_radius:
+        field_updates["bound_radius"] = message.scene_radius
     if field_updates:
         updates["field"] = _replace(defaults.field, field_updates, "config")
-    if message.samples_per_ray:
-        updates["renderer"] = _replace(
-            defaults.renderer, {"num_samples_per_ray": message.samples_per_ray}, "config.samples_per_ray"
-        )
-        updates["occupancy"] = _replace(
-            defaults.occupancy, {"step_size": updates["renderer"].step_size}, "config.samples_per_ray"
-        )
+    renderer = {"num_samples_per_ray": message.samples_per_ray} if message.samples_per_ray else {}
+    if message.scene_radius:  # the renderer's sphere and the occupancy grid cover the field's box
+        renderer["radius"] = message.scene_radius
+    if renderer:
+        field = "config.samples_per_ray" if message.samples_per_ray else "config.scene_radius"
+        updates["renderer"] = _replace(defaults.renderer, renderer, field)
+        occupancy = {"step_size": updates["renderer"].step_size}
+        if message.scene_radius:
+            occupancy["bound_radius"] = message.scene_radius
+        updates["occupancy"] = _replace(defaults.occupancy, occupancy, field)
     return _validated(CoarseConfig, defaults, updates)
 
 
@@ -54,7 +59,7 @@ def fine_config_from_proto(message: scene_pb2.StageConfig, defaults: FineConfig)
     field's architecture always comes from the coarse checkpoint, so hash-grid settings are refused here."""
     if message.stage != scene_pb2.STAGE_FINE:
         raise InvalidArgument("not a fine-stage config", "config.stage")
-    for name in ("hash_grid", "encoding_backend", "samples_per_ray"):
+    for name in ("hash_grid", "encoding_backend", "samples_per_ray", "scene_radius"):
         set_here = message.HasField(name) if name == "hash_grid" else bool(getattr(message, name))
         if set_here:
             raise InvalidArgument("the fine stage takes its colour field from the coarse checkpoint", f"config.{name}")

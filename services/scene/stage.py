@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import torch
 from torch import nn
@@ -154,7 +154,7 @@ class Stage(abc.ABC):
     @classmethod
     def from_checkpoint(
         cls, checkpoint: Checkpoint, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"
-    ) -> "Stage":
+    ) -> Self:
         if checkpoint.stage != cls.name:
             raise FailedPrecondition(f"checkpoint is of stage {checkpoint.stage!r}, not {cls.name!r}", "checkpoint")
         stage = cls(cls.config_type.model_validate_json(checkpoint.config_json), guidance, job_id, device)

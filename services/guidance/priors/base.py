@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from shared.cameras import Camera
-from shared.guidance_api import ImageCondition, PriorInfo
+from shared.errors import NotFound
+from shared.guidance_api import ImageCondition, PriorInfo, SdsRequest
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class ViewCondition:
     camera: Camera | None = None
     image: ImageCondition | None = None
     learned_embeddings: tuple[str, ...] = ()
+    # (delta elevation deg, delta azimuth deg, delta distance) of this view from the reference camera: the
+    # request's explicit pose for this image, else derived from its camera; None without an image condition.
+    relative_pose: tuple[float, float, float] | None = None
 
 
 class DiffusionPrior(abc.ABC):
@@ -47,6 +51,17 @@ class DiffusionPrior(abc.ABC):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    def validate_conditioning(self, request: "SdsRequest") -> None:
+        """Checks what this prior in particular needs of a request (sds.validate_request calls it after the generic
+        checks, before the prompt checks). Default: only learned embeddings the prior lists are accepted."""
+        unknown = [name for name in request.learned_embeddings if name not in self.info.learned_embeddings]
+        if unknown:
+            known = ", ".join(self.info.learned_embeddings) or "none"
+            raise NotFound(
+                f"unknown learned embeddings {', '.join(map(repr, unknown))} of prior {self.info.name!r}; known: {known}",
+                "learned_embeddings",
+            )
 
     def validate_prompt(self, prompt: str, field: str) -> None:
         """Raises InvalidArgument naming `field` if the prompt is unusable (empty, too long, unknown)."""

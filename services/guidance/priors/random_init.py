@@ -40,7 +40,7 @@ import torch
 
 from shared.devices import resolve_device, resolve_dtype
 
-LATENT_SIZES = ("tiny", "sd21-base")
+LATENT_SIZES = ("tiny", "sd21-base", "sd15")
 PIXEL_SIZES = ("tiny", "if-i-xl")
 
 # Words that prompts of this project use often: whole-word pieces keep token counts realistic (about one per
@@ -198,6 +198,12 @@ def latent_configs(size: str = "tiny", *, prediction_type: str = "epsilon") -> d
             ),
             "scheduler": scheduler,
         }
+    if size == "sd15":  # SD 1.5 (Magic123's 2D prior): CLIP ViT-L/14's text tower, 768-wide cross-attention
+        sd21 = latent_configs("sd21-base")
+        text_encoder = dict(sd21["text_encoder"], hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
+        unet = dict(sd21["unet"], cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
+        return {**sd21, "text_encoder": text_encoder, "unet": unet}
     raise ValueError(f"size must be one of {LATENT_SIZES}, got {size!r}")
 
 
@@ -463,3 +469,126 @@ def save_random_pixel_prior(
     )
     pipeline.save_pretrained(os.fspath(path))
     return Path(path)
+
+
+# ------------------------------------------------------------------------------------------------------ zero123
+ZERO123_SIZES = ("tiny", "zero123")
+
+
+def zero123_configs(size: str = "tiny") -> dict[str, dict[str, Any]]:
+    """Constructor kwargs of unet, vae, image_encoder (CLIPVisionConfig), cc_projection and scheduler of a
+    Zero-1-to-3-like model. "zero123": the released Zero123 / Zero123-XL architecture (SD 1.5's UNet with 8 input
+    channels and 768-wide cross attention, SD's VAE, CLIP ViT-L/14's vision tower with its 768 projection,
+    cc_projection 772 -> 768, SD's schedule); "tiny": the same classes, small."""
+    latent = latent_configs("tiny" if size == "tiny" else "sd21-base")
+    if size == "tiny":
+        unet = dict(latent["unet"], in_channels=8, cross_attention_dim=32)
+        image_encoder = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8, projection_dim=32, hidden_act="quick_gelu")
+        width = 32
+    elif size == "zero123":
+        unet = dict(
+            sample_size=32,
+            in_channels=8,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            act_fn="silu",
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        )
+        image_encoder = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                             image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                             layer_norm_eps=1e-5)
+        width = 768
+    else:
+        raise ValueError(f"size must be one of {ZERO123_SIZES}, got {size!r}")
+    return {
+        "unet": unet,
+        "vae": latent["vae"],
+        "image_encoder": image_encoder,
+        "cc_projection": dict(in_channel=width + 4, out_channel=width),
+        "scheduler": latent["scheduler"],
+    }
+
+
+def build_zero123_components(
+    size: str = "tiny",
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+) -> dict[str, Any]:
+    """unet, vae, image_encoder, cc_projection, scheduler of a random Zero123-like model, on `device` in `dtype`."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from services.guidance.priors.zero123 import CCProjection
+
+    torch_device, torch_dtype = _resolve(device, dtype)
+    configs = zero123_configs(size)
+    vision = CLIPVisionConfig(**configs["image_encoder"])
+
+    def build(make, offset):
+        return _cast(_seeded_build(make, seed + offset, torch_device), torch_dtype).eval()
+
+    return {
+        "unet": build(lambda: UNet2DConditionModel(**configs["unet"]), 1),
+        "vae": build(lambda: AutoencoderKL(**configs["vae"]), 2),
+        "image_encoder": build(lambda: CLIPVisionModelWithProjection(vision), 3),
+        "cc_projection": build(lambda: CCProjection(**configs["cc_projection"]), 4),
+        "scheduler": DDPMScheduler(**configs["scheduler"]),
+    }
+
+
+def build_random_zero123_prior(
+    size: str = "tiny",
+    *,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    **prior_kwargs: Any,
+):
+    """A Zero123Prior on random weights, built directly on the device (no disk round trip). For benchmarks."""
+    from services.guidance.priors.zero123 import Zero123Prior
+
+    torch_device, torch_dtype = _resolve(device, dtype)
+    components = build_zero123_components(size, seed=seed, device=torch_device, dtype=torch_dtype)
+    prior_kwargs.setdefault("name", "zero123")
+    return Zero123Prior.from_components(**components, device=torch_device, dtype=torch_dtype, **prior_kwargs)
+
+
+def save_random_zero123_prior(
+    path: str | os.PathLike,
+    size: str = "tiny",
+    seed: int = 0,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+) -> Path:
+    """Writes a random Zero123-like model in the diffusers layout of the community `pipeline_zero1to3` checkpoints
+    (unet/, vae/, image_encoder/, scheduler/, cc_projection/, safetensors throughout); returns the path."""
+    import json
+
+    components = build_zero123_components(size, seed=seed, device=device, dtype=dtype)
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("unet", "vae", "image_encoder", "scheduler"):
+        components[name].save_pretrained(os.fspath(root / name))
+    components["cc_projection"].save(root / "cc_projection")
+    index = {
+        "_class_name": "Zero1to3StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "cc_projection": ["pipeline_zero1to3", "CCProjection"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root

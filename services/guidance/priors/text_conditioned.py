@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Self, Sequence
 
 import torch
 
@@ -25,9 +26,10 @@ from services.guidance.cache import LruCache
 from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from services.guidance.priors.cuda_graphs import GraphedForward, resolve_cuda_graphs
 from services.guidance.priors.layout import apply_layout, resolve_channels_last
+from services.guidance.priors.learned_embeddings import add_to_text_model, expand_placeholders, read_learned_embeddings
 from shared.devices import resolve_device, resolve_dtype
 from shared.errors import InvalidArgument
-from shared.guidance_api import Conditioning, PriorInfo, PriorKind, Weighting
+from shared.guidance_api import Conditioning, PriorInfo, PriorKind, SdsRequest, Weighting
 
 # Tokenizers without a configured limit report a huge sentinel (transformers' VERY_LARGE_INTEGER).
 _UNSET_TOKEN_LIMIT = 1_000_000
@@ -71,6 +73,11 @@ class TextConditionedPrior(DiffusionPrior):
     #: Whether memory_format "auto" picks channels-last on CUDA (measured per family in bench/prior_speed.py).
     channels_last_helps: bool = False
 
+    @classmethod
+    def from_components(cls, **kwargs: Any) -> Self:
+        """Built from modules already in memory (benchmarks, random weights): the constructor, by name."""
+        return cls(**kwargs)
+
     def __init__(
         self,
         *,
@@ -90,7 +97,9 @@ class TextConditionedPrior(DiffusionPrior):
         checkpoint_ids: Sequence[str] = ("default",),
         memory_format: str = "auto",
         cuda_graphs: str = "auto",
+        learned_embeddings: Mapping[str, str | os.PathLike] | None = None,
     ) -> None:
+        """`learned_embeddings`: textual-inversion files a request may name, name -> path (loaded on first use)."""
         self._device = as_device(device)
         self.dtype = as_dtype(dtype, self._device)
         self.tokenizer = tokenizer
@@ -110,6 +119,9 @@ class TextConditionedPrior(DiffusionPrior):
         self.max_prompt_tokens = self._token_limit()
         self.embedding_cache: LruCache[str, torch.Tensor] = LruCache(embedding_cache_size)
         self._cache_lock = threading.Lock()
+        self.learned_embedding_files = {name: Path(path) for name, path in (learned_embeddings or {}).items()}
+        self._loaded_embeddings: set[str] = set()
+        self._placeholder_expansions: dict[str, str] = {}
         self.info = PriorInfo(
             name=name,
             kind=self.kind,
@@ -121,7 +133,30 @@ class TextConditionedPrior(DiffusionPrior):
             default_weighting=Weighting(weighting),
             checkpoint_ids=tuple(checkpoint_ids),
             max_batch_size=int(max_batch_size),
+            learned_embeddings=tuple(self.learned_embedding_files),
         )
+
+    # -------------------------------------------------------------------------------------- learned embeddings
+    def validate_conditioning(self, request: SdsRequest) -> None:
+        """Unknown names are NOT_FOUND (the base class); the named embeddings are loaded here, before the prompt's
+        tokens are counted, since a placeholder counts as one token (per vector) only once it is loaded."""
+        super().validate_conditioning(request)
+        for name in request.learned_embeddings:
+            self.load_learned_embeddings(name)
+
+    def load_learned_embeddings(self, name: str) -> None:
+        """Adds the named textual-inversion file's tokens to the text model, once. A placeholder stays in the
+        vocabulary from then on (for every job); prompt embeddings cached before are dropped."""
+        with self._cache_lock:
+            if name in self._loaded_embeddings:
+                return
+            vectors = read_learned_embeddings(self.learned_embedding_files[name])
+            self._placeholder_expansions.update(add_to_text_model(self.tokenizer, self.text_encoder, vectors))
+            self.embedding_cache = LruCache(self.embedding_cache.maxsize)
+            self._loaded_embeddings.add(name)
+
+    def _text_for_tokenizer(self, prompt: str) -> str:
+        return self.preprocess_text(expand_placeholders(prompt, self._placeholder_expansions))
 
     # ----------------------------------------------------------------------------------------------- schedule
     @property
@@ -148,7 +183,7 @@ class TextConditionedPrior(DiffusionPrior):
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens of the prompt as the text encoder sees it, special tokens (BOS/EOS) included."""
-        return len(self.tokenizer(self.preprocess_text(prompt), add_special_tokens=True).input_ids)
+        return len(self.tokenizer(self._text_for_tokenizer(prompt), add_special_tokens=True).input_ids)
 
     def validate_prompt(self, prompt: str, field: str) -> None:
         if not prompt or not prompt.strip():
@@ -168,7 +203,7 @@ class TextConditionedPrior(DiffusionPrior):
     def _encode_text(self, prompt: str) -> torch.Tensor:
         """Token states (L, D) of one prompt, padded to the token limit, in the UNet's dtype on its device."""
         tokens = self.tokenizer(
-            self.preprocess_text(prompt),
+            self._text_for_tokenizer(prompt),
             padding="max_length",
             max_length=self.max_prompt_tokens,
             truncation=True,
