@@ -75,6 +75,6 @@ def test_scene_radius_sets_the_coarse_box_and_is_refused_by_the_fine_stage():
     assert default.field.bound_radius == 1.0
     with pytest.raises(InvalidArgument) as caught:
         coarse_config_from_proto(scene_pb2.StageConfig(scene_radius=-1.0), CoarseConfig(prompt="x"))
-    assert caught.value.field.startswith("config")
+    assert caught.value.field == "config.scene_radius"
     with pytest.raises(InvalidArgument, match="coarse checkpoint"):
         fine_config_from_proto(scene_pb2.StageConfig(stage=scene_pb2.STAGE_FINE, scene_radius=0.6), FineConfig(prompt="x"))
