@@ -139,7 +139,7 @@ def two_tone_shape(radius: float = 0.3, height: float = 0.6, band: float = 0.01)
     """A cylinder whose vertex rings at z = +-band make the red/blue boundary at z = 0 sharp."""
     h = height / 2
     profile = [(0.0, h), (radius, h), (radius, band), (radius, -band), (radius, -h), (0.0, -h)]
-    mesh = meshes._revolve(profile, 48)  # noqa: SLF001 - the same revolve as the built-in shapes
+    mesh = meshes.revolve(profile, 48)
 
     def color_at(points: torch.Tensor) -> torch.Tensor:
         return torch.where(points[:, 2:3] > 0, torch.tensor(RED), torch.tensor(BLUE))
@@ -150,7 +150,7 @@ def two_tone_shape(radius: float = 0.3, height: float = 0.6, band: float = 0.01)
 def mug_shape(outer: float = 0.25, wall: float = 0.04, height: float = 0.5, floor: float = 0.05) -> Shape:
     h = height / 2
     inner = outer - wall
-    body = meshes._revolve(  # noqa: SLF001
+    body = meshes.revolve(
         [(0.0, -h + floor), (inner, -h + floor), (inner, h), (outer, h), (outer, -h), (0.0, -h)], 48
     )
     # Ends at x = outer - wall / 2: inside the wall, where the handle meets it.
