@@ -2,7 +2,8 @@
 handle. The fidelity benchmark (bench/fidelity.py) and test (tests/test_fidelity.py) add them to the analytic
 prior's set as user meshes and score the final GLB against them.
 
-Each shape is centred, +Z up, within a radius-0.5 sphere, made of closed outward-wound parts; parts may touch
+Each shape is centred and scaled so that its farthest vertex is at radius 0.5 (as user meshes are loaded), +Z up,
+made of closed outward-wound parts (sizes below are before that scaling); parts may touch
 (table legs under the top, the mug's handle ends inside its wall) but never cross the visible surface. A shape's
 `color_at(points)` gives its albedo at surface points (the colour the analytic prior renders it with).
 
@@ -103,7 +104,10 @@ def _constant(color: tuple[float, float, float]) -> Callable[[torch.Tensor], tor
 
 
 def _painted(mesh: Mesh, color_at: Callable[[torch.Tensor], torch.Tensor]) -> Mesh:
-    return Mesh(mesh.vertices, mesh.faces, color_at(mesh.vertices))
+    """Vertex colours from `color_at`, then centred and scaled to radius 0.5 (`meshes.normalize_mesh`), as the
+    analytic prior loads a user mesh: the shape scored is the object the prior was given. Every `color_at` here
+    depends only on z relative to a boundary at 0 or is constant, which the centring leaves as it is."""
+    return meshes.normalize_mesh(Mesh(mesh.vertices, mesh.faces, color_at(mesh.vertices)))
 
 
 def cone_shape() -> Shape:

@@ -74,6 +74,16 @@ def test_a_prompt_naming_several_objects_is_refused_naming_them(prior, prompt, o
         assert repr(name) in caught.value.message
 
 
+def test_a_plural_name_contains_the_singular_alias_it_covers():
+    """"fidelity rings" (a user mesh named in the plural) outranks the torus's alias "ring" that "rings" also
+    stands for: one object named, not two."""
+    rings = ReferenceObject("fidelity rings", meshes.torus(0.3, 0.05, segments=8, minor_segments=4))
+    prior = AnalyticPrior(objects=[*builtin_objects(), rings], resolution=16)
+    prior.validate_prompt("a fidelity rings", "prompt")
+    assert [prior.objects[i].name for i in prior.named_objects("a fidelity rings")] == ["fidelity rings"]
+    assert [prior.objects[i].name for i in prior.named_objects("two rings")] == ["red torus"]
+
+
 def test_negative_prompts_may_name_several_objects(prior):
     engine.check_prompt(prior, "a red torus", negative_prompt="a blue sphere and a green cube")
     assert len(named_groups("a blue sphere and a green cube", prior.objects)) == 2

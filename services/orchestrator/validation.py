@@ -76,7 +76,9 @@ def check_stage(name: str, config: scene_pb2.StageConfig, limits: SceneLimits, o
         check_stage_config(config, limits, "config", _DEFAULT_T[name])
         check_prior_t_ranges(config)
         check_reference(config, limits)
-        if config.HasField("hash_grid"):  # else the scene's own default grid, which it checks against its budget
+        # A hash grid (else the scene's own default, which it checks against its budget) or a scene radius: parsed
+        # as the scene will, so that a bad value is refused at submit.
+        if config.HasField("hash_grid") or (name == "coarse" and config.scene_radius):
             parsed = coarse_config_from_proto(config, CoarseConfig(prompt=config.prompt or "unset"))
             check_hash_table(parsed.hash_table_bytes(), limits, "config.hash_grid")
     except ServiceError as error:

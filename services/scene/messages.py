@@ -38,6 +38,8 @@ def coarse_config_from_proto(message: scene_pb2.StageConfig, defaults: CoarseCon
         grid = {k: v for k, v in _set_fields(message.hash_grid).items()}
         field_updates["encoding"] = _replace(defaults.field.encoding, grid, "config.hash_grid")
     if message.scene_radius:
+        if not 0.1 <= message.scene_radius <= 10.0:  # also refuses NaN
+            raise InvalidArgument(f"must be in [0.1, 10], got {message.scene_radius}", "config.scene_radius")
         field_updates["bound_radius"] = message.scene_radius
     if field_updates:
         updates["field"] = _replace(defaults.field, field_updates, "config")

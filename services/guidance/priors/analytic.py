@@ -102,9 +102,9 @@ def prompt_words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def matchable_words(text: str) -> set[str]:
-    """The prompt's words with their singular forms (`singular_forms`): what object names are matched against."""
-    return {form for word in prompt_words(text) for form in singular_forms(word)}
+def matchable_words(text: str) -> list[set[str]]:
+    """Per word of the prompt, the forms it may stand for (`singular_forms`): what object names are matched against."""
+    return [singular_forms(word) for word in prompt_words(text)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,14 +125,22 @@ class ReferenceObject:
     def phrases(self) -> tuple[tuple[str, ...], ...]:
         return tuple(tuple(prompt_words(p)) for p in (self.name, *self.aliases))
 
-    def match_score(self, words: set[str]) -> int:
-        """Words of the longest phrase (name or alias) fully contained in `words`; 0 if none."""
+    def match_score(self, words: list[set[str]]) -> int:
+        """Prompt words covered by the longest phrase (name or alias) that matches; 0 if none."""
         return len(self.matched_phrase(words))
 
-    def matched_phrase(self, words: set[str]) -> frozenset[str]:
-        """The words of the longest phrase (name or alias) fully contained in `words`; empty if none."""
-        matched = [frozenset(p) for p in self.phrases if set(p) <= words]
-        return max(matched, key=len, default=frozenset())
+    def matched_phrase(self, words: list[set[str]]) -> frozenset[int]:
+        """The positions of the prompt words (each given as its `singular_forms`) that the best matching phrase
+        covers: a phrase matches when each of its words is a form of some prompt word. Positions, not words, so
+        that "ring" (from "rings") counts as inside "fidelity rings". Empty if no phrase matches."""
+        best: frozenset[int] = frozenset()
+        for phrase in self.phrases:
+            covered = [frozenset(i for i, forms in enumerate(words) if word in forms) for word in phrase]
+            if all(covered):
+                positions = frozenset().union(*covered)
+                if len(positions) > len(best):
+                    best = positions
+        return best
 
 
 def builtin_objects() -> list[ReferenceObject]:
