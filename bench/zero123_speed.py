@@ -40,12 +40,12 @@ def request(batch: int, side: int, condition: ImageCondition, seed: int) -> SdsR
                       cameras=cameras, image_condition=condition, seed=seed)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default="out/bench")
     parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size, device, side = ("tiny", "cpu", 64) if args.smoke else ("zero123", "cuda", 256)
     repeats = 2 if args.smoke else args.repeats
     prior = random_init.build_random_zero123_prior(size, device=device, resolution=side)
@@ -75,6 +75,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "zero123_speed.json").write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

@@ -121,9 +121,7 @@ class Zero123Prior(DiffusionPrior):
         checkpoint_ids: Sequence[str] = ("default",),
         clip_mean: Sequence[float] = CLIP_MEAN,
         clip_std: Sequence[float] = CLIP_STD,
-        **_unused_settings: Any,
     ) -> None:
-        """`_unused_settings` takes the pool's settings that do not apply here (memory_format, cuda_graphs)."""
         self._device = as_device(device)
         self.dtype = as_dtype(dtype, self._device)
         self.unet = freeze(unet, self._device, self.dtype)
