@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup run test test-gpu lint bench bench-gpu serve serve-guidance serve-scene clean
+.PHONY: setup run test test-fidelity test-gpu lint bench bench-gpu serve serve-guidance serve-scene clean
 
 setup: $(STAMP) gen/.stamp
 
@@ -21,16 +21,22 @@ gen/.stamp: $(PROTOS) $(STAMP)
 PROMPT ?= a red torus
 run: setup
 	$(VENV)/bin/magic3d generate "$(PROMPT)" --preset cpu-demo --out out
+	@echo "web page (submit, watch, orbit results): 'make serve' serves it on http://127.0.0.1:8080/ and prints the address with its token"
 
 test: setup lint
 	$(PY) -m pytest -q
 
+test-fidelity: setup  # cpu-demo jobs on the fidelity shapes, scored on the final GLB (minutes; not in `make test`)
+	$(PY) -m pytest -q -s -m fidelity tests/test_fidelity.py
+
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests/test_gpu_*.py  # GPU tests live in tests/test_gpu_*.py
 
+# buf over the protos, ruff over the code, mypy over shared/ and the three servicers (files: [tool.mypy] in pyproject).
 lint: setup
 	cd protos && ../$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check services shared bench tests scripts
+	$(VENV)/bin/mypy
 
 bench-gpu:  # on the GPU machine (wheels in .whl/, gen/ carried): the GPU suite's table and JSON in $$OUT or out/bench
 	bash bench/gpu/run.sh suite

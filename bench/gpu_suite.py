@@ -8,6 +8,12 @@ Sections:
 * coarse: a step of the `magic3d` preset's coarse stage (64x64, 64 samples per ray, occupancy grid) at batch 4 and 8,
   guided by a random-weight prior of IF-I-XL's architecture; the field is first fitted to a torus with the analytic
   prior, so the step is timed on real geometry (occupancy pruning skips what it would in practice).
+* serve: the coarse (batch 4) and fine steps with the guidance under Ray Serve (a local Ray on 127.0.0.1, the Serve
+  gRPC ingress, one replica holding the GPU), beside the same steps through a standalone service in the same run;
+  the table gives the Serve / standalone ratio per stage. Not in the default sections (Ray's start costs ~20 s).
+* magic123: a coarse and a fine step of the `magic123` preset (image to 3D) with an image of the red torus rendered
+  here: the latent prior on SD 1.5's architecture (`random:sd15`) and Zero-1-to-3's (`random:zero123`) in one
+  standalone guidance service, and the reference-view losses. Not in the default sections.
 * fine: a step of the preset's fine stage (512x512, batch 4, 128-cell DMTet grid) on the exact SDF of the same torus,
   guided by a random-weight prior of SD 2.1-base's architecture.
 Each step is run with the guidance in this process and through a standalone guidance service in its own process
@@ -37,6 +43,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.fine_step import torus_sdf
@@ -69,6 +76,8 @@ class SuiteSettings:
     pixel_source: str
     latent_source: str
     latent_resolution: int | None  # None: the prior's native 512
+    magic123_latent_source: str
+    zero123_source: str
     hash_points: tuple[int, ...]
     hash_grid: HashGridConfig
     coarse_batches: tuple[int, ...]
@@ -87,6 +96,8 @@ GPU = SuiteSettings(
     pixel_source="random:if-i-xl",
     latent_source="random:sd21-base",
     latent_resolution=None,
+    magic123_latent_source="random:sd15",
+    zero123_source="random:zero123",
     hash_points=(1 << 18, 1 << 19, 1 << 20, 1 << 21),
     hash_grid=HashGridConfig(n_levels=16, log2_hashmap_size=19),
     coarse_batches=(4, 8),
@@ -102,6 +113,8 @@ SMOKE = SuiteSettings(
     pixel_source="random:tiny",
     latent_source="random:tiny",
     latent_resolution=64,
+    magic123_latent_source="random:tiny",
+    zero123_source="random:tiny",
     hash_points=(1 << 10,),
     hash_grid=HashGridConfig(n_levels=4, log2_hashmap_size=12),
     coarse_batches=(2,),
@@ -169,7 +182,8 @@ def standalone_guidance(config: GuidanceConfig, workdir: Path, gpu: int | None =
     )
     name = config.priors[0].name
     # A short outage window while waiting for the start, so that a server that died is seen at once.
-    registry = {"priors": {name: {"kind": "standalone", "address": f"127.0.0.1:{port}"}}, "client": {"outage_window_s": 2.0}}
+    route = {"kind": "standalone", "address": f"127.0.0.1:{port}"}
+    registry = {"priors": {p.name: dict(route) for p in config.priors}, "client": {"outage_window_s": 2.0}}
     client = GuidanceClient(Registry.model_validate(registry))
     try:
         deadline = time.monotonic() + timeout_s
@@ -194,6 +208,25 @@ def standalone_guidance(config: GuidanceConfig, workdir: Path, gpu: int | None =
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@contextlib.contextmanager
+def serve_guidance(config: GuidanceConfig):
+    """The guidance tier as deployed on Kubernetes: one Ray Serve application behind Serve's gRPC proxy, on a local
+    Ray pinned to 127.0.0.1; yields a client that reaches it as a `serve` registry entry does."""
+    from services.guidance.serve_app import ServeAppSettings, start_local
+
+    name = config.priors[0].name
+    gpus = 1 if torch.cuda.is_available() else 0
+    app = ServeAppSettings(name=name, route_prefix=f"/{name}", num_gpus=gpus, num_cpus=1)
+    local = start_local([(config, app)], num_gpus=gpus, request_timeout_s=600.0)
+    registry = {"priors": {name: {"kind": "serve", "address": local.grpc_address, "application": name}}}
+    client = GuidanceClient(Registry.model_validate(registry))
+    try:
+        yield client
+    finally:
+        client.close()
+        local.shutdown()
 
 
 def scrape_metric(metrics_url: str, name: str) -> float | None:
@@ -359,6 +392,90 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
     return rows
 
 
+def bench_serve(coarse, fine, settings: SuiteSettings, fitted: dict, workdir: Path) -> list[dict]:
+    """Coarse (batch 4) and fine steps through the Serve gRPC ingress and through a standalone service, in one run so
+    that the ratio compares like with like."""
+    rows = []
+    for stage, config in (("coarse", _replace(coarse, batch_size=settings.coarse_batches[0])), ("fine", fine)):
+        kind = "pixel" if stage == "coarse" else "latent"
+        gconfig = guidance_config(settings, kind, config.resolution)
+        with standalone_guidance(gconfig, workdir, settings.guidance_gpu) as (client, _):
+            rows.append({"stage": stage, "batch": config.batch_size, "path": "standalone gRPC",
+                         **time_steps(make_stage(stage, config, client, settings, fitted), settings)})
+            print(json.dumps(rows[-1]), flush=True)
+        with serve_guidance(gconfig) as client:
+            rows.append({"stage": stage, "batch": config.batch_size, "path": "Ray Serve gRPC",
+                         **time_steps(make_stage(stage, config, client, settings, fitted), settings)})
+            print(json.dumps(rows[-1]), flush=True)
+        if settings.device != "cpu":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def reference_rgba(size: int, elevation_deg: float, distance: float, fovy_deg: float) -> np.ndarray:
+    """(size, size, 4) uint8: a red torus at the reference camera, alpha its coverage (what a client would send)."""
+    from shared import cameras as camera_proto
+    from shared.cameras import Shading
+    from shared.image_input import reference_camera
+    from shared.meshes import torus
+    from shared.rasterize import make_rasterizer
+    from shared.render import render_mesh
+
+    camera = camera_proto.from_proto(reference_camera(elevation_deg, distance, fovy_deg, size))
+    black = dataclasses.replace(camera, background_color=(0.0, 0.0, 0.0), shading=Shading.ALBEDO)
+    rasterizer = make_rasterizer("torch")
+    with torch.no_grad():
+        color = render_mesh(torus(), [black], rasterizer, albedo=(0.8, 0.1, 0.1), resolution=size)[0]
+        mask = render_mesh(torus(), [black], rasterizer, albedo=(1.0, 1.0, 1.0), resolution=size)[0, :1]
+    rgba = torch.cat([color, mask]).permute(1, 2, 0).clamp(0, 1)
+    return (rgba.numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def magic123_configs(settings: SuiteSettings) -> tuple[CoarseConfig, FineConfig]:
+    """The `magic123` preset's stages for an image of the torus with the prompt, as the scene service parses them."""
+    from magic3d.v1 import orchestrator_pb2
+
+    from services.orchestrator.image_jobs import plan_image_job
+    from shared.image_input import array_to_proto
+
+    image = orchestrator_pb2.ImageInput(image=array_to_proto(reference_rgba(256, 0.0, 1.8, 40.0)), prompt=PROMPT)
+    plan = plan_image_job(plan_job(PresetBook.load(PRESETS), "magic123", [], PROMPT, "", 0), image, [])
+    coarse = coarse_config_from_proto(plan.stage("coarse").config, CoarseConfig(prompt=PROMPT))
+    fine = fine_config_from_proto(plan.stage("fine").config, FineConfig(prompt=PROMPT))
+    backend = "auto" if settings.device != "cpu" else "torch"
+    coarse = _replace(coarse, field=_replace(coarse.field, backend=backend))
+    fine = _replace(fine, field=_replace(fine.field, backend=backend))
+    if settings.device == "cpu":  # the smoke run: small renders, table and grid
+        coarse = _replace(coarse, resolution=32, field=_replace(coarse.field, encoding=settings.hash_grid),
+                          renderer=_replace(coarse.renderer, num_samples_per_ray=16),
+                          occupancy=_replace(coarse.occupancy, resolution=16))
+        fine = _replace(fine, resolution=64, field=_replace(fine.field, encoding=settings.hash_grid),
+                        dmtet=_replace(fine.dmtet, grid_cells=16))
+    return coarse, fine
+
+
+def bench_magic123(settings: SuiteSettings, workdir: Path) -> list[dict]:
+    """A step of each Magic123 stage, both priors behind one standalone guidance service (as text jobs are timed)."""
+    coarse, fine = magic123_configs(settings)
+    specs = [
+        PriorSpec(name="latent", kind=PriorKind.LATENT, source=settings.magic123_latent_source, device=settings.device,
+                  resolution=settings.latent_resolution),
+        PriorSpec(name="zero123", kind=PriorKind.VIEW_CONDITIONED, source=settings.zero123_source,
+                  device=settings.device),
+    ]
+    gconfig = GuidanceConfig(priors=specs, batching={"wait_s": 0.0}, port=0)
+    fitted = fitted_coarse_state(coarse, settings)
+    rows = []
+    with standalone_guidance(gconfig, workdir, settings.guidance_gpu) as (client, metrics_url):
+        for stage, config in (("coarse", coarse), ("fine", fine)):
+            scene = make_stage(stage, config, client, settings, fitted if stage == "coarse" else None)
+            rows.append({"stage": f"magic123 {stage}", "batch": config.batch_size, "path": "standalone gRPC",
+                         **time_steps(scene, settings), "guidance_peak_bytes": scrape_gpu_peak(metrics_url)})
+            del scene
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def bench_concurrent(config, settings: SuiteSettings, fitted: dict, workdir: Path, jobs: int = 2) -> list[dict]:
     """Overlap on one GPU: 1 then `jobs` coarse jobs at once against one guidance service with its default dynamic
     batching (requests arriving within 5 ms share one denoiser call). Each job steps in its own thread."""
@@ -402,7 +519,7 @@ def bench_concurrent(config, settings: SuiteSettings, fitted: dict, workdir: Pat
 
 
 PHASE_GROUPS = {
-    "render": ("render", "marching_tets", "rasterize", "texture", "shade"),
+    "render": ("render", "reference", "marching_tets", "rasterize", "texture", "shade"),  # reference: the image view
     "guidance": ("guidance",),
     "backward": ("backward",),
     "optimizer": ("optimizer",),
@@ -428,13 +545,13 @@ def markdown(results: dict) -> str:
                 f"| 2^{r['points'].bit_length() - 1} | {_ms(r['torch_ms'])} | n/a | n/a | n/a |"
             )
         lines.append("")
-    if results.get("steps"):
+    if results.get("steps") or results.get("serve") or results.get("magic123"):
         lines += [
             "| stage | batch | guidance path | render | (encoding fwd / bwd) | guidance | backward | optimiser | step ms"
             " | first step s | scene process peak MiB | guidance process peak MiB |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in results["steps"]:
+        for r in results.get("steps", []) + results.get("serve", []) + results.get("magic123", []):
             groups = {g: sum(r["phases_ms"].get(k, 0.0) for k in keys) for g, keys in PHASE_GROUPS.items()}
             enc = r["encoding_ms"]
             lines.append(
@@ -449,6 +566,13 @@ def markdown(results: dict) -> str:
         for (stage, batch, path), value in by_key.items():
             if path == "standalone gRPC" and (stage, batch, "in-process") in by_key:
                 lines.append(f"| {stage} | {batch} | {value / by_key[(stage, batch, 'in-process')]:.3f} |")
+    if results.get("serve"):
+        lines += ["", "| stage | batch | standalone step ms | Ray Serve step ms | Serve / standalone |", "|---|---:|---:|---:|---:|"]
+        by_key = {(r["stage"], r["batch"], r["path"]): r["step_ms"] for r in results["serve"]}
+        for (stage, batch, path), value in by_key.items():
+            if path == "Ray Serve gRPC" and (stage, batch, "standalone gRPC") in by_key:
+                alone = by_key[(stage, batch, "standalone gRPC")]
+                lines.append(f"| {stage} | {batch} | {alone:.1f} | {value:.1f} | {value / alone:.3f} |")
     if results.get("concurrent"):
         lines += ["", "| stage | batch | jobs at once | step ms per job | steps/s, all jobs | images per denoiser call |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -493,6 +617,11 @@ def main(argv: list[str] | None = None) -> dict:
             results["concurrent"] = bench_concurrent(coarse, settings, fitted, workdir)
         if "fine" in sections:
             results["steps"] += bench_stage("fine", (fine.batch_size,), fine, settings, None, workdir)
+        if "magic123" in sections:
+            results["magic123"] = bench_magic123(settings, workdir)
+        if "serve" in sections:
+            fitted = fitted if "coarse" in sections else fitted_coarse_state(coarse, settings)
+            results["serve"] = bench_serve(coarse, fine, settings, fitted, workdir)
     table = markdown(results)
     print(f"\nmachine: {results['machine']}; commit {results['commit']}; {results['date']}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)

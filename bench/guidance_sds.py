@@ -52,9 +52,9 @@ def build_prior(kind: str, size: str, device: str, workdir: Path) -> tuple[Diffu
     """The prior object for in-process/standalone runs, and a spec a Serve replica can rebuild it from."""
     if kind == "analytic":
         spec = PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, device=device)
-        from services.guidance.pool import build_analytic
+        from services.guidance.pool import PRIORS
 
-        return build_analytic(spec, "default"), spec
+        return PRIORS.build(spec, "default"), spec
     from services.guidance.priors import random_init
 
     model = size if size == "tiny" else FULL_SIZES[kind]
@@ -62,9 +62,9 @@ def build_prior(kind: str, size: str, device: str, workdir: Path) -> tuple[Diffu
         save = random_init.save_random_pixel_prior if kind == "pixel" else random_init.save_random_latent_prior
         source = save(workdir / f"{kind}-{model}", model)
         spec = PriorSpec(name=kind, kind=KINDS[kind], source=str(source), device=device)
-        from services.guidance.pool import BUILDERS
+        from services.guidance.pool import PRIORS
 
-        return BUILDERS[spec.kind](spec, "default"), spec
+        return PRIORS.build(spec, "default"), spec
     build = random_init.build_random_pixel_prior if kind == "pixel" else random_init.build_random_latent_prior
     prior = build(model, device=device, dtype="auto", name=kind)
     return prior, PriorSpec(name=kind, kind=KINDS[kind], source="random-weights", device=device)
@@ -105,11 +105,11 @@ def run_standalone(prior, spec, batches, repeats):
     from magic3d.v1 import guidance_pb2_grpc
 
     from services.guidance import standalone
-    from services.guidance.pool import PriorPool
+    from services.guidance.pool import PRIORS, PriorPool
     from shared.grpcio import insecure_channel
 
     config = GuidanceConfig(priors=[spec], port=0, batching={"wait_s": 0.0})
-    pool = PriorPool(config, builders={spec.kind: lambda s, c: prior})
+    pool = PriorPool(config, priors=PRIORS.with_builders({spec.kind: lambda s, c: prior}))
     running = standalone.start(config, pool=pool)
     channel = insecure_channel(running.address)
     try:

@@ -25,5 +25,11 @@ if ! "$VENV/bin/python" -c 'import triton' 2>/dev/null; then
   pip install -q triton==3.9.0
 fi
 pip install -q -e ".[dev]"
+# The web page's browser test (tests/test_web_page.py) drives Debian's chromium through Playwright (Playwright's own
+# browser download is not used): installed only where it is missing and apt can run as root; elsewhere that test skips.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "bootstrap: could not install chromium; tests/test_web_page.py's browser test will skip"
+fi
 scripts/gen_protos.sh
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,6 +1,8 @@
 """`magic3d`: run the services, generate a mesh, manage jobs.
 
-    magic3d serve                               # every service on 127.0.0.1 (guidance under Ray Serve), until Ctrl-C
+    magic3d serve                               # every service on 127.0.0.1 (guidance under Ray Serve), until Ctrl-C;
+                                                # the web page on http://127.0.0.1:8080/ (--http-port)
+    magic3d serve --guidance-config my-guidance.yaml    # ... with your own guidance YAML (e.g. analytic meshes)
     magic3d serve --service scene --config deploy/config/scene.yaml --host 0.0.0.0     # one service
     magic3d generate "a red torus"              # starts the local stack, runs the job, writes ./out/<job>/, stops
     magic3d generate "a prompt" --preset magic3d --address orchestrator:50071           # against a deployment
@@ -48,16 +50,29 @@ def generate(args: argparse.Namespace) -> int:
     stack = None
     address = args.address
     if address is None:
-        from services.local_stack import LocalStackSettings, start_local_stack
+        from services.local_stack import start_local_stack
 
         print(f"starting the local stack (guidance: {args.guidance}) ...", file=sys.stderr)
-        stack = start_local_stack(LocalStackSettings(guidance=args.guidance, state_dir=Path(args.state_dir), orchestrator_port=0))
+        stack = start_local_stack(local_stack_settings(args, orchestrator_port=0))
         address = stack.orchestrator_address
     try:
         return _generate(args, address, client_token(args, address))
     finally:
         if stack is not None:
             stack.stop()
+
+
+def local_stack_settings(args: argparse.Namespace, **overrides):
+    """The local stack's settings from the command line (--guidance, --state-dir, --guidance-config)."""
+    from services.local_stack import LocalStackSettings
+
+    settings = {"guidance": args.guidance, "state_dir": Path(args.state_dir), **overrides}
+    if getattr(args, "guidance_config", None):
+        path = Path(args.guidance_config)
+        if not path.is_file():
+            raise SystemExit(f"error: --guidance-config {path}: no such file")
+        settings["guidance_config"] = path
+    return LocalStackSettings(**settings)
 
 
 def build_spec(args: argparse.Namespace) -> orchestrator_pb2.JobSpec:
@@ -321,14 +336,16 @@ def serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from services.local_stack import LocalStackSettings, start_local_stack
+    from services.local_stack import start_local_stack
 
     project_logging.configure()
-    stack = start_local_stack(LocalStackSettings(
-        guidance=args.guidance, state_dir=Path(args.state_dir), orchestrator_port=args.port or 50071,
-        metrics_port=args.metrics_port,
+    stack = start_local_stack(local_stack_settings(
+        args, orchestrator_port=args.port or 50071, metrics_port=args.metrics_port,
+        http_port=None if args.http_port < 0 else args.http_port,
     ))
     print(f"orchestrator listening on {stack.orchestrator_address} (Ctrl-C stops everything)", file=sys.stderr)
+    if stack.web_url:  # the token is the local one (state dir, 0600); the page swaps it for a cookie at once
+        print(f"web page: {stack.web_url}?token={stack.client_token}", file=sys.stderr)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
@@ -351,6 +368,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--guidance", choices=("serve", "standalone"), default="serve")
     run.add_argument("--state-dir", default="out/local", help="job database and artifact store (all)")
     run.add_argument("--metrics-port", type=int, default=None)
+    run.add_argument("--guidance-config", metavar="FILE", help="the guidance tier's YAML (all; default: "
+                                                               "deploy/config/guidance.yaml), e.g. with your meshes")
+    run.add_argument("--http-port", type=int, default=8080,
+                     help="the web page on 127.0.0.1 (all; 0: any free port, -1: off)")
     run.set_defaults(handler=serve)
 
     gen = commands.add_parser("generate", help="turn a prompt (or an image) into a textured mesh under ./out/<job>/")
@@ -372,6 +393,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", help="orchestrator HOST:PORT; default: start the local stack for this job")
     gen.add_argument("--guidance", choices=("serve", "standalone"), default="serve", help="local stack only")
     gen.add_argument("--state-dir", default="out/local", help="local stack only")
+    gen.add_argument("--guidance-config", metavar="FILE", help="local stack only: the guidance tier's YAML (default: "
+                                                               "deploy/config/guidance.yaml), e.g. with your meshes")
     gen.add_argument("--out", default="out")
     gen.add_argument("--timeout", type=float, default=24 * 3600)
     gen.add_argument("--verbose", action="store_true", help="the local services' JSON logs at INFO")
@@ -395,6 +418,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.command == "jobs" and args.action != "list" and not args.job:
         parser().error(f"jobs {args.action} needs a job name")
     if args.command == "generate":
+        if args.address and args.guidance_config:
+            parser().error("--guidance-config configures the local stack: it does not go with --address")
         if args.image and (args.mesh or args.edit):
             parser().error("--image cannot be combined with --mesh or --edit")
         if not args.image and args.prompt is None:

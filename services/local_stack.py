@@ -45,6 +45,7 @@ class LocalStackSettings:
     presets: Path = CONFIG_DIR / "presets.yaml"
     checkpoint_every: int | None = None
     metrics_port: int | None = None
+    http_port: int | None = None  # the orchestrator's web page on 127.0.0.1 (0: any free port); None: off
 
 
 @dataclass
@@ -53,6 +54,7 @@ class LocalStack:
     orchestrator_address: str = ""
     guidance_address: str = ""
     client_token: str = ""
+    web_url: str = ""  # the web page's address when `http_port` is set
     _stops: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -133,13 +135,16 @@ def _start(stack: LocalStack) -> None:
         presets_path=settings.presets,
         checkpoint_every=settings.checkpoint_every,
         auth=auth,
+        http_port=settings.http_port,
     )
     orchestrator = orchestrator_server.start(orchestrator_config, priors=checker)
     stack._stops.append(lambda: orchestrator.stop(grace=None))
     stack.orchestrator_address = orchestrator.address
+    stack.web_url = orchestrator.web.url if orchestrator.web is not None else ""
     log.info(
         "local_stack_ready", orchestrator=stack.orchestrator_address, scene=scene.address,
         guidance=stack.guidance_address, guidance_kind=settings.guidance, state_dir=str(settings.state_dir),
+        web=stack.web_url,
     )
 
 

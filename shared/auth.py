@@ -14,11 +14,12 @@ Nothing here imports torch or a service.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hmac
 import ipaddress
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,17 @@ _current: contextvars.ContextVar[Principal] = contextvars.ContextVar("magic3d_pr
 def current_principal() -> Principal:
     """The caller of the RPC being handled (set by BearerAuthInterceptor; LOCAL_PRINCIPAL when auth is off)."""
     return _current.get()
+
+
+@contextlib.contextmanager
+def acting_as(principal: Principal) -> Iterator[None]:
+    """`current_principal()` is `principal` inside the block: for front ends that authenticate a caller themselves
+    (the orchestrator's web page) and then call the same handlers as the gRPC interceptor does."""
+    token = _current.set(principal)
+    try:
+        yield
+    finally:
+        _current.reset(token)
 
 
 class TlsConfig(BaseModel):

@@ -8,7 +8,7 @@ import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from shared.auth import BearerAuthInterceptor, ClientTlsConfig, TlsConfig, TokenTable, with_bearer_token
 from shared.errors import ServiceError
 from shared.logging import get_logger
+from shared.metrics import MetricsServer
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # What a client learns of a bug: the code and this line, never the exception's text (paths, pids, tracebacks).
@@ -25,9 +26,11 @@ INTERNAL_ERROR_MESSAGE = "internal error; the service logged it"
 log = get_logger(__name__)
 
 
-def abort_with(context: grpc.ServicerContext, error: ServiceError) -> None:
-    """Ends the RPC with the error's code, message and google.rpc.Status details (field violations, retry info)."""
+def abort_with(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
+    """Ends the RPC with the error's code, message and google.rpc.Status details (field violations, retry info).
+    Never returns: grpc's `abort_with_status` raises, which is what lets handlers end on `abort_with(...)`."""
     context.abort_with_status(rpc_status.to_status(error.to_rpc_status()))
+    raise RuntimeError("ServicerContext.abort_with_status returned instead of raising")
 
 
 class LastResortInterceptor(grpc.ServerInterceptor):
@@ -140,10 +143,16 @@ class RunningServer:
     on_stop: Callable[[], None] | None = None
     # Runs after the health turns NOT_SERVING and before the server stops taking calls: in-flight work winds down.
     before_stop: Callable[[], None] | None = None
+    # The service's Prometheus /metrics endpoint, where it serves one; shut down last, after `on_stop`.
+    metrics: MetricsServer | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
 
     def stop(self, grace: float | None = 1.0) -> None:
         self.health.enter_graceful_shutdown()
@@ -152,6 +161,8 @@ class RunningServer:
         self.server.stop(grace).wait()
         if self.on_stop is not None:
             self.on_stop()
+        if self.metrics is not None:
+            self.metrics.shutdown()
 
 
 def start_server(
@@ -167,10 +178,12 @@ def start_server(
     before_stop: Callable[[], None] | None = None,
     tokens: TokenTable | None = None,
     tls: TlsConfig | None = None,
+    metrics: MetricsServer | None = None,
 ) -> RunningServer:
     """Starts `servicer` with grpc.health.v1 (SERVING for "" and `service_name`), optional reflection, and our
     message limits; `address` may use port 0 for any free port. With `tokens` (non-empty), every call but health
-    and reflection needs one of them as a bearer token; with `tls`, the port is TLS only."""
+    and reflection needs one of them as a bearer token; with `tls`, the port is TLS only. `metrics`, the service's
+    already started /metrics server, is shut down with it."""
     interceptors = [BearerAuthInterceptor(tokens, service_name.rsplit(".", 1)[-1])] if tokens else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service_name.rsplit(".", 1)[-1]),
@@ -192,7 +205,7 @@ def start_server(
     server.start()
     for name in ("", service_name):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, servicer, health_servicer, on_stop, before_stop)
+    return RunningServer(server, port, servicer, health_servicer, on_stop, before_stop, metrics)
 
 
 def config_from_command_line(description: str, load: Callable[[str], Any], default: Callable[[], Any], what: str) -> Any:

@@ -127,7 +127,11 @@ class SdsRequest:
     @property
     def inputs(self) -> torch.Tensor:
         """What the gradient is taken w.r.t.: the latents where sent, else the images."""
-        return self.latents if self.latents is not None else self.images
+        if self.latents is not None:
+            return self.latents
+        if self.images is None:
+            raise ValueError("an SdsRequest carries images or latents; this one has neither")
+        return self.images
 
     @property
     def batch_size(self) -> int:

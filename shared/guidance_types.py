@@ -22,7 +22,7 @@ WEIGHTING_TO_PROTO = {
     Weighting.UNIFORM: guidance_pb2.WEIGHTING_UNIFORM,
     Weighting.FANTASIA3D: guidance_pb2.WEIGHTING_FANTASIA3D,
 }
-WEIGHTING_FROM_PROTO = {v: k for k, v in WEIGHTING_TO_PROTO.items()}
+WEIGHTING_FROM_PROTO: dict[int, Weighting] = {v: k for k, v in WEIGHTING_TO_PROTO.items()}
 
 
 def weighting_from_proto(value: int) -> Weighting | None:

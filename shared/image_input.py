@@ -151,7 +151,7 @@ def _decode_bytes(data: bytes, limits: ImageLimits) -> np.ndarray:
     if len(data) > limits.max_encoded_bytes:
         raise InvalidArgument(f"{len(data)} bytes is over the limit of {limits.max_encoded_bytes}", field)
     try:
-        picture = Image.open(io.BytesIO(data))
+        picture: Image.Image = Image.open(io.BytesIO(data))
         if picture.format not in _FORMATS:
             raise InvalidArgument(f"must be PNG or JPEG, got {picture.format}", field)
         _check_sides(picture.height, picture.width, limits, field)  # before the pixels are decoded

@@ -127,7 +127,7 @@ def crease_normals(
 
 
 # ------------------------------------------------------------------ builders
-def _revolve(profile: list[tuple[float, float]], segments: int, closed: bool = False) -> Mesh:
+def revolve(profile: list[tuple[float, float]], segments: int, closed: bool = False) -> Mesh:
     """Revolves a (rho, z) profile about +Z. Open profiles must start and end on the axis (rho = 0): those
     become single pole vertices. Walk the profile so that the outside is on the right when going
     top -> bottom along the outer side (then d(profile) x d(phi) points outward)."""
@@ -154,7 +154,7 @@ def _revolve(profile: list[tuple[float, float]], segments: int, closed: bool = F
         c, d = i_next * segments + jn, i * segments + jn
         faces += [torch.stack([a, b, c], 1), torch.stack([a, c, d], 1)]
     vertices = [rings]
-    if not closed:
+    if top is not None and bottom is not None:  # an open profile: its ends become the two poles
         top_index, bottom_index = rings.shape[0], rings.shape[0] + 1
         vertices += [torch.tensor([[0.0, 0.0, top[1]], [0.0, 0.0, bottom[1]]], dtype=torch.float64)]
         last = (num_rings - 1) * segments
@@ -174,7 +174,7 @@ def torus(
     # Clockwise in the (rho, z) plane: down on the outer side, so the normal points away from the tube axis.
     v = [-2 * math.pi * k / minor_segments for k in range(minor_segments)]
     profile = [(major_radius + minor_radius * math.cos(a), minor_radius * math.sin(a)) for a in v]
-    return _revolve(profile, segments, closed=True)
+    return revolve(profile, segments, closed=True)
 
 
 def uv_sphere(radius: float = 0.4, segments: int = 48, rings: int = 24) -> Mesh:
@@ -184,19 +184,19 @@ def uv_sphere(radius: float = 0.4, segments: int = 48, rings: int = 24) -> Mesh:
     theta = [math.pi * k / rings for k in range(rings + 1)]
     profile = [(radius * math.sin(t), radius * math.cos(t)) for t in theta]
     profile[0], profile[-1] = (0.0, radius), (0.0, -radius)
-    return _revolve(profile, segments)
+    return revolve(profile, segments)
 
 
 def cone(radius: float = 0.35, height: float = 0.7, segments: int = 48) -> Mesh:
     """Apex at z = +height/2, base disk of `radius` at z = -height/2."""
     h = height / 2
-    return _revolve([(0.0, h), (radius, -h), (0.0, -h)], segments)
+    return revolve([(0.0, h), (radius, -h), (0.0, -h)], segments)
 
 
 def cylinder(radius: float = 0.3, height: float = 0.7, segments: int = 48) -> Mesh:
     """Axis along Z, capped at z = +-height/2."""
     h = height / 2
-    return _revolve([(0.0, h), (radius, h), (radius, -h), (0.0, -h)], segments)
+    return revolve([(0.0, h), (radius, h), (radius, -h), (0.0, -h)], segments)
 
 
 def box(size: float = 0.55) -> Mesh:
@@ -233,8 +233,9 @@ def load_mesh(path: str | Path, up_axis: str = "auto", radius: float = 0.5) -> M
     """Loads GLB/GLTF/OBJ/PLY (anything trimesh reads) into one `Mesh`, normalised by `normalize_mesh`.
 
     Scenes are flattened into one mesh. Vertex colours are kept when the file has them (textures are sampled
-    to vertex colours where trimesh can). `up_axis`: "z" keeps coordinates; "y" rotates a Y-up file to Z-up
-    ((x, y, z) -> (x, -z, y)); "auto" is "y" for glTF files (Y-up by specification) and "z" otherwise.
+    to vertex colours where trimesh can). `up_axis`: "z" (or "+z") keeps coordinates; "y" (or "+y") rotates a
+    Y-up file to Z-up ((x, y, z) -> (x, -z, y)); "auto" is "y" for glTF files (Y-up by specification) and "z"
+    otherwise.
     """
     import numpy as np
     import trimesh
@@ -248,21 +249,21 @@ def load_mesh(path: str | Path, up_axis: str = "auto", radius: float = 0.5) -> M
     colors = None
     try:
         visual = loaded.visual
-        if visual.kind == "texture":
+        if isinstance(visual, trimesh.visual.TextureVisuals):
             visual = visual.to_color()
-        if visual.kind == "vertex":
+        if isinstance(visual, trimesh.visual.ColorVisuals) and visual.kind == "vertex":
             colors = torch.from_numpy(np.asarray(visual.vertex_colors)[:, :3].astype("float32") / 255.0)
     except Exception:  # colours are optional; geometry is what matters
         colors = None
     vertices = torch.from_numpy(np.asarray(loaded.vertices, dtype="float32"))
     faces = torch.from_numpy(np.asarray(loaded.faces, dtype="int64"))
-    up = up_axis.lower()
+    up = up_axis.lower().removeprefix("+")
     if up == "auto":
         up = "y" if path.suffix.lower() in (".glb", ".gltf") else "z"
     if up == "y":
         vertices = torch.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], dim=1)
     elif up != "z":
-        raise ValueError(f"up_axis must be 'auto', 'y' or 'z', got {up_axis!r}")
+        raise ValueError(f"up_axis must be 'auto', '+y' or '+z', got {up_axis!r}")
     if colors is not None and colors.shape[0] != vertices.shape[0]:
         colors = None
     return normalize_mesh(Mesh(vertices, faces, colors), radius)

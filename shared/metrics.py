@@ -4,7 +4,9 @@ one process, as in tests and the local stack, do not clash). Collectors read liv
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -13,8 +15,8 @@ from prometheus_client.core import GaugeMetricFamily
 @dataclass
 class MetricsServer:
     port: int
-    server: object
-    thread: object
+    server: WSGIServer
+    thread: threading.Thread
     registry: CollectorRegistry
 
     def shutdown(self) -> None:

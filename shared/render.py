@@ -63,6 +63,8 @@ def render_mesh(
     colors = _albedo(mesh, albedo, verts)
     need_normals = any(camera.shading != Shading.ALBEDO for camera in cameras)
     shaded: list[torch.Tensor] = []
+    normals: torch.Tensor | None = None
+    world: torch.Tensor | None = None
     if need_normals:
         if vertices is None:
             corner_normals, normal_tri = mesh.shading_normals
@@ -79,8 +81,6 @@ def render_mesh(
         to_eye = eyes[:, None, None, :] - world
         flip = ((geometric * to_eye).sum(-1, keepdim=True) < 0).to(verts.dtype)
         normals = normals * (1 - 2 * flip)
-    else:
-        normals = world = None
 
     albedo_image = rasterizer.interpolate(colors, rast, faces) if colors.ndim == 2 else None
     for index, camera in enumerate(cameras):

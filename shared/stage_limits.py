@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 from google.protobuf.message import Message
-from magic3d.v1 import scene_pb2
+from magic3d.v1 import common_pb2, scene_pb2
 
 from shared.errors import InvalidArgument, shorten
 from shared.schedules import Schedule
@@ -99,6 +99,44 @@ def check_stage_config(
     if message.learning_rate < 0:
         raise InvalidArgument(f"must be > 0 (0: the service's default), got {message.learning_rate}", f"{prefix}.learning_rate")
     _check_t_ranges(message, prefix, default_t)
+    for index, term in enumerate(message.priors):
+        if term.HasField("t_min") or term.HasField("t_max"):
+            _check_t_ranges(term, f"{prefix}.priors[{index}]", _stage_t(message, prefix, default_t))
+    if message.HasField("reference"):
+        check_reference(message.reference, limits, f"{prefix}.reference")
+
+
+def _stage_t(message: scene_pb2.StageConfig, prefix: str, default_t) -> tuple[Schedule, Schedule] | None:
+    """The stage's (t_min, t_max), explicit or default: what a prior term's unset bound falls back to."""
+    bounds = []
+    for index, name in enumerate(("t_min", "t_max")):
+        if message.HasField(name):
+            bounds.append(_schedule(getattr(message, name), f"{prefix}.{name}"))
+        elif default_t is not None:
+            bounds.append(default_t[index])
+        else:
+            return None
+    return bounds[0], bounds[1]
+
+
+def check_reference(message: scene_pb2.ReferenceView, limits: SceneLimits, prefix: str = "config.reference") -> None:
+    """The reference view's image: square (S, S, 4) uint8 with 16 <= S <= SceneLimits.max_resolution (the scene
+    renders the view at S); a depth map, where given, (S, S)."""
+    field = f"{prefix}.image"
+    if not message.HasField("image"):
+        raise InvalidArgument("a reference view needs its image", field)
+    shape = [int(d) for d in message.image.shape]
+    if message.image.dtype != common_pb2.SCALAR_TYPE_UINT8:
+        raise InvalidArgument("must be uint8 RGBA", f"{field}.dtype")
+    if len(shape) != 3 or shape[2] != 4 or shape[0] != shape[1]:
+        raise InvalidArgument(f"must be (S, S, 4) RGBA (square), got {shape}", f"{field}.shape")
+    if shape[0] < 16:
+        raise InvalidArgument(f"side must be at least 16, got {shape[0]}", f"{field}.shape")
+    if shape[0] > limits.max_resolution:
+        raise InvalidArgument(over_limit(shape[0], limits.max_resolution, "max_resolution"), f"{field}.shape")
+    if message.HasField("depth") and [int(d) for d in message.depth.shape] != shape[:2]:
+        raise InvalidArgument(f"must be {shape[:2]} like the image, got {list(message.depth.shape)}",
+                              f"{prefix}.depth.shape")
 
 
 def check_hash_table(table_bytes: int, limits: SceneLimits, field: str = "config.hash_grid") -> None:
@@ -216,6 +254,8 @@ def _read(data: bytes, fmt: str, field: str) -> tuple[np.ndarray, np.ndarray]:
 
     try:
         loaded = trimesh.load(io.BytesIO(data), file_type=fmt, force="mesh", process=False)
+        if not isinstance(loaded, trimesh.Trimesh):  # force="mesh" concatenates a scene; anything else is unreadable
+            raise TypeError(f"loaded a {type(loaded).__name__}, not a triangle mesh")
         vertices = np.asarray(loaded.vertices, dtype=np.float64).reshape(-1, 3)
         faces = np.asarray(loaded.faces, dtype=np.int64).reshape(-1, 3)
     except Exception as error:  # noqa: BLE001 - any parse failure means an unreadable upload; its text stays here
@@ -233,6 +273,6 @@ def _relative_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
 
 
 __all__ = [
-    "SceneLimits", "MeshSummary", "check_stage_config", "check_hash_table", "check_mesh_bytes", "check_mesh_faces",
+    "SceneLimits", "MeshSummary", "check_stage_config", "check_reference", "check_hash_table", "check_mesh_bytes", "check_mesh_faces",
     "read_mesh_summary", "over_limit",
 ]

@@ -11,15 +11,16 @@ from magic3d.v1 import common_pb2
 from shared.devices import to_host
 from shared.errors import InvalidArgument
 
-_TORCH_BY_PROTO = {
-    common_pb2.SCALAR_TYPE_FLOAT32: torch.float32,
-    common_pb2.SCALAR_TYPE_FLOAT16: torch.float16,
-    common_pb2.SCALAR_TYPE_BFLOAT16: torch.bfloat16,
-    common_pb2.SCALAR_TYPE_UINT8: torch.uint8,
-    common_pb2.SCALAR_TYPE_INT32: torch.int32,
-    common_pb2.SCALAR_TYPE_INT64: torch.int64,
+_PROTO_BY_TORCH = {
+    torch.float32: common_pb2.SCALAR_TYPE_FLOAT32,
+    torch.float16: common_pb2.SCALAR_TYPE_FLOAT16,
+    torch.bfloat16: common_pb2.SCALAR_TYPE_BFLOAT16,
+    torch.uint8: common_pb2.SCALAR_TYPE_UINT8,
+    torch.int32: common_pb2.SCALAR_TYPE_INT32,
+    torch.int64: common_pb2.SCALAR_TYPE_INT64,
 }
-_PROTO_BY_TORCH = {v: k for k, v in _TORCH_BY_PROTO.items()}
+# Keyed by plain int: a decoded message's dtype field may hold a value this side does not know.
+_TORCH_BY_PROTO: dict[int, torch.dtype] = {k: v for v, k in _PROTO_BY_TORCH.items()}
 # numpy has no bfloat16: those bytes travel as int16 words and are reinterpreted by torch.
 _NUMPY_CARRIER = {
     torch.float32: "<f4",
@@ -31,7 +32,7 @@ _NUMPY_CARRIER = {
 }
 
 
-def proto_scalar_type(dtype: torch.dtype) -> int:
+def proto_scalar_type(dtype: torch.dtype) -> common_pb2.ScalarType:
     if dtype not in _PROTO_BY_TORCH:
         raise ValueError(f"dtype {dtype} has no wire form")
     return _PROTO_BY_TORCH[dtype]

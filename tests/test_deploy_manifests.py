@@ -526,7 +526,7 @@ def test_orchestrator_statefulset_database_volume_config_mounts_and_ports():
         "--host", "0.0.0.0",
     ]
     ports = port_numbers(container)
-    assert (ports["grpc"], ports["metrics"]) == (config["port"], config["metrics_port"])
+    assert (ports["grpc"], ports["metrics"], ports["http"]) == (config["port"], config["metrics_port"], config["http_port"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == config["port"]
     # The database lies on the claim template's volume.
@@ -547,7 +547,7 @@ def test_orchestrator_statefulset_database_volume_config_mounts_and_ports():
     for notes in (service["metadata"]["annotations"], template["metadata"]["annotations"]):
         assert notes["prometheus.io/scrape"] == "true"
         assert notes["prometheus.io/port"] == str(config["metrics_port"])
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "metrics": 9090}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051, "metrics": 9090, "http": 8080}
 
 
 def preset_names(data) -> set[str]:

@@ -68,14 +68,16 @@ def test_a_good_batch_is_one_denoiser_call(monkeypatch):
 
 def test_the_pool_keeps_the_most_recently_used_checkpoints_and_names_unknown_ones():
     from services.guidance.config import GuidanceConfig, PriorSpec
-    from services.guidance.pool import PriorPool
+    from services.guidance.pool import PRIORS, PriorPool
     from shared.errors import NotFound
     from shared.guidance_api import PriorKind
 
     spec = PriorSpec(name="p", kind=PriorKind.PIXEL, source="s0", checkpoints={"a": "s1", "b": "s2"})
     config = GuidanceConfig(priors=[spec], batching={"max_loaded_checkpoints": 2})
     built: list[str] = []
-    pool = PriorPool(config, builders={PriorKind.PIXEL: lambda s, ckpt: built.append(ckpt) or object()})
+    pool = PriorPool(
+        config, priors=PRIORS.with_builders({PriorKind.PIXEL: lambda s, ckpt: built.append(ckpt) or object()})
+    )
     default = pool.get("p")
     assert pool.get("p", "default") is default and pool.get("p", "a") is not default
     pool.get("p")  # default is now the most recently used: loading "b" evicts "a"
@@ -87,3 +89,19 @@ def test_the_pool_keeps_the_most_recently_used_checkpoints_and_names_unknown_one
         with pytest.raises(NotFound) as caught:
             pool.resolve(name, checkpoint)
         assert caught.value.field == field
+
+
+def test_lru_cache_evicts_the_least_recently_used_and_counts():
+    from services.guidance.cache import LruCache
+
+    cache: LruCache[str, int] = LruCache(2)
+    computed = []
+    assert cache.get_or_compute("a", lambda: computed.append("a") or 1) == 1
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recent: "b" goes first
+    cache.put("c", 3)
+    assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
+    assert cache.get_or_compute("a", lambda: computed.append("again") or 9) == 1 and computed == ["a"]
+    assert (cache.hits, cache.misses) == (4, 2)
+    cache.put("none", None)  # a stored None is a value: get_or_compute does not recompute it
+    assert cache.get_or_compute("none", lambda: computed.append("none") or 0) is None and "none" not in computed

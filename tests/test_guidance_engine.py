@@ -9,14 +9,15 @@ import torch
 
 from conftest import CountingPrior, counting_config
 from services.guidance.engine import GuidanceEngine
-from services.guidance.pool import PriorPool
+from services.guidance.pool import PRIORS, PriorPool
 from shared.errors import InvalidArgument, NotFound, ResourceExhausted
 from shared.guidance_api import PriorKind, SdsRequest
 
 
 def engine_with(prior: CountingPrior, **batching) -> GuidanceEngine:
     config = counting_config(**batching)
-    return GuidanceEngine(config, PriorPool(config, builders={PriorKind.PIXEL: lambda spec, ckpt: prior}))
+    priors = PRIORS.with_builders({PriorKind.PIXEL: lambda spec, ckpt: prior})
+    return GuidanceEngine(config, PriorPool(config, priors=priors))
 
 
 def request(seed: int, batch: int = 1, **overrides) -> SdsRequest:

@@ -14,7 +14,7 @@ from magic3d.v1 import common_pb2, guidance_pb2, guidance_pb2_grpc
 from conftest import CountingPrior, counting_config
 from services.guidance import standalone
 from services.guidance.config import DEFAULT_CONFIG
-from services.guidance.pool import PriorPool
+from services.guidance.pool import PRIORS, PriorPool
 from shared import cameras, guidance_api, tensors
 from shared.errors import InvalidArgument, NotFound, field_violations
 from shared.grpcio import insecure_channel
@@ -38,7 +38,7 @@ class GatedPrior(CountingPrior):
 def server():
     GATE.set()
     config = counting_config(max_queue=2, wait_s=0.0, max_batch_images=8).model_copy(update={"port": 0})
-    pool = PriorPool(config, builders={PriorKind.PIXEL: lambda spec, ckpt: GatedPrior()})
+    pool = PriorPool(config, priors=PRIORS.with_builders({PriorKind.PIXEL: lambda spec, ckpt: GatedPrior()}))
     running = standalone.start(config, pool=pool)
     yield running
     running.stop(grace=None)
@@ -326,7 +326,7 @@ def test_metrics_report_batch_fill():
 
     GATE.set()
     config = counting_config(wait_s=0.0, max_batch_images=8).model_copy(update={"port": 0, "metrics_port": 0})
-    pool = PriorPool(config, builders={PriorKind.PIXEL: lambda spec, ckpt: GatedPrior()})
+    pool = PriorPool(config, priors=PRIORS.with_builders({PriorKind.PIXEL: lambda spec, ckpt: GatedPrior()}))
     running = standalone.start(config, pool=pool)
     channel = insecure_channel(running.address)
     try:

@@ -206,6 +206,8 @@ def test_generate_streams_the_job_to_a_textured_glb(stack):
         (lambda s: s.text.__setattr__("prompt", "   "), grpc.StatusCode.INVALID_ARGUMENT, "spec.text.prompt"),
         (lambda s: s.__setattr__("preset", "nope"), grpc.StatusCode.INVALID_ARGUMENT, "spec.preset"),
         (lambda s: s.text.__setattr__("prompt", "a purple teapot"), grpc.StatusCode.INVALID_ARGUMENT, "spec.text.prompt"),
+        (lambda s: s.text.__setattr__("prompt", "a red torus and a blue sphere"), grpc.StatusCode.INVALID_ARGUMENT,
+         "spec.text.prompt"),
         (lambda s: s.overrides.add().config.CopyFrom(scene_pb2.StageConfig(stage=scene_pb2.STAGE_FINE, resolution=4)),
          grpc.StatusCode.INVALID_ARGUMENT, "spec.overrides[0].config.resolution"),
         (lambda s: s.overrides.add().config.CopyFrom(scene_pb2.StageConfig(

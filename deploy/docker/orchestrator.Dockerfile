@@ -39,5 +39,5 @@ RUN pip install . \
  && chown -R magic3d /app /var/lib/magic3d
 
 USER 1000
-EXPOSE 50051 9090
+EXPOSE 50051 9090 8080
 CMD ["python", "-m", "services.orchestrator.server", "--config", "deploy/config/orchestrator.yaml", "--host", "0.0.0.0"]

@@ -20,13 +20,31 @@ class AnalyticOptions(BaseModel):
 
     class MeshObject(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        name: str
+        name: str = Field(min_length=1)
         path: Path
-        color: tuple[float, float, float] = (0.8, 0.8, 0.8)
+        # One albedo for the whole object; null uses the file's own colours (vertex colours, glTF COLOR_0, or a
+        # texture sampled at the vertices), light grey when it has none.
+        color: tuple[float, float, float] | None = (0.8, 0.8, 0.8)
         aliases: tuple[str, ...] = ()
+        # The file's up axis: "auto" is +y for glTF/GLB (the glTF rule) and +z for other formats; "+z" for files
+        # from Z-up tools (Blender's native axes, CAD), "+y" for Y-up OBJ/PLY.
+        up: Literal["auto", "+y", "+z"] = "auto"
+
+        @model_validator(mode="after")
+        def _check_color(self) -> "AnalyticOptions.MeshObject":
+            if self.color is not None and not all(0.0 <= c <= 1.0 for c in self.color):
+                raise ValueError(f"mesh {self.name!r}: color components must be in [0, 1], got {self.color}")
+            return self
 
     # Built-in procedural objects are always present; these user meshes are added to the set.
     meshes: list[MeshObject] = []
+
+    @model_validator(mode="after")
+    def _unique_meshes(self) -> "AnalyticOptions":
+        names = [m.name.lower() for m in self.meshes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"analytic mesh names must be unique, got {names}")
+        return self
 
 
 #: Names of families accepted as `kind` in YAML besides the PriorKind values.
@@ -123,12 +141,31 @@ class GuidanceConfig(BaseModel):
     # sends its image once: at most this many, and at most this many bytes (least recently used evicted).
     reference_image_cache_size: int = Field(default=64, ge=1)
     reference_image_cache_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    # User meshes listed once for every analytic prior of this file (each prior's own `analytic.meshes` follow).
+    analytic: AnalyticOptions = AnalyticOptions()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "GuidanceConfig":
         names = [p.name for p in self.priors]
         if len(set(names)) != len(names):
             raise ValueError(f"prior names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _share_meshes(self) -> "GuidanceConfig":
+        """Prepends the top-level meshes to every analytic prior's own list, so that each prior builds from its
+        spec alone. A name listed in both places is an error, not an override."""
+        if not self.analytic.meshes:
+            return self
+        shared = {m.name.lower() for m in self.analytic.meshes}
+        for spec in self.priors:
+            if spec.kind != PriorKind.ANALYTIC:
+                continue
+            own = [m for m in spec.analytic.meshes if m not in self.analytic.meshes]
+            clash = sorted(m.name for m in own if m.name.lower() in shared)
+            if clash:
+                raise ValueError(f"prior {spec.name!r}: meshes {clash} are also listed under the top-level analytic")
+            spec.analytic = AnalyticOptions(meshes=[*self.analytic.meshes, *own])
         return self
 
     def prior(self, name: str) -> PriorSpec | None:

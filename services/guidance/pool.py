@@ -9,10 +9,15 @@ from services.guidance.cache import LruCache
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.guidance.priors.base import DiffusionPrior
 from services.guidance.priors.vae_encoder import RANDOM_SOURCE_PREFIX
+from shared.components import Registry, UnknownKind
 from shared.errors import NotFound
 from shared.guidance_api import PriorKind
 
 PriorBuilder = Callable[[PriorSpec, str], DiffusionPrior]
+
+# Prior builders by `PriorSpec.kind`: each is `build(spec, checkpoint_id) -> DiffusionPrior`, imports its model code
+# lazily (the analytic prior needs no diffusers), and is registered here with `@PRIORS.register(kind)`.
+PRIORS: Registry[DiffusionPrior] = Registry("prior kind")
 
 
 def _tuning(spec: PriorSpec) -> dict:
@@ -25,12 +30,13 @@ def _tuning(spec: PriorSpec) -> dict:
     return kwargs
 
 
+@PRIORS.register(PriorKind.ANALYTIC)
 def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     from services.guidance.priors.analytic import AnalyticPrior, load_mesh_object
 
     prior = AnalyticPrior(name=spec.name, **_tuning(spec))
     for mesh in spec.analytic.meshes:
-        prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases))
+        prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases, up=mesh.up))
     return prior
 
 
@@ -71,18 +77,21 @@ def _build_text_prior(prior_class, spec: PriorSpec, checkpoint_id: str) -> Diffu
     return prior_class.from_pretrained(source, **_text_prior_settings(spec))
 
 
+@PRIORS.register(PriorKind.LATENT)
 def build_latent(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     from services.guidance.priors.latent import LatentPrior
 
     return _build_text_prior(LatentPrior, spec, checkpoint_id)
 
 
+@PRIORS.register(PriorKind.PIXEL)
 def build_pixel(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     from services.guidance.priors.pixel import PixelPrior
 
     return _build_text_prior(PixelPrior, spec, checkpoint_id)
 
 
+@PRIORS.register(PriorKind.VIEW_CONDITIONED)
 def build_zero123(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     """Zero-1-to-3 from a local diffusers directory, or `random:tiny` / `random:zero123` (random weights)."""
     from services.guidance.priors import random_init
@@ -106,20 +115,19 @@ def build_zero123(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     return Zero123Prior.from_pretrained(source, **settings)
 
 
-BUILDERS: dict[PriorKind, PriorBuilder] = {
-    PriorKind.ANALYTIC: build_analytic,
-    PriorKind.LATENT: build_latent,
-    PriorKind.PIXEL: build_pixel,
-    PriorKind.VIEW_CONDITIONED: build_zero123,
-}
-
-
 class PriorPool:
     """Thread-safe: loads on first use, keeps at most `max_loaded` checkpoints per prior."""
 
-    def __init__(self, config: GuidanceConfig, builders: dict[PriorKind, PriorBuilder] | None = None) -> None:
+    def __init__(self, config: GuidanceConfig, priors: Registry[DiffusionPrior] = PRIORS) -> None:
+        """`priors`: the builders by kind (PRIORS, or a copy with overrides: `PRIORS.with_builders({...})`); every
+        configured prior's kind must have one (InvalidArgument naming `priors[i].kind` otherwise)."""
         self.config = config
-        self._builders = builders or BUILDERS
+        self._priors = priors
+        for index, spec in enumerate(config.priors):
+            try:
+                priors.find(spec.kind)
+            except UnknownKind as error:
+                raise error.invalid_argument(f"priors[{index}].kind") from None
         size = config.batching.max_loaded_checkpoints
         self._loaded: dict[str, LruCache[str, DiffusionPrior]] = {p.name: LruCache(size) for p in config.priors}
         self._lock = threading.Lock()
@@ -144,7 +152,7 @@ class PriorPool:
 
     def get(self, name: str, checkpoint_id: str = "") -> DiffusionPrior:
         spec, checkpoint_id = self.resolve(name, checkpoint_id)
-        build = self._builders[spec.kind]
+        build = self._priors.find(spec.kind)
         with self._lock:
             return self._loaded[name].get_or_compute(checkpoint_id, lambda: build(spec, checkpoint_id))
 

@@ -56,7 +56,7 @@ from services.guidance.batching import BatchRunner
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig
 from services.guidance.engine import check_prompt
 from services.guidance.image_cache import ReferenceImageCache
-from services.guidance.pool import BUILDERS, PriorBuilder, PriorPool
+from services.guidance.pool import PRIORS, PriorPool
 from services.guidance.priors.base import DiffusionPrior
 from services.guidance.rpc_errors import internal_error, log_rejected
 from shared import guidance_api
@@ -239,8 +239,7 @@ class GuidanceDeployment:
     def __init__(self, config: dict | GuidanceConfig, settings: dict | ServeAppSettings | None = None) -> None:
         self.config = GuidanceConfig.model_validate(config)
         self.settings = ServeAppSettings.model_validate(settings or {}).resolved(self.config)
-        builders: dict[PriorKind, PriorBuilder] = dict(BUILDERS)
-        builders.update({kind: _import(path) for kind, path in self.settings.prior_builders.items()})
+        priors = PRIORS.with_builders({kind: _import(path) for kind, path in self.settings.prior_builders.items()})
         # The pool keeps at most as many checkpoints per prior as the multiplexer keeps per replica (an application
         # usually hosts one prior, so both bounds agree; with several, the pool's per-prior bound is the looser one).
         pool_config = self.config.model_copy(
@@ -250,7 +249,7 @@ class GuidanceDeployment:
                 )
             }
         )
-        self.pool = PriorPool(pool_config, builders=builders)
+        self.pool = PriorPool(pool_config, priors=priors)
         self._tokens = self.config.auth.service_tokens()
         self.reference_images = ReferenceImageCache(
             self.config.reference_image_cache_size, self.config.reference_image_cache_bytes

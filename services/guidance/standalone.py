@@ -34,12 +34,7 @@ def start(
         engine.pool.warm()
     metrics = start_metrics(engine, config.host, config.metrics_port) if config.metrics_port is not None else None
 
-    def on_stop() -> None:
-        engine.close()
-        if metrics is not None:
-            metrics.shutdown()
-
-    running = start_server(
+    return start_server(
         GuidanceServicer(engine),
         guidance_pb2_grpc.add_GuidanceServiceServicer_to_server,
         SERVICE_NAME,
@@ -48,12 +43,11 @@ def start(
         max_message_bytes=config.max_message_bytes,
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         enable_reflection=True,
-        on_stop=on_stop,
+        on_stop=engine.close,
         tokens=tokens,
         tls=config.tls,
+        metrics=metrics,
     )
-    running.metrics_port = metrics.port if metrics is not None else None
-    return running
 
 
 def main() -> None:

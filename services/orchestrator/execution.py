@@ -27,6 +27,7 @@ from magic3d.v1 import orchestrator_pb2, scene_pb2
 from services.orchestrator import presets as presets_module
 from services.orchestrator import previews
 from services.orchestrator.admission import Admission
+from services.orchestrator.eta import StageEta
 from services.orchestrator.events import EventHub
 from services.orchestrator.jobs import CheckpointRef, JobRecord, JobState, JobStore
 from services.orchestrator.presets import JobPlan, PlannedStage
@@ -131,13 +132,12 @@ class JobExecution:
         try:
             newest = record.stage_checkpoints(stage.name)
             checkpoint_uri = newest[0].uri if newest and newest[0].step == step else ""
-            started = time.monotonic()
-            start_step = step
+            eta = StageEta(stage.steps, start_step=step)
             while step < stage.steps or not checkpoint_uri:
                 self._check_interrupts(job_id)
                 chunk = min(plan.checkpoint_every - step % plan.checkpoint_every, stage.steps - step)
                 if chunk > 0:
-                    step = self._run_chunk(stub, scene_id, job_id, stage, plan, chunk, started, start_step)
+                    step = self._run_chunk(stub, scene_id, job_id, stage, plan, chunk, eta)
                 checkpoint_uri, step = self._checkpoint(stub, scene_id, job_id, stage)
             record = self._finish_stage_checkpoint(job_id, stage.name, checkpoint_uri)
             self.events.publish(job_id, orchestrator_pb2.JobEvent(stage_finished=orchestrator_pb2.StageFinished(
@@ -228,7 +228,7 @@ class JobExecution:
         except Exception as error:  # noqa: BLE001 - a leftover file costs space, never the job
             log.info("artifact_delete_failed", reason=type(error).__name__)
 
-    def _run_chunk(self, stub, scene_id, job_id, stage, plan, chunk, started, start_step) -> int:
+    def _run_chunk(self, stub, scene_id, job_id, stage, plan, chunk, eta: StageEta) -> int:
         entry = self.entry
         request = scene_pb2.RunStepsRequest(scene_id=scene_id, num_steps=chunk, progress_every=plan.progress_every)
         call = stub.RunSteps(request, timeout=self._call_timeout(), metadata=_metadata(job_id))
@@ -242,14 +242,14 @@ class JobExecution:
                         job_id, CheckpointRef(stage.name, step, update.checkpoint_uri, update.checkpoint_sha256)
                     )
                     continue
-                self.services.step_seconds = (self.services.step_seconds + [sum(update.phase_seconds.values())])[-256:]
-                done = max(1, step - start_step)
-                eta = (time.monotonic() - started) / done * (stage.steps - step)
+                step_seconds = sum(update.phase_seconds.values())
+                self.services.step_seconds = (self.services.step_seconds + [step_seconds])[-256:]
+                eta.observe(step, step_seconds)
                 self.jobs.update(job_id, step=step)
                 self._check_deadline()
                 self.events.publish(job_id, orchestrator_pb2.JobEvent(progress=orchestrator_pb2.JobProgress(
                     stage=presets_module.STAGE_ENUM[stage.name], step=step, total_steps=stage.steps,
-                    losses=dict(update.losses), eta_seconds=eta,
+                    losses=dict(update.losses), eta_seconds=eta.eta_seconds(),
                 )))
         except grpc.RpcError as error:
             self._check_interrupts(job_id)

@@ -24,17 +24,17 @@ from google.protobuf import json_format
 from magic3d.v1 import scene_pb2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.scene.config import REFERENCE_LOSSES as SCENE_REFERENCE_LOSSES
 from services.scene.config import CoarseConfig, FineConfig
-from services.scene.messages import coarse_config_from_proto, fine_config_from_proto, schedule_from_proto
+from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
 from shared.errors import InvalidArgument, ServiceError
 
 STAGE_ENUM = {"coarse": scene_pb2.STAGE_COARSE, "fine": scene_pb2.STAGE_FINE}
 STAGE_NAME = {value: name for name, value in STAGE_ENUM.items()}
 
 
-# The reference-view loss terms (scene.proto ReferenceView). Until the scene's stage configs know them, presets.py
-# validates them itself (finite schedules) and hands the scene's parser the rest (`scene_parsable`).
-REFERENCE_LOSSES = ("ref_rgb", "ref_mask", "ref_depth")
+# The reference-view loss terms (scene.proto ReferenceView), known to the scene's stage configs.
+REFERENCE_LOSSES = SCENE_REFERENCE_LOSSES
 
 
 class StageReference(BaseModel):
@@ -235,25 +235,15 @@ def plan_job(
     )
 
 
-def scene_parsable(name: str, config: scene_pb2.StageConfig) -> scene_pb2.StageConfig:
-    """`config` without the reference-view loss weights that the scene's stage config does not know (yet): those are
-    checked here (finite, like every number: shared.stage_limits), the rest by the scene's own parser."""
-    known = (CoarseConfig if name == "coarse" else FineConfig).default_loss_weights()
-    unknown = [key for key in REFERENCE_LOSSES if key in config.loss_weights and key not in known]
-    if not unknown:
-        return config
-    parsable = scene_pb2.StageConfig()
-    parsable.CopyFrom(config)
-    for key in unknown:
-        schedule_from_proto(config.loss_weights[key], f"config.loss_weights[{key}]")  # well-formed knots
-        del parsable.loss_weights[key]
-    return parsable
-
-
 def _validate(name: str, config: scene_pb2.StageConfig, overrides) -> None:
     """Parses the merged config as the scene service will (against the stage class's defaults)."""
     try:
-        parsable = scene_parsable(name, config)
+        parsable = config
+        if config.HasField("reference") and not config.reference.HasField("image"):
+            # An image preset's reference options before the job's image fills the view (image_jobs.py).
+            parsable = scene_pb2.StageConfig()
+            parsable.CopyFrom(config)
+            parsable.ClearField("reference")
         if name == "coarse":
             coarse_config_from_proto(parsable, CoarseConfig(prompt=config.prompt or "unset"))
         else:
@@ -290,7 +280,6 @@ __all__ = [
     "ExportPreset",
     "ImagePreset",
     "StageReference",
-    "scene_parsable",
     "JobPlan",
     "PlannedStage",
     "Preset",

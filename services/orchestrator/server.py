@@ -28,7 +28,7 @@ from services.orchestrator.runner import JobRunner, PriorChecker, RunnerSettings
 from services.orchestrator.scenes import SceneReplicas
 from services.orchestrator.servicer import OrchestratorServicer
 from shared import logging as project_logging
-from shared.auth import AuthConfig, ClientTlsConfig, TlsConfig, server_tokens
+from shared.auth import AuthConfig, ClientTlsConfig, TlsConfig, TokenTable, server_tokens
 from shared.grpcio import RunningServer, config_from_command_line, serve_until_signalled, start_server
 from shared.guidance_client import GuidanceClient
 from shared.registry import Registry
@@ -43,6 +43,10 @@ class OrchestratorConfig(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=50071, ge=0, le=65535)
+    # The web page (submit, watch, orbit results; services/orchestrator/web) on this port; None: off. Same client
+    # tokens as gRPC; TLS with `tls` when set. `http_host` None: the gRPC `host`.
+    http_host: str | None = None
+    http_port: int | None = Field(default=None, ge=0, le=65535)
     # Prometheus /metrics on this port (same host); None: off.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     database_path: Path = Path("out/orchestrator/jobs.db")
@@ -118,6 +122,10 @@ def start(
         for preset in presets.presets.values():
             preset.checkpoint_every = config.checkpoint_every
     tokens = server_tokens(config.auth.client_tokens(), config.host, config.auth.allow_unauthenticated, "orchestrator")
+    web_tokens = None
+    if config.http_port is not None:  # checked before anything starts: a page beyond loopback needs tokens too
+        web_tokens = server_tokens(config.auth.client_tokens(), config.http_host or config.host,
+                                   config.auth.allow_unauthenticated, "web")
     service_token = config.auth.service_token()
     guidance = None
     if priors is None:
@@ -147,8 +155,6 @@ def start(
         jobs.close()
         if guidance is not None:
             guidance.close()
-        if metrics is not None:
-            metrics.shutdown()
 
     running = start_server(
         OrchestratorServicer(runner),
@@ -159,9 +165,32 @@ def start(
         on_stop=on_stop,
         tokens=tokens,
         tls=config.tls,
+        metrics=metrics,
     )
-    running.metrics_port = metrics.port if metrics is not None else None
+    running.web = None
+    if config.http_port is not None:
+        running.web = _start_web(config, running, web_tokens)
     return running
+
+
+def _start_web(config: OrchestratorConfig, running: RunningServer, tokens: TokenTable | None):
+    """The page server beside the gRPC server, stopped before the runner (its streams read the runner's events)."""
+    from services.orchestrator.web.server import start_web
+
+    try:
+        web = start_web(running.servicer, config.http_host or config.host, config.http_port, tokens, config.tls)
+    except BaseException:  # e.g. the port is taken: stop what started
+        running.stop(grace=None)
+        raise
+    stop_rest = running.on_stop
+
+    def on_stop() -> None:
+        web.stop()
+        if stop_rest is not None:
+            stop_rest()
+
+    running.on_stop = on_stop
+    return web
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from google.protobuf import timestamp_pb2
-from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
 
 from services.orchestrator import presets as presets_module
 from services.orchestrator.jobs import JobRecord, JobState
@@ -56,7 +56,7 @@ def job_to_proto(record: JobRecord, link: Callable[[str], str] = _same, brief: b
         name=f"jobs/{record.job_id}",
         spec=spec,
         state=_STATE_TO_PROTO[record.state],
-        stage=presets_module.STAGE_ENUM.get(record.stage, 0),
+        stage=presets_module.STAGE_ENUM.get(record.stage, scene_pb2.STAGE_UNSPECIFIED),
         step=record.step,
         total_steps=record.total_steps,
         artifacts=[orchestrator_pb2.Artifact(kind=k, uri=link(v)) for k, v in sorted(record.artifacts.items())],
@@ -78,7 +78,7 @@ def snapshot_event(
     elif record.state == JobState.QUEUED:
         event.queued.position = queue_position
     else:
-        event.progress.stage = presets_module.STAGE_ENUM.get(record.stage, 0)
+        event.progress.stage = presets_module.STAGE_ENUM.get(record.stage, scene_pb2.STAGE_UNSPECIFIED)
         event.progress.step = record.step
         event.progress.total_steps = record.total_steps
     return event
@@ -98,15 +98,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def Generate(self, request, context):
         try:
-            record, _ = self._submit(request)
+            record, _ = self.submit(request)
         except ServiceError as error:
             log.info("submit_rejected", code=error.code.name, field=error.field, reason=error.message)
             abort_with(context, error)
-        yield from (orchestrator_pb2.GenerateResponse(event=e) for e in self._events(record.job_id, context))
+        yield from (orchestrator_pb2.GenerateResponse(event=e) for e in self.job_events(record.job_id, context))
 
     def SubmitJob(self, request, context):
         try:
-            record, _ = self._submit(request)
+            record, _ = self.submit(request)
         except ServiceError as error:
             log.info("submit_rejected", code=error.code.name, field=error.field, reason=error.message)
             abort_with(context, error)
@@ -117,11 +117,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def WatchJob(self, request, context):
         record = self._record(request.name, context)
-        yield from (orchestrator_pb2.WatchJobResponse(event=e) for e in self._events(record.job_id, context))
+        yield from (orchestrator_pb2.WatchJobResponse(event=e) for e in self.job_events(record.job_id, context))
 
     def CancelJob(self, request, context):
         try:
-            record = self.runner.cancel(self._owned(request.name).job_id)
+            record = self.runner.cancel(self.owned_job(request.name).job_id)
         except ServiceError as error:
             abort_with(context, error)
         log.info("cancel_requested", job_id=record.job_id, state=record.state.value)
@@ -143,26 +143,26 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     def DeleteJob(self, request, context):
         try:
-            self.runner.delete(self._owned(request.name).job_id)
+            self.runner.delete(self.owned_job(request.name).job_id)
         except ServiceError as error:
             abort_with(context, error)
         return orchestrator_pb2.DeleteJobResponse()
 
-    # -- helpers ----------------------------------------------------------------------------------------------
+    # -- helpers (the web page's server calls submit, owned_job and job_events too) -----------------------------
 
     def _record(self, name: str, context) -> JobRecord:
         try:
-            return self._owned(name)
+            return self.owned_job(name)
         except ServiceError as error:
             abort_with(context, error)
 
-    def _owned(self, name: str, field: str = "name") -> JobRecord:
+    def owned_job(self, name: str, field: str = "name") -> JobRecord:
         """The named job if the caller may see and manage it; PermissionDenied for another principal's job."""
         record = self.runner.get(job_id_from_name(name, field))
         authorize(current_principal(), record, field)
         return record
 
-    def _submit(self, request) -> tuple[JobRecord, bool]:
+    def submit(self, request) -> tuple[JobRecord, bool]:
         source = request.spec.edit.source_job_id.removeprefix("jobs/") if request.spec.HasField("edit") else ""
         if source and "/" not in source:  # editing reads the source job's scene: the caller must own it too
             try:
@@ -171,7 +171,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 pass  # validation reports it, naming the field
         return self.runner.submit(request.spec, request.request_id, owner=current_principal().name)
 
-    def _events(self, job_id: str, context):
+    def job_events(self, job_id: str, context):
         """A snapshot, then live events until the job ends or the client goes away."""
         with self.runner.events.subscribe(job_id) as subscription:
             record = self.runner.get(job_id)

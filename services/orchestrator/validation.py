@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from magic3d.v1 import orchestrator_pb2, scene_pb2
 
-from services.orchestrator.presets import STAGE_NAME, scene_parsable
+from services.orchestrator.presets import STAGE_NAME
 from services.scene.config import CoarseConfig, FineConfig
 from services.scene.messages import coarse_config_from_proto
 from shared.errors import InvalidArgument, ServiceError
@@ -77,7 +77,7 @@ def check_stage(name: str, config: scene_pb2.StageConfig, limits: SceneLimits, o
         check_prior_t_ranges(config)
         check_reference(config, limits)
         if config.HasField("hash_grid"):  # else the scene's own default grid, which it checks against its budget
-            parsed = coarse_config_from_proto(scene_parsable(name, config), CoarseConfig(prompt=config.prompt or "unset"))
+            parsed = coarse_config_from_proto(config, CoarseConfig(prompt=config.prompt or "unset"))
             check_hash_table(parsed.hash_table_bytes(), limits, "config.hash_grid")
     except ServiceError as error:
         raise InvalidArgument(*_stage_error(name, error, overrides)) from None

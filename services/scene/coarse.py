@@ -23,6 +23,7 @@ from services.scene.field import (
     sparsity_loss,
 )
 from services.scene.guidance import Guidance
+from services.scene.reference import ReferenceTarget
 from services.scene.stage import Stage
 from services.scene.steps import Counters, NonFiniteStepsExceeded, PhaseTimer, StepReport, step_seed
 from shared.cameras import Camera
@@ -67,6 +68,12 @@ class CoarseStage(Stage):
         )
         timer.lap("render")
         return out
+
+    def _render_reference(self, out: dict, target: ReferenceTarget, with_depth: bool) -> dict:
+        # The camera's own (white) background: the input image is composited over the same.
+        return self.renderer.render(
+            self.field, None, [target.camera], target.resolution, generator=self.generator, occupancy=self.occupancy,
+        )
 
     def _regularisers(self, out: dict, step: int) -> dict[str, torch.Tensor]:
         terms = {}

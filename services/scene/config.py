@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.scene.field_config import FieldConfig, HashGridConfig, OccupancyConfig, RendererConfig
 from shared.camera_ranges import CameraRanges
@@ -24,6 +25,79 @@ class PriorTerm(BaseModel):
     checkpoint_id: str = ""
     guidance_scale: float | None = Field(default=None, ge=0)
     weighting: Weighting | None = None
+    # This prior's own diffusion-time range (Magic123 gives its 2D and 3D priors different ones); None: the stage's.
+    t_min: Schedule | None = None
+    t_max: Schedule | None = None
+    # What conditions it: the stage's prompt ("text"), its reference image ("image"), or, "unspecified", the
+    # prior's kind (image for a prior that accepts an image but no text, text otherwise).
+    input: Literal["unspecified", "text", "image"] = "unspecified"
+    learned_embeddings: tuple[str, ...] = ()
+
+
+class ReferenceCamera(BaseModel):
+    """The reference view's camera (scene.proto ReferenceView.camera), torch-free; its resolution is the image's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    camera_to_world: tuple[float, ...] = Field(min_length=16, max_length=16)  # 4x4 row-major
+    fovy_deg: float = Field(gt=0, lt=180)
+    elevation_deg: float = 0.0
+    azimuth_deg: float = 0.0
+    distance: float = 0.0
+
+
+class ReferenceConfig(BaseModel):
+    """An image-to-3D stage's reference view (Magic123): the input image (square, RGBA uint8, alpha = foreground),
+    optionally a depth map, and the camera it is seen from. The pixels live in the config (base64 in JSON) so that a
+    checkpoint, which stores its stage's config, resumes with them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    camera: ReferenceCamera
+    resolution: int = Field(ge=16, le=2048)  # side S of the image
+    image: bytes  # (S, S, 4) uint8, row 0 = top
+    depth: bytes | None = None  # (S, S) float32 little-endian, any affine scale
+    # Render the reference view every this many steps (0 or 1: every step).
+    every_steps: int = Field(default=0, ge=0)
+    # Pixels the mask is eroded by before the losses.
+    mask_erode_px: int = Field(default=0, ge=0, le=64)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "ReferenceConfig":
+        side = self.resolution
+        if len(self.image) != side * side * 4:
+            raise ValueError(f"image: needs {side}x{side}x4 bytes, got {len(self.image)}")
+        if self.depth is not None and len(self.depth) != side * side * 4:
+            raise ValueError(f"depth: needs {side}x{side} float32, got {len(self.depth)} bytes")
+        return self
+
+    def rgba(self) -> np.ndarray:
+        return np.frombuffer(self.image, dtype=np.uint8).reshape(self.resolution, self.resolution, 4)
+
+    def depth_map(self) -> np.ndarray | None:
+        if self.depth is None:
+            return None
+        return np.frombuffer(self.depth, dtype="<f4").reshape(self.resolution, self.resolution)
+
+    def due(self, step: int) -> bool:
+        """Whether step `step` renders the reference view."""
+        return self.every_steps <= 1 or step % self.every_steps == 0
+
+
+def _reference_loss_weights() -> dict[str, Schedule]:
+    # The reference view's losses (used only when the stage has a reference view). threestudio's Magic123 port
+    # weighs RGB 10000 and mask 1000 against an SDS term whose gradient is summed over a 64x64x4 latent; here each
+    # prior's gradient is per image pixel (B x 3 x H x W) and the surrogate is divided by the batch, while the
+    # reference losses are means over pixels, so the same ratio with the factor of the SDS normalisation taken out
+    # gives rgb 1000 and mask 100 (the image presets tune them further). Depth: Magic123's 0 by default.
+    return {
+        "ref_rgb": Schedule.constant(1000.0),
+        "ref_mask": Schedule.constant(100.0),
+        "ref_depth": Schedule.constant(0.0),
+    }
+
+
+REFERENCE_LOSSES = tuple(_reference_loss_weights())
 
 
 def _default_loss_weights() -> dict[str, Schedule]:
@@ -33,7 +107,7 @@ def _default_loss_weights() -> dict[str, Schedule]:
         "orientation": Schedule.linear(0, 10.0, 5000, 1000.0),
         "sparsity": Schedule.constant(1.0),
         "opacity_entropy": Schedule.constant(0.0),
-    }
+    } | _reference_loss_weights()
 
 
 KNOWN_LOSSES = tuple(_default_loss_weights())
@@ -47,7 +121,8 @@ class GuidedStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
     default_loss_weights: ClassVar[Callable[[], dict[str, Schedule]]]
 
-    prompt: str = Field(min_length=1)
+    # May be empty only where nothing needs it: every prior image-conditioned, or a reference view (`_prompt`).
+    prompt: str = ""
     negative_prompt: str = ""
     view_dependent_prompt: bool = True
     batch_size: int = Field(default=4, ge=1, le=64)
@@ -71,6 +146,20 @@ class GuidedStageConfig(BaseModel):
     # torch.compile of that encoder where the scene runs it. "auto": on CUDA (forward + backward 56 -> 43 ms at
     # 4 x 512x512 on an H200, for about 50 s of compilation at the stage's first step with a cold inductor cache).
     latent_encoder_compile: Literal["auto", "on", "off"] = "auto"
+    # The image-to-3D reference view (Magic123); None for text jobs.
+    reference: ReferenceConfig | None = None
+
+    @model_validator(mode="after")
+    def _prompt(self) -> "GuidedStageConfig":
+        if not self.prompt.strip() and self.needs_prompt():
+            raise ValueError("a prompt is required unless every prior takes the image (input image) or the stage "
+                             "has a reference view")
+        return self
+
+    def needs_prompt(self) -> bool:
+        """Whether an empty prompt must be refused: some prior reads the prompt and no image stands in for it."""
+        priors = getattr(self, "priors", ())
+        return self.reference is None and not all(term.input == "image" for term in priors)
 
     @field_validator("loss_weights", check_fields=False)
     @classmethod
@@ -136,10 +225,15 @@ def _default_fine_loss_weights() -> dict[str, Schedule]:
         "sds": Schedule.constant(1.0),
         "normal_consistency": Schedule.constant(1000.0),
         "laplacian": Schedule.constant(0.0),
-    }
+    } | _reference_loss_weights()
 
 
 FINE_LOSSES = tuple(_default_fine_loss_weights())
+
+
+# shared.rasterize.RASTERIZERS' kinds and "auto", spelled out because this module stays torch-free (the orchestrator
+# validates presets with it); tests/test_components.py keeps the two in step.
+RASTERIZER_NAMES = ("auto", "torch", "nvdiffrast")
 
 
 class FineConfig(GuidedStageConfig):
@@ -168,9 +262,9 @@ class FineConfig(GuidedStageConfig):
     @field_validator("rasterizer")
     @classmethod
     def _known_rasterizer(cls, name: str) -> str:
-        if name not in ("auto", "torch", "nvdiffrast"):
-            raise ValueError(f"unknown rasterizer {name!r}; known: auto, torch, nvdiffrast")
+        if name not in RASTERIZER_NAMES:
+            raise ValueError(f"unknown rasterizer {name!r}; known: {', '.join(RASTERIZER_NAMES)}")
         return name
 
 
-__all__ = ["GuidedStageConfig", "CoarseConfig", "DMTetConfig", "FineConfig", "PriorTerm", "HashGridConfig", "KNOWN_LOSSES", "FINE_LOSSES"]
+__all__ = ["GuidedStageConfig", "ReferenceConfig", "ReferenceCamera", "REFERENCE_LOSSES", "CoarseConfig", "DMTetConfig", "FineConfig", "RASTERIZER_NAMES", "PriorTerm", "HashGridConfig", "KNOWN_LOSSES", "FINE_LOSSES"]

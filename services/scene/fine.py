@@ -26,6 +26,8 @@ from services.scene.mesh.dmtet import DMTetGeometry
 from services.scene.mesh.tets import marching_tets
 from services.scene.mesh.regularizers import laplacian_smoothness, normal_consistency
 from services.scene.mesh.renderer import MeshRenderer
+from services.scene.mesh.silhouette import soft_silhouette
+from services.scene.reference import ReferenceTarget
 from services.scene.stage import Stage
 from services.scene.steps import PhaseTimer
 from shared.cameras import Camera
@@ -194,6 +196,16 @@ class FineStage(Stage):
         )
         timer.lap("shade")
         return out | {"vertices": vertices, "faces": faces}
+
+    def _render_reference(self, out: dict, target: ReferenceTarget, with_depth: bool) -> dict:
+        """The reference camera over its own (white) background. The mask compared is the rasterised coverage
+        with the soft silhouette's gradient (straight through): the rasteriser's coverage has none w.r.t. the
+        vertices."""
+        vertices, faces = out["vertices"], out["faces"]
+        render = self.renderer.render(vertices, faces, self.albedo, [target.camera], target.resolution, None,
+                                      with_depth=with_depth)
+        soft = soft_silhouette(vertices, faces, [target.camera], target.resolution)
+        return render | {"opacity": render["opacity"].detach() + soft - soft.detach()}
 
     def _regularisers(self, out: dict, step: int) -> dict[str, torch.Tensor]:
         vertices, faces = out["vertices"], out["faces"]

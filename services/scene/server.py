@@ -28,6 +28,7 @@ from services.scene.checkpoint import Checkpoint
 from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
 from services.scene.config import CoarseConfig, FineConfig
 from services.scene.export import ExportSettings, export_textured_mesh
+from services.scene.field.encoding import ENCODINGS
 from services.scene.fine import FineStage
 from services.scene.guidance import Guidance
 from services.scene.stage import Stage
@@ -37,6 +38,7 @@ from shared import artifact_keys
 from shared import cameras as camera_messages
 from shared import logging as project_logging
 from shared import tensors
+from shared.components import UnknownKind
 from shared.devices import resolve_device
 from shared.auth import AuthConfig, TlsConfig, server_tokens
 from shared.errors import (
@@ -404,16 +406,17 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             abort_with(context, error)
 
     def _coarse_config(self, message: scene_pb2.StageConfig) -> CoarseConfig:
-        config = coarse_config_from_proto(message, self.defaults)
-        if not message.prompt:
-            raise InvalidArgument("a prompt is required", "config.prompt")
+        config = own_prompt(coarse_config_from_proto(message, self.defaults), message)
         check_hash_table(config.hash_table_bytes(), self.limits, "config.hash_grid")
+        if config.field.backend != "auto":
+            try:
+                ENCODINGS.find(config.field.backend)
+            except UnknownKind as error:
+                raise error.invalid_argument("config.encoding_backend") from None
         return config
 
     def _fine_config(self, message: scene_pb2.StageConfig) -> FineConfig:
-        config = fine_config_from_proto(message, self.fine_defaults)
-        if not message.prompt:
-            raise InvalidArgument("a prompt is required", "config.prompt")
+        config = own_prompt(fine_config_from_proto(message, self.fine_defaults), message)
         if config.dmtet.grid_cells > self.limits.max_grid_cells:  # the default's, when the request sets none
             raise InvalidArgument(
                 f"{config.dmtet.grid_cells} cells per side is over this service's limit of {self.limits.max_grid_cells}",
@@ -437,7 +440,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             config = self._fine_config(request.config)  # validated before the coarse field is even built
             coarse = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
             try:
-                stage, report = FineStage.from_coarse(coarse, config, self.guidance, request.job_id, self.device)
+                fine, report = FineStage.from_coarse(coarse, config, self.guidance, request.job_id, self.device)
             except ServiceError as error:  # e.g. no surface at the level tried: name the request's field
                 raise type(error)(error.message, f"config.{error.field}" if error.field else None) from None
             log.info(
@@ -445,7 +448,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 silhouette_iou=round(report.silhouette_iou, 4), removed_vertices=report.removed_vertices,
                 faces=report.faces,
             )
-            return stage
+            return fine
         if wanted not in (scene_pb2.STAGE_UNSPECIFIED, _STAGE_FROM_NAME.get(checkpoint.stage)):
             raise FailedPrecondition(
                 f"{request.init_checkpoint_uri} holds a {checkpoint.stage} scene; it cannot start a "
@@ -454,12 +457,12 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
             )
         if checkpoint.stage == "fine":
             return FineStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
-        stage = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
-        if request.config.prompt and request.config.prompt != stage.config.prompt:
+        resumed = CoarseStage.from_checkpoint(checkpoint, self.guidance, request.job_id, self.device)
+        if request.config.prompt and request.config.prompt != resumed.config.prompt:
             # Another prompt on a coarse checkpoint: prompt-based editing, the fitted scene fine-tuned from step 0.
-            stage.retarget(request.config.prompt, request.config.negative_prompt)
+            resumed.retarget(request.config.prompt, request.config.negative_prompt)
             log.info("coarse_stage_retargeted", prompt=request.config.prompt)
-        return stage
+        return resumed
 
     def _fine_from_mesh(self, request: scene_pb2.CreateSceneRequest) -> FineStage:
         if request.config.stage != scene_pb2.STAGE_FINE or request.init_checkpoint_uri:
@@ -500,6 +503,22 @@ _EXPORT_FORMAT_OF = {"model.glb": "glb", "model.obj": "obj", "model.mtl": "obj"}
 _CONTENT_TYPES = {"glb": "model/gltf-binary", "obj": "text/plain", "mtl": "text/plain", "png": "image/png", "gif": "image/gif"}
 
 
+def own_prompt(config, message: scene_pb2.StageConfig):
+    """The request's own prompt, never the service's placeholder default: an image-only stage (every prior
+    image-conditioned, or a reference view) may have none; any other is refused. An image-input prior needs the
+    stage's reference view."""
+    for index, term in enumerate(config.priors):
+        if term.input == "image" and config.reference is None:
+            raise InvalidArgument("an image-input prior needs the stage's reference view (config.reference)",
+                                  f"config.priors[{index}].input")
+    if message.prompt:
+        return config
+    if config.needs_prompt():
+        raise InvalidArgument("a prompt is required unless every prior takes the image (input PRIOR_INPUT_IMAGE) "
+                              "or the stage has a reference view", "config.prompt")
+    return config.model_copy(update={"prompt": ""})
+
+
 def _export_formats(requested) -> set[str]:
     formats = {f.strip().lower() for f in requested} or {"glb", "obj"}
     unknown = sorted(formats - {"glb", "obj"})
@@ -533,25 +552,19 @@ def start(
         if config.checkpoint_on_shutdown:
             servicer.drain(config.drain_timeout_s)
 
-    def on_stop() -> None:
-        sweeping.set()
-        if metrics is not None:
-            metrics.shutdown()
-
-    running = start_server(
+    return start_server(
         servicer,
         scene_pb2_grpc.add_SceneServiceServicer_to_server,
         SERVICE_NAME,
         f"{config.host}:{config.port}",
         max_workers=config.max_workers,
         max_message_bytes=config.max_message_bytes,
-        on_stop=on_stop,
+        on_stop=sweeping.set,
         before_stop=before_stop,
         tokens=tokens,
         tls=config.tls,
+        metrics=metrics,
     )
-    running.metrics_port = metrics.port if metrics is not None else None
-    return running
 
 
 def main() -> None:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import torch
 from torch import nn
 
 from services.scene.checkpoint import Checkpoint
-from services.scene.config import GuidedStageConfig
+from services.scene.config import REFERENCE_LOSSES, GuidedStageConfig
 from services.scene.guidance import Guidance, PriorInfoCache
+from services.scene.reference import ReferenceTarget, reference_losses
 from services.scene.steps import Counters, PhaseTimer, StepReport, apply_losses, guidance_gradient
 from shared.cameras import Camera, sample_cameras
 from shared.errors import FailedPrecondition
@@ -44,6 +45,7 @@ class Stage(abc.ABC):
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.counters = Counters()
+        self.reference = None if config.reference is None else ReferenceTarget.from_config(config.reference, self.device)
 
     def init_generator(self) -> torch.Generator:
         """A fresh generator for network initialisation, seeded like the step generator (the same numbers the
@@ -69,7 +71,8 @@ class Stage(abc.ABC):
         try:
             out = self._render(cameras, timer)
             grad, sds_losses = guidance_gradient(
-                self.guidance, self.prior_infos, config, self.job_id, out["rgb"], cameras, out["background"], step
+                self.guidance, self.prior_infos, config, self.job_id, out["rgb"], cameras, out["background"], step,
+                None if self.reference is None else self.reference.condition,
             )
         except BaseException:
             self.generator.set_state(rng_before)  # the step never happened: a retry draws the same cameras
@@ -78,6 +81,7 @@ class Stage(abc.ABC):
         images = out["rgb"]
         terms = {"sds": (images * grad).sum() / images.shape[0]}  # d/d(images) = grad / B: the SDS surrogate
         terms |= self._regularisers(out, step)
+        terms |= self._reference_terms(out, step, timer)
         return apply_losses(
             self.optimizer, self.counters, config.max_nonfinite_steps, step, terms, config.weight, sds_losses, timer,
             after_update=self._after_update,
@@ -91,6 +95,25 @@ class Stage(abc.ABC):
     @abc.abstractmethod
     def _regularisers(self, out: dict, step: int) -> dict[str, torch.Tensor]:
         """The stage's loss terms besides "sds", from `_render`'s output."""
+
+    def _reference_terms(self, out: dict, step: int, timer: PhaseTimer) -> dict[str, torch.Tensor]:
+        """The reference-view losses (services.scene.reference) on the steps that render the reference view; only
+        the terms with a positive weight at `step` are computed."""
+        reference = self.config.reference
+        if self.reference is None or reference is None or not reference.due(step):
+            return {}
+        weighted = {name for name in REFERENCE_LOSSES if self.config.weight(name, step) > 0}
+        if not weighted:
+            return {}
+        render = self._render_reference(out, self.reference, with_depth="ref_depth" in weighted)
+        losses = reference_losses(render, self.reference, with_depth="ref_depth" in weighted)
+        timer.lap("reference")
+        return {name: value for name, value in losses.items() if name in weighted}
+
+    @abc.abstractmethod
+    def _render_reference(self, out: dict, target: ReferenceTarget, with_depth: bool) -> dict:
+        """(`out`: this step's `_render` output.) A training render (autograd on) of the reference camera at the reference image's resolution: "rgb",
+        "opacity", "background" (1, C, S, S) and, `with_depth`, "depth"."""
 
     def _after_update(self, completed: int) -> None:
         """Called after each optimiser step with the number of steps completed."""
@@ -131,7 +154,7 @@ class Stage(abc.ABC):
     @classmethod
     def from_checkpoint(
         cls, checkpoint: Checkpoint, guidance: Guidance, job_id: str, device: str | torch.device = "cpu"
-    ) -> "Stage":
+    ) -> Self:
         if checkpoint.stage != cls.name:
             raise FailedPrecondition(f"checkpoint is of stage {checkpoint.stage!r}, not {cls.name!r}", "checkpoint")
         stage = cls(cls.config_type.model_validate_json(checkpoint.config_json), guidance, job_id, device)

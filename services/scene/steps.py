@@ -12,12 +12,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from services.scene.config import GuidedStageConfig
+from services.scene.config import GuidedStageConfig, PriorTerm
 from services.scene.guidance import Guidance, PriorInfoCache
 from shared.cameras import Camera
 from shared.devices import resolve_dtype, to_device
 from shared.errors import FailedPrecondition
-from shared.guidance_api import PriorInfo, SdsRequest
+from shared.guidance_api import Conditioning, ImageCondition, PriorInfo, SdsRequest
 
 
 class NonFiniteStepsExceeded(FailedPrecondition):
@@ -79,6 +79,7 @@ def guidance_gradient(
     cameras: list[Camera],
     backgrounds: torch.Tensor,
     step: int,
+    reference: ImageCondition | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Weighted sum of every prior's SDS gradient for `images` (B, 3, H, W) (a plain tensor, no autograd), and
     each prior's mean loss (NaN where the prior reported non-finite values).
@@ -89,12 +90,15 @@ def guidance_gradient(
     Only the priors that re-render views (the analytic prior, `requires_cameras`) get each camera's background, at
     the prior's own resolution (it renders at that size and would resize a larger one to it): for a learned prior
     at 512x512 the backgrounds would double the bytes sent.
+
+    Each term diffuses within its own t range where it sets one (else the stage's), and is conditioned on what its
+    `input` says (`prior_input`): the stage's prompt (with the term's learned embeddings), or the stage's
+    reference image (`reference`, with no prompt).
     """
     transfer_dtype = transfer_dtype_for(config, images.device)
     # On the scene's device: an in-process prior on the same GPU takes it without a host round trip; a gRPC client
     # copies it to the host through pinned memory when it serialises it (shared.tensors.to_proto).
     detached = images.detach().to(transfer_dtype)
-    t_range = (config.t_min(step), config.t_max(step))
     total = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     losses: list[float] = []
     for index, term in enumerate(config.priors):
@@ -109,16 +113,23 @@ def guidance_gradient(
                       "latent_encoder_digest": info.latent_encoder.digest}
         else:
             inputs = {"images": detached}
+        takes_image = prior_input(term, info) == "image"
+        if takes_image and reference is None:
+            raise FailedPrecondition("this prior takes the reference image, and the stage has none",
+                                     f"config.priors[{index}].input")
+        t_low, t_high = term.t_min or config.t_min, term.t_max or config.t_max
         request = SdsRequest(
             job_id=job_id,
             prior=term.prior,
             checkpoint_id=term.checkpoint_id,
             **inputs,
             cameras=_cameras_for(info, cameras, backgrounds),
-            prompt=config.prompt,
-            negative_prompt=config.negative_prompt,
-            view_dependent_prompt=config.view_dependent_prompt,
-            time_range=t_range,
+            prompt="" if takes_image else config.prompt,
+            negative_prompt="" if takes_image else config.negative_prompt,
+            view_dependent_prompt=config.view_dependent_prompt and not takes_image,
+            image_condition=reference if takes_image else None,
+            learned_embeddings=() if takes_image else term.learned_embeddings,
+            time_range=(t_low(step), t_high(step)),
             guidance_scale=term.guidance_scale,
             weighting=term.weighting,
             seed=step_seed(config.seed, step, index),
@@ -131,6 +142,15 @@ def guidance_gradient(
             (grad,) = torch.autograd.grad(latents, leaf, grad.to(latents.dtype))
         total += term.weight * grad.float()
     return total, losses
+
+
+def prior_input(term: PriorTerm, info: PriorInfo) -> str:
+    """"text" or "image": the term's stated input, or for "unspecified" the prior's kind (image for a prior that
+    accepts an image but no text)."""
+    if term.input != "unspecified":
+        return term.input
+    accepted = set(info.accepted_conditioning)
+    return "image" if Conditioning.IMAGE in accepted and Conditioning.TEXT not in accepted else "text"
 
 
 def _cameras_for(info: PriorInfo, cameras: list[Camera], backgrounds: torch.Tensor) -> list[Camera]:

@@ -51,6 +51,16 @@ class Rasterizer(abc.ABC):
         """color (B, H, W, C) -> (B, H, W, C) with silhouette edges antialiased (backend-specific)."""
 
 
+def check_rasterize_inputs(pos_clip: torch.Tensor, tri: torch.Tensor) -> None:
+    """The interface's shape rules for `rasterize`: ValueError naming the argument that breaks them."""
+    if pos_clip.ndim != 3 or pos_clip.shape[-1] != 4:
+        raise ValueError(f"pos_clip must be (B, V, 4), got {list(pos_clip.shape)}")
+    if tri.ndim != 2 or tri.shape[-1] != 3:
+        raise ValueError(f"tri must be (F, 3), got {list(tri.shape)}")
+    if not pos_clip.is_floating_point():
+        raise ValueError("pos_clip must be floating point")
+
+
 def to_top_row_first(image: torch.Tensor) -> torch.Tensor:
     """Flips a (B, H, W, C) image from nvdiffrast's bottom-row-first layout to row 0 = top (and back)."""
     return torch.flip(image, dims=[1])

@@ -54,7 +54,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-from shared.rasterize.base import Rasterizer
+from shared.rasterize.base import Rasterizer, check_rasterize_inputs
 
 PACKAGE = "diffrp-nvdiffrast"
 REQUIREMENT = "diffrp-nvdiffrast==0.3.3.1"
@@ -207,7 +207,7 @@ class NvdiffrastRasterizer(Rasterizer):
     def rasterize(self, pos_clip: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
         if pos_clip.ndim == 2:
             pos_clip = pos_clip[None]
-        _check_shapes(pos_clip, tri)
+        check_rasterize_inputs(pos_clip, tri)  # before nvdiffrast's terser asserts
         height, width = int(resolution[0]), int(resolution[1])
         if tri.shape[0] == 0 or pos_clip.shape[1] == 0:  # nvdiffrast rejects empty buffers
             return pos_clip.new_zeros(pos_clip.shape[0], height, width, 4)
@@ -246,12 +246,3 @@ class NvdiffrastRasterizer(Rasterizer):
         )
         return out.to(device=color.device, dtype=color.dtype)
 
-
-def _check_shapes(pos_clip: torch.Tensor, tri: torch.Tensor) -> None:
-    """The interface's shape rules, checked before nvdiffrast's terser asserts."""
-    if pos_clip.ndim != 3 or pos_clip.shape[-1] != 4:
-        raise ValueError(f"pos_clip must be (B, V, 4), got {list(pos_clip.shape)}")
-    if tri.ndim != 2 or tri.shape[-1] != 3:
-        raise ValueError(f"tri must be (F, 3), got {list(tri.shape)}")
-    if not pos_clip.is_floating_point():
-        raise ValueError("pos_clip must be floating point")

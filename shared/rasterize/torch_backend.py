@@ -30,7 +30,7 @@ import bisect
 
 import torch
 
-from shared.rasterize.base import Rasterizer
+from shared.rasterize.base import Rasterizer, check_rasterize_inputs
 
 _NO_HIT = torch.iinfo(torch.int64).max
 
@@ -72,12 +72,7 @@ class TorchRasterizer(Rasterizer):
     def rasterize(self, pos_clip: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
         if pos_clip.ndim == 2:
             pos_clip = pos_clip[None]
-        if pos_clip.ndim != 3 or pos_clip.shape[-1] != 4:
-            raise ValueError(f"pos_clip must be (B, V, 4), got {list(pos_clip.shape)}")
-        if tri.ndim != 2 or tri.shape[-1] != 3:
-            raise ValueError(f"tri must be (F, 3), got {list(tri.shape)}")
-        if not pos_clip.is_floating_point():
-            raise ValueError("pos_clip must be floating point")
+        check_rasterize_inputs(pos_clip, tri)
         height, width = int(resolution[0]), int(resolution[1])
         tri = tri.to(pos_clip.device, torch.long)
         batch, num_verts = pos_clip.shape[0], pos_clip.shape[1]

@@ -38,10 +38,18 @@ x_t is softmax_k(log p(x_t | k) + log p(k | image)). A prompt given as well rest
 names (the image weighs them); a prompt (or a view suffix alone) naming nothing leaves the image's weights over the
 whole set. An empty prompt is accepted when the image is there (image-only requests).
 
-Prompt matching: lower-case, split into words ([a-z0-9]+). An object matches if every word of its name, or of
-one of its aliases, is a word of the prompt; its score is the most words of any phrase that matched. The
-conditional set is the matching objects with the highest score ("a red torus" prefers "red torus" over a
-"blue torus" that only matches by its alias "torus"). View suffixes (", front view") simply match nothing.
+Prompt matching: lower-case, split into words ([a-z0-9]+); each word of the prompt also stands for the singulars
+it may be the plural of (`singular_forms`: "rings" -> "ring", "boxes" -> "box", "cherries" -> "cherry"), so names
+and aliases are written in the singular. An object matches if every word of its name, or of one of its aliases,
+is a word of the prompt; its matched phrase is the longest such phrase. Objects whose matched phrase is
+contained in another object's matched phrase are dropped ("a red torus" prefers "red torus" over a "blue torus"
+that only matches by its alias "torus"); objects matched by the same phrase (two objects sharing an alias) form
+one conditional set. View suffixes (", front view") simply match nothing.
+
+A positive prompt naming several objects by different phrases ("a red torus and a blue sphere") is refused
+(INVALID_ARGUMENT on the prompt, naming the objects): this prior reproduces one object of its set, and
+composing several (placing them as the prompt says) is not something it models, so it says so rather than
+silently keeping one. Negative prompts may name any number of objects (the unconditional branch is their set).
 """
 
 from __future__ import annotations
@@ -51,13 +59,13 @@ import hashlib
 import math
 import re
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from services.guidance.cache import LruCache
 from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared import meshes
 from shared.cameras import Camera, Shading
@@ -75,9 +83,28 @@ IMAGE_FOREGROUND_FRACTION = 0.8
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+def singular_forms(word: str) -> set[str]:
+    """The word and the singulars it may be the plural of (plain English rules: -s, -es, -ies -> -y), e.g.
+    "rings" -> {rings, ring}, "boxes" -> {boxes, boxe, box}, "cherries" -> {..., cherry}. Over-generating is
+    harmless: a form only counts where an object's name or alias has that very word."""
+    forms = {word}
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        forms.add(word[:-1])
+        if word.endswith("es"):
+            forms.add(word[:-2])
+        if word.endswith("ies"):
+            forms.add(word[:-3] + "y")
+    return forms
+
+
 def prompt_words(text: str) -> list[str]:
     """Lower-cased words of a prompt; punctuation separates words."""
     return _WORD.findall(text.lower())
+
+
+def matchable_words(text: str) -> set[str]:
+    """The prompt's words with their singular forms (`singular_forms`): what object names are matched against."""
+    return {form for word in prompt_words(text) for form in singular_forms(word)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +127,12 @@ class ReferenceObject:
 
     def match_score(self, words: set[str]) -> int:
         """Words of the longest phrase (name or alias) fully contained in `words`; 0 if none."""
-        return max((len(p) for p in self.phrases if set(p) <= words), default=0)
+        return len(self.matched_phrase(words))
+
+    def matched_phrase(self, words: set[str]) -> frozenset[str]:
+        """The words of the longest phrase (name or alias) fully contained in `words`; empty if none."""
+        matched = [frozenset(p) for p in self.phrases if set(p) <= words]
+        return max(matched, key=len, default=frozenset())
 
 
 def builtin_objects() -> list[ReferenceObject]:
@@ -126,23 +158,48 @@ def load_mesh_object(
     path: str | Path,
     color: tuple[float, float, float] | None = None,
     aliases: tuple[str, ...] = (),
+    up: str = "auto",
 ) -> ReferenceObject:
     """A reference object from a mesh file (GLB/OBJ/PLY via `shared.meshes.load_mesh`, normalised to radius 0.5).
 
-    color None uses the file's vertex colours when it has them, else light grey (0.8, 0.8, 0.8).
+    color None uses the file's own colours when it has them (vertex colours, glTF COLOR_0, or its texture sampled
+    at the vertices), else light grey (0.8, 0.8, 0.8). `up`: the file's up axis ("auto", "+y", "+z"; see
+    `load_mesh`).
     """
-    mesh = meshes.load_mesh(path)
+    mesh = meshes.load_mesh(path, up_axis=up)
     if color is None and mesh.vertex_colors is None:
         color = (0.8, 0.8, 0.8)
     return ReferenceObject(name, mesh, None if color is None else tuple(float(c) for c in color), tuple(aliases))
 
 
+def named_groups(prompt: str, objects: list[ReferenceObject]) -> list[list[int]]:
+    """The objects a prompt names, grouped by the phrase that names them: one group per distinct phrase that is
+    not contained in another matched phrase (see the module docstring). Empty when it names none."""
+    words = matchable_words(prompt)
+    phrases = [obj.matched_phrase(words) for obj in objects]
+    kept = {p for p in phrases if p and not any(p < other for other in phrases)}
+    ordered = sorted(kept, key=lambda p: min(i for i, q in enumerate(phrases) if q == p))
+    return [[i for i, q in enumerate(phrases) if q == p] for p in ordered]
+
+
 def match_objects(prompt: str, objects: list[ReferenceObject]) -> list[int]:
-    """Indices of the best-matching objects for a prompt (empty when it names none)."""
-    words = set(prompt_words(prompt))
-    scores = [obj.match_score(words) for obj in objects]
-    best = max(scores, default=0)
-    return [i for i, s in enumerate(scores) if best > 0 and s == best]
+    """Indices of every object the prompt names (all groups of `named_groups`; empty when it names none)."""
+    return sorted(i for group in named_groups(prompt, objects) for i in group)
+
+
+def check_one_object(prompt: str, objects: list[ReferenceObject], field: str) -> list[int]:
+    """The one object (or set of objects sharing the phrase) a positive prompt names; InvalidArgument on `field`
+    when it names none or several different ones."""
+    groups = named_groups(prompt, objects)
+    if not groups:
+        known = "; ".join(obj.name + (f" ({', '.join(obj.aliases)})" if obj.aliases else "") for obj in objects)
+        raise InvalidArgument(f"names no object of the analytic prior's set; known: {known}", field)
+    if len(groups) > 1:
+        named = ", ".join(repr(objects[group[0]].name) for group in groups)
+        raise InvalidArgument(
+            f"names several objects ({named}); the analytic prior makes one object per job: name one", field
+        )
+    return groups[0]
 
 
 def scaled_linear_alphas_cumprod(
@@ -256,9 +313,9 @@ class AnalyticPrior(DiffusionPrior):
             requires_cameras=True,
         )
         self._lock = threading.Lock()
-        self._renders: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (object, R, camera key) -> (3, R, R)
-        self._render_cache_size = render_cache_size
-        self._image_posteriors: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (digest, camera, objects) -> (K,)
+        # Both filled outside the lock (a render is slow; concurrent misses of one key compute it twice, harmlessly).
+        self._renders: LruCache[tuple, torch.Tensor] = LruCache(render_cache_size)  # (object, R, camera) -> (3, R, R)
+        self._image_posteriors: LruCache[tuple, torch.Tensor] = LruCache(16)  # (digest, camera, objects) -> (K,)
 
     # ------------------------------------------------------------------ schedule / objects
     @property
@@ -277,7 +334,7 @@ class AnalyticPrior(DiffusionPrior):
             self.objects = [*self.objects, obj]
 
     def named_objects(self, prompt: str) -> list[int]:
-        """Indices of the objects the prompt names best (most words matched); empty if it names none."""
+        """Indices of the objects the prompt names (`match_objects`); empty if it names none."""
         return match_objects(prompt, self.objects)
 
     # ------------------------------------------------------------------ validation
@@ -298,11 +355,9 @@ class AnalyticPrior(DiffusionPrior):
             raise InvalidArgument(f"{count} words is over the limit of {limit}", field)
         if "negative" in field:
             return
-        if not self.named_objects(prompt):
-            known = "; ".join(
-                obj.name + (f" ({', '.join(obj.aliases)})" if obj.aliases else "") for obj in self.objects
-            )
-            raise InvalidArgument(f"names no object of the analytic prior's set; known: {known}", field)
+        with self._lock:
+            objects = list(self.objects)
+        check_one_object(prompt, objects, field)
 
     # ------------------------------------------------------------------ model
     def encode(self, images: torch.Tensor, conditions: list[ViewCondition]) -> torch.Tensor:
@@ -359,12 +414,11 @@ class AnalyticPrior(DiffusionPrior):
         uncond = torch.zeros(batch, len(objects), dtype=torch.bool)
         log_prior = torch.zeros(batch, len(objects), dtype=torch.float64)
         for b, condition in enumerate(conditions):
-            named = match_objects(condition.prompt, objects)
             if condition.image is not None:  # the image weighs the objects; a prompt naming some restricts them
                 log_prior[b] = self.image_posterior(condition.image, objects).log()
-                named = named or list(range(len(objects)))
-            elif not named:
-                raise InvalidArgument(f"{condition.prompt!r} names no object of the set", "prompt")
+                named = match_objects(condition.prompt, objects) or list(range(len(objects)))
+            else:
+                named = check_one_object(condition.prompt, objects, "prompt")
             cond[b, named] = True
             negative = match_objects(condition.negative_prompt, objects) if condition.negative_prompt else []
             uncond[b, negative or list(range(len(objects)))] = True
@@ -403,9 +457,7 @@ class AnalyticPrior(DiffusionPrior):
         distance = (renders - target).pow(2).flatten(1).mean(dim=1)
         posterior = torch.softmax(-distance / IMAGE_TEMPERATURE, dim=0)
         with self._lock:
-            self._image_posteriors[key] = posterior
-            while len(self._image_posteriors) > 16:
-                self._image_posteriors.popitem(last=False)
+            self._image_posteriors.put(key, posterior)
         return posterior
 
     def _render_rgba(self, obj: ReferenceObject, camera: Camera) -> torch.Tensor:
@@ -421,17 +473,11 @@ class AnalyticPrior(DiffusionPrior):
     # ------------------------------------------------------------------ render cache
     def _cache_get(self, key: tuple) -> torch.Tensor | None:
         with self._lock:
-            value = self._renders.get(key)
-            if value is not None:
-                self._renders.move_to_end(key)
-            return value
+            return self._renders.get(key)
 
     def _cache_put(self, key: tuple, value: torch.Tensor) -> None:
         with self._lock:
-            self._renders[key] = value
-            self._renders.move_to_end(key)
-            while len(self._renders) > self._render_cache_size:
-                self._renders.popitem(last=False)
+            self._renders.put(key, value)
 
 
 def _recentred(rgba: torch.Tensor, size: int, fraction: float = IMAGE_FOREGROUND_FRACTION) -> torch.Tensor:

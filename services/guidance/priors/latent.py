@@ -74,11 +74,6 @@ class LatentPrior(TextConditionedPrior):
         self.image_encoder.attention_backends = list(backends)
 
     @classmethod
-    def from_components(cls, **kwargs: Any) -> "LatentPrior":
-        """Built from modules already in memory (benchmarks, random weights): the constructor, by name."""
-        return cls(**kwargs)
-
-    @classmethod
     def from_pretrained(
         cls,
         source: str | os.PathLike,

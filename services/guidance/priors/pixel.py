@@ -51,11 +51,6 @@ class PixelPrior(TextConditionedPrior):
         )
 
     @classmethod
-    def from_components(cls, **kwargs: Any) -> "PixelPrior":
-        """Built from modules already in memory (benchmarks, random weights): the constructor, by name."""
-        return cls(**kwargs)
-
-    @classmethod
     def from_pretrained(
         cls,
         source: str | os.PathLike,

@@ -40,7 +40,7 @@ import torch
 
 from shared.devices import resolve_device, resolve_dtype
 
-LATENT_SIZES = ("tiny", "sd21-base")
+LATENT_SIZES = ("tiny", "sd21-base", "sd15")
 PIXEL_SIZES = ("tiny", "if-i-xl")
 
 # Words that prompts of this project use often: whole-word pieces keep token counts realistic (about one per
@@ -198,6 +198,12 @@ def latent_configs(size: str = "tiny", *, prediction_type: str = "epsilon") -> d
             ),
             "scheduler": scheduler,
         }
+    if size == "sd15":  # SD 1.5 (Magic123's 2D prior): CLIP ViT-L/14's text tower, 768-wide cross-attention
+        sd21 = latent_configs("sd21-base")
+        text_encoder = dict(sd21["text_encoder"], hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                            num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768)
+        unet = dict(sd21["unet"], cross_attention_dim=768, attention_head_dim=8, use_linear_projection=False)
+        return {**sd21, "text_encoder": text_encoder, "unet": unet}
     raise ValueError(f"size must be one of {LATENT_SIZES}, got {size!r}")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Self, Sequence
 
 import torch
 
@@ -72,6 +72,11 @@ class TextConditionedPrior(DiffusionPrior):
     text_length_cap: int | None = None
     #: Whether memory_format "auto" picks channels-last on CUDA (measured per family in bench/prior_speed.py).
     channels_last_helps: bool = False
+
+    @classmethod
+    def from_components(cls, **kwargs: Any) -> Self:
+        """Built from modules already in memory (benchmarks, random weights): the constructor, by name."""
+        return cls(**kwargs)
 
     def __init__(
         self,

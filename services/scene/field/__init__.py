@@ -9,6 +9,7 @@
 """
 
 from services.scene.field.encoding import (
+    ENCODINGS,
     Encoding,
     FrequencyEncoding,
     HashGridConfig,
@@ -34,6 +35,7 @@ from services.scene.field.renderer import (
 
 __all__ = [
     "BackgroundMLP",
+    "ENCODINGS",
     "Encoding",
     "FieldConfig",
     "FrequencyEncoding",

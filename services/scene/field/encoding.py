@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from services.scene.field_config import HashGridConfig
+from shared.components import Registry
 
 HASH_PRIMES = (1, 2654435761, 805459861)
 
@@ -266,50 +267,49 @@ class TcnnHashGrid(Encoding):
         return self.encoding(x.clamp(0.0, 1.0)).float()
 
 
-def _triton_hash_grid(cfg: HashGridConfig, generator: torch.Generator | None = None) -> Encoding:
-    from services.scene.field.triton_encoding import TritonHashGrid  # imported only when asked for: triton is big
-
-    return TritonHashGrid(cfg, generator=generator)
-
-
 def triton_usable() -> bool:
     """True when the Triton kernels can be compiled here (a CUDA device and the triton package). On CPU they run
     only through Triton's interpreter, in tests, by building `TritonHashGrid` directly."""
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-# Backend registry: name -> (builder, is_available); "auto" takes the first available of _AUTO_ORDER.
-_BACKENDS: dict[str, tuple[Callable[[HashGridConfig], Encoding], Callable[[], bool]]] = {
-    "torch": (TorchHashGrid, lambda: True),
-    "tcnn": (TcnnHashGrid, tcnn_available),
-    "triton": (_triton_hash_grid, triton_usable),
-}
+# Hash-grid builders by backend name: `build(cfg, generator=None) -> Encoding`, with whether it runs here. A new
+# backend is one `@ENCODINGS.register(name, available=...)` function; "auto" takes the first usable of _AUTO_ORDER.
+ENCODINGS: Registry[Encoding] = Registry("hash-grid backend")
+ENCODINGS.add("torch", TorchHashGrid)
+ENCODINGS.add("tcnn", TcnnHashGrid, available=tcnn_available)
 _AUTO_ORDER = ["tcnn", "triton", "torch"]
 
 
+@ENCODINGS.register("triton", available=triton_usable)
+def _triton_hash_grid(cfg: HashGridConfig, generator: torch.Generator | None = None) -> Encoding:
+    from services.scene.field.triton_encoding import TritonHashGrid  # imported only when asked for: triton is big
+
+    return TritonHashGrid(cfg, generator=generator)
+
+
 def register_backend(
-    name: str, builder: Callable[[HashGridConfig], Encoding], available: Callable[[], bool]
+    name: str, builder: Callable[..., Encoding], available: Callable[[], bool]
 ) -> None:
-    """Adds (or replaces) a hash-grid backend for `make_encoding`."""
-    _BACKENDS[name] = (builder, available)
+    """Adds (or replaces) a hash-grid backend for `make_encoding` (`ENCODINGS.add`)."""
+    ENCODINGS.add(name, builder, available=available)
 
 
 def available_backends() -> list[str]:
-    return [name for name, (_, available) in _BACKENDS.items() if available()]
+    return ENCODINGS.available_kinds()
 
 
 def make_encoding(cfg: HashGridConfig, backend: str = "auto", generator: torch.Generator | None = None) -> Encoding:
-    """Builds the hash grid on `backend`: "torch", "tcnn", a registered one, or "auto" (fastest available).
-    `generator`: where the initial table is drawn from (passed to the builder as `generator=` when given)."""
+    """Builds the hash grid on `backend`: "torch", "tcnn", "triton", a registered one, or "auto" (fastest
+    available). `generator`: where the initial table is drawn from (passed to the builder as `generator=` when
+    given). An unknown backend raises `UnknownKind` (a ValueError); a known one unusable here, RuntimeError."""
     if backend == "auto":
         for name in _AUTO_ORDER:
-            if name in _BACKENDS and _BACKENDS[name][1]():
-                return _build(_BACKENDS[name][0], cfg, generator)
+            if name in ENCODINGS and ENCODINGS.is_available(name):
+                return _build(ENCODINGS.find(name), cfg, generator)
         raise RuntimeError("no hash-grid backend is available")  # unreachable: torch always is
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown hash-grid backend {backend!r}; choose from {sorted(_BACKENDS) + ['auto']}")
-    builder, available = _BACKENDS[backend]
-    if not available():
+    builder = ENCODINGS.find(backend)
+    if not ENCODINGS.is_available(backend):
         raise RuntimeError(
             f"hash-grid backend {backend!r} is not available here (available: {available_backends()})"
         )

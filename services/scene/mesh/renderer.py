@@ -40,8 +40,10 @@ class MeshRenderer:
         resolution: int,
         background: nn.Module | None = None,
         lap: Callable[[str], None] = lambda name: None,
+        with_depth: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """-> {"rgb" (B, 3, H, W), "opacity" (B, 1, H, W), "background" (B, 3, H, W)}, all row 0 = top.
+        """-> {"rgb" (B, 3, H, W), "opacity" (B, 1, H, W), "background" (B, 3, H, W)}, all row 0 = top, and
+        with `with_depth` "depth" (B, 1, H, W): the distance from the camera to the surface (0 where uncovered).
 
         `lap(name)` is called after the "rasterize" and "texture" phases (for step profiling).
         """
@@ -70,11 +72,16 @@ class MeshRenderer:
         image = mask * color + (1 - mask) * to_top_row_first(backdrop)
         if self.antialias:
             image = self.rasterizer.antialias(image, rast, pos_clip, faces)
-        return {
+        out = {
             "rgb": to_top_row_first(image).permute(0, 3, 1, 2),
             "opacity": to_top_row_first(mask).permute(0, 3, 1, 2),
             "background": backdrop.permute(0, 3, 1, 2),
         }
+        if with_depth:
+            eyes = torch.stack([camera.camera_to_world[:3, 3] for camera in cameras]).to(world)  # (B, 3)
+            depth = (world - eyes[:, None, None, :]).norm(dim=-1, keepdim=True) * mask
+            out["depth"] = to_top_row_first(depth).permute(0, 3, 1, 2)
+        return out
 
     @staticmethod
     def _background(

@@ -1,0 +1,223 @@
+"""Fidelity of the final GLB on shapes the other tests never use, the way a new user would get them: each shape of
+`shared.shape_set` is written to a PLY file with its vertex colours, added to the analytic priors' set through a
+guidance config (top-level `analytic.meshes`, `color: null`, `up: +z`), and generated from its name with a preset
+(default cpu-demo) through the local stack (standalone guidance, a scene service, the orchestrator).
+
+    python -m bench.fidelity [--shapes cone,table] [--seeds 0,1] [--preset cpu-demo] [--presets FILE] [--json OUT]
+
+Prints one row per shape and seed: mean symmetric surface distance in % of the reference's bounding-box diagonal,
+volumetric IoU, colour error (mean absolute RGB difference between the GLB's texture sampled at its vertices and
+the shape's albedo at the nearest reference point, points near a colour boundary left out) and the job's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from shared.mesh_metrics import (
+    bounding_box_diagonal,
+    mean_symmetric_surface_distance,
+    sample_surface,
+    volumetric_iou,
+)
+from shared.shape_set import Shape, shape_set
+
+DEFAULT_PRESET = "cpu-demo"
+DISTANCE_LIMIT_PERCENT = 1.5  # of the bounding-box diagonal (cpu-demo's goal)
+IOU_LIMIT = 0.85
+
+
+@dataclass
+class FidelityRow:
+    shape: str
+    seed: int
+    distance_percent: float
+    iou: float
+    color_error: float
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.distance_percent <= DISTANCE_LIMIT_PERCENT and self.iou >= IOU_LIMIT
+
+
+def object_name(shape: Shape) -> str:
+    """The shape's name in the prior's set: prefixed so that it outranks a built-in alias ("cone")."""
+    return "fidelity " + shape.name.replace("-", " ")
+
+
+def write_guidance_config(shapes: list[Shape], folder: Path, base: Path | None = None) -> Path:
+    """PLY files with vertex colours and a guidance YAML listing them once (top-level `analytic.meshes`) for every
+    analytic prior of `base` (default: the local stack's deploy/config/guidance.yaml, so that the priors'
+    resolutions are the ones cpu-demo is served with)."""
+    import trimesh
+
+    from services.local_stack import CONFIG_DIR
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for shape in shapes:
+        path = folder / f"{shape.name}.ply"
+        colors = (shape.mesh.vertex_colors.numpy() * 255).round().astype("uint8")
+        trimesh.Trimesh(shape.mesh.vertices.numpy(), shape.mesh.faces.numpy(), vertex_colors=colors,
+                        process=False).export(path)
+        entries.append({"name": object_name(shape), "path": str(path), "color": None, "up": "+z"})
+    config = yaml.safe_load(Path(base or CONFIG_DIR / "guidance.yaml").read_text())
+    config["analytic"] = {"meshes": [*config.get("analytic", {}).get("meshes", []), *entries]}
+    path = folder / "guidance.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_glb(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The exported GLB in scene coordinates (+Z up, not re-centred): vertices, faces, texture colours at vertices."""
+    import numpy as np
+    import trimesh
+
+    from services.scene.export import y_up_to_z_up
+
+    loaded = trimesh.load(str(path), force="mesh", process=False)
+    vertices = y_up_to_z_up(torch.from_numpy(np.asarray(loaded.vertices, dtype="float32")))
+    faces = torch.from_numpy(np.asarray(loaded.faces, dtype="int64"))
+    colors = None
+    visual = loaded.visual
+    if visual.kind == "texture":
+        visual = visual.to_color()
+    if visual.kind == "vertex":
+        colors = torch.from_numpy(np.asarray(visual.vertex_colors)[:, :3].astype("float32") / 255.0)
+    return vertices, faces, colors
+
+
+def color_error(shape: Shape, vertices: torch.Tensor, colors: torch.Tensor | None, samples: int = 20000) -> float:
+    """Mean |RGB difference| between the GLB's vertex colours and the shape's albedo at the nearest reference surface
+    point; vertices within the shape's colour margin of a boundary are left out. NaN without colours."""
+    if colors is None:
+        return float("nan")
+    reference = sample_surface(shape.mesh.vertices, shape.mesh.faces, samples, torch.Generator().manual_seed(0))
+    nearest = torch.cat([torch.cdist(v, reference).argmin(dim=1) for v in vertices.split(4096)])
+    points = reference[nearest]
+    keep = torch.ones(points.shape[0], dtype=torch.bool)
+    for z in shape.color_boundaries:
+        keep &= (points[:, 2] - z).abs() > shape.color_margin
+    expected = shape.color_at(points)
+    return float((colors - expected).abs()[keep].mean())
+
+
+def score(shape: Shape, glb: Path) -> tuple[float, float, float]:
+    """(surface distance % of the bbox diagonal, IoU, colour error) of a GLB against its shape."""
+    vertices, faces, colors = read_glb(glb)
+    reference = shape.mesh
+    diagonal = bounding_box_diagonal(reference.vertices)
+    distance = mean_symmetric_surface_distance(vertices, faces, reference.vertices, reference.faces, samples=20000)
+    iou = volumetric_iou(vertices, faces, reference.vertices, reference.faces, resolution=64)
+    return 100.0 * distance / diagonal, iou, color_error(shape, vertices, colors)
+
+
+def generate(address: str, token: str, prompt: str, preset: str, seed: int, out: Path,
+             timeout_s: float = 3600.0) -> Path:
+    """Runs one job to the end through the orchestrator; returns its downloaded model.glb."""
+    from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    from services import cli
+    from shared.grpcio import insecure_channel
+
+    spec = orchestrator_pb2.JobSpec(preset=preset, seed=seed)
+    spec.text.prompt = prompt
+    request = orchestrator_pb2.GenerateRequest(spec=spec, request_id=uuid.uuid4().hex)
+    channel = insecure_channel(address, token=token)
+    try:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        for response in stub.Generate(request, timeout=timeout_s):
+            event = response.event
+            kind = event.WhichOneof("event")
+            if kind == "done":
+                folder = out / event.job_name.removeprefix("jobs/")
+                written = dict(cli.download(event.done.artifacts, folder))
+                return written["model.glb"]
+            if kind == "failed":
+                raise RuntimeError(f"{prompt!r} seed {seed}: job failed: {event.failed.reason}")
+    finally:
+        channel.close()
+    raise RuntimeError(f"{prompt!r} seed {seed}: the stream ended without a result")
+
+
+def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, presets: Path | None = None,
+        workdir: Path | None = None, progress=None, guidance: Path | None = None) -> list[FidelityRow]:
+    """Every shape at every seed through one local stack; one row each."""
+    from services.local_stack import LocalStackSettings, start_local_stack
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="fidelity-"))
+    guidance_config = write_guidance_config(shapes, workdir / "meshes", guidance)
+    settings = LocalStackSettings(guidance="standalone", state_dir=workdir / "state", orchestrator_port=0,
+                                  guidance_config=guidance_config)
+    if presets is not None:
+        settings = LocalStackSettings(**{**settings.__dict__, "presets": Path(presets)})
+    stack = start_local_stack(settings)
+    rows = []
+    try:
+        for shape in shapes:
+            for seed in seeds:
+                started = time.monotonic()
+                glb = generate(stack.orchestrator_address, stack.client_token, f"a {object_name(shape)}", preset,
+                               seed, workdir / "out")
+                seconds = time.monotonic() - started
+                row = FidelityRow(shape.name, seed, *score(shape, glb), seconds)
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+    finally:
+        stack.stop()
+    return rows
+
+
+def format_row(row: FidelityRow) -> str:
+    verdict = "ok" if row.passed else "FAIL"
+    return (f"| {row.shape:<9} | {row.seed:>4} | {row.distance_percent:6.2f} | {row.iou:5.3f} | "
+            f"{row.color_error:6.3f} | {row.seconds:6.1f} | {verdict:<4} |")
+
+
+HEADER = ("| shape     | seed | dist % |  IoU  | colour | time s | pass |\n"
+          "|-----------|------|--------|-------|--------|--------|------|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    names = [shape.name for shape in shape_set()]
+    parser.add_argument("--shapes", default=",".join(names), help=f"comma-separated, of {', '.join(names)}")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
+    parser.add_argument("--presets", type=Path, help="presets YAML (default: deploy/config/presets.yaml)")
+    parser.add_argument("--guidance", type=Path, help="guidance YAML the shapes are added to "
+                                                      "(default: deploy/config/guidance.yaml)")
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args(argv)
+    from shared import logging as project_logging
+
+    project_logging.configure("WARNING")  # the services' JSON logs would bury the table
+    wanted = args.shapes.split(",")
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; known: {names}")
+    shapes = [shape for shape in shape_set() if shape.name in wanted]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(HEADER, flush=True)
+    rows = run(shapes, seeds, args.preset, args.presets, args.workdir,
+               progress=lambda r: print(format_row(r), flush=True), guidance=args.guidance)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0 if all(r.passed for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

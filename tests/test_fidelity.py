@@ -1,0 +1,80 @@
+"""Fidelity of the final GLB at cpu-demo settings on shapes no other test uses (shared.shape_set): a cone (flat
+bottom), a table (thin legs), three rings 0.04 apart (narrow gaps), a two-coloured cylinder, a mug with a handle.
+Each is added to the analytic priors as a user mesh (PLY with vertex colours, `color: null`), generated from its
+name through the local stack with the cpu-demo preset, and scored on the downloaded model.glb: surface distance
+<= 1.5% of the bounding-box diagonal, IoU >= 0.85, and the colours right region by region.
+
+One run per shape, shared by the module (the `fidelity` marker; `make test-fidelity`): minutes on 2 cores, so not
+part of the default suite. The shape builders' own checks (closed, outward, inside radius 0.5) are quick and
+unmarked.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench import fidelity
+from shared.shape_set import BLUE, RED, shape_set
+
+SHAPES = {shape.name: shape for shape in shape_set()}
+
+
+def test_shapes_are_closed_outward_and_fit_the_scene():
+    import trimesh
+
+    for shape in SHAPES.values():
+        mesh = trimesh.Trimesh(shape.mesh.vertices.numpy(), shape.mesh.faces.numpy(), process=True)
+        parts = mesh.split(only_watertight=False)
+        assert all(part.is_watertight and part.volume > 0 for part in parts), shape.name
+        assert float(shape.mesh.vertices.norm(dim=1).max()) <= 0.5 + 1e-6, shape.name
+        assert shape.mesh.vertex_colors is not None
+    assert len(trimesh.Trimesh(SHAPES["rings"].mesh.vertices.numpy(), SHAPES["rings"].mesh.faces.numpy()).split()) == 3
+
+
+def test_the_scores_can_fail():
+    """A shape scored against itself passes; against another shape, or painted wrong, it does not."""
+    two_tone, rings = SHAPES["two-tone"], SHAPES["rings"]
+    right = two_tone.mesh.vertex_colors
+    assert fidelity.color_error(two_tone, two_tone.mesh.vertices, right) < 0.02
+    swapped = torch.where(right == torch.tensor(RED), torch.tensor(BLUE), torch.tensor(RED))
+    assert fidelity.color_error(two_tone, two_tone.mesh.vertices, swapped) > 0.3
+    from shared.mesh_metrics import volumetric_iou
+
+    iou = volumetric_iou(rings.mesh.vertices, rings.mesh.faces, two_tone.mesh.vertices, two_tone.mesh.faces, 48)
+    assert iou < 0.5
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    rows = fidelity.run(list(SHAPES.values()), seeds=[0], workdir=tmp_path_factory.mktemp("fidelity"))
+    print("\n" + fidelity.HEADER + "\n" + "\n".join(fidelity.format_row(row) for row in rows))
+    return {row.shape: row for row in rows}
+
+
+@pytest.mark.fidelity
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_final_glb_matches_the_shape(results, name):
+    row = results[name]
+    assert row.distance_percent <= fidelity.DISTANCE_LIMIT_PERCENT, row
+    assert row.iou >= fidelity.IOU_LIMIT, row
+    assert row.color_error <= 0.15, row
+
+
+def test_scene_radius_sets_the_coarse_box_and_is_refused_by_the_fine_stage():
+    from magic3d.v1 import scene_pb2
+
+    from services.scene.config import CoarseConfig, FineConfig
+    from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
+    from shared.errors import InvalidArgument
+
+    config = coarse_config_from_proto(scene_pb2.StageConfig(scene_radius=0.6, samples_per_ray=48), CoarseConfig(prompt="x"))
+    assert config.field.bound_radius == config.renderer.radius == config.occupancy.bound_radius == pytest.approx(0.6)
+    assert config.occupancy.step_size == pytest.approx(1.2 / 48)
+    default = coarse_config_from_proto(scene_pb2.StageConfig(), CoarseConfig(prompt="x"))
+    assert default.field.bound_radius == 1.0
+    with pytest.raises(InvalidArgument) as caught:
+        coarse_config_from_proto(scene_pb2.StageConfig(scene_radius=-1.0), CoarseConfig(prompt="x"))
+    assert caught.value.field.startswith("config")
+    with pytest.raises(InvalidArgument, match="coarse checkpoint"):
+        fine_config_from_proto(scene_pb2.StageConfig(stage=scene_pb2.STAGE_FINE, scene_radius=0.6), FineConfig(prompt="x"))
