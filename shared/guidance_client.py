@@ -159,7 +159,8 @@ class GuidanceClient:
 
         A checkpoint id in the request wins over the registry's; the result's gradient has the images' shape.
         `timeout_s` bounds each attempt, `outage_window_s` how long an outage is retried (None: the registry's).
-        A reference image (request.image_condition) goes to each (address, application) once, then its digest
+        Learned embeddings the registry names for `prior` are added to the request's. A reference image
+        (request.image_condition) goes to each (address, application) once, then its digest
         alone; a server that answers that it does not hold it (FAILED_PRECONDITION on `image_condition.image`: a
         new replica, or the image evicted) gets it once more.
         """
@@ -167,6 +168,9 @@ class GuidanceClient:
         checkpoint = request.checkpoint_id or endpoint.checkpoint_id
         if checkpoint != endpoint.checkpoint_id:
             endpoint = dataclasses.replace(endpoint, checkpoint_id=checkpoint)
+        if endpoint.learned_embeddings:  # the registry's, after the request's own
+            names = tuple(dict.fromkeys((*request.learned_embeddings, *endpoint.learned_embeddings)))
+            request = dataclasses.replace(request, learned_embeddings=names)
         image_key = self._image_key(endpoint, request)
         with_image = image_key is None or not self._image_sent(image_key)
         try:

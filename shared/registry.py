@@ -15,6 +15,10 @@
         kind: alias
         target: sd
         checkpoint_id: dreambooth-dog
+      cat-toy:                       # textual-inversion embeddings the server knows by name, sent with every request
+        kind: alias
+        target: sd
+        learned_embeddings: [cat-toy]
 
 Optimisers ask for a logical name; `Registry.resolve` turns it into a concrete `Endpoint`.
 """
@@ -41,6 +45,9 @@ class _Route(BaseModel):
     prior: str | None = Field(default=None, min_length=1)
     # Checkpoint (multiplexed model id) of that prior; "" or None: the server's default.
     checkpoint_id: str | None = None
+    # Textual-inversion embeddings (names the server lists in PriorInfo.learned_embeddings) added to every
+    # ComputeSds request through this name; None: the target's.
+    learned_embeddings: tuple[str, ...] | None = None
 
 
 class StandaloneRoute(_Route):
@@ -98,6 +105,7 @@ class Endpoint:
     prior: str
     checkpoint_id: str = ""
     application: str | None = None
+    learned_embeddings: tuple[str, ...] = ()
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -127,6 +135,7 @@ class Registry(BaseModel):
         seen: list[str] = []
         prior: str | None = None
         checkpoint: str | None = None
+        embeddings: tuple[str, ...] | None = None
         current = name
         while True:
             if current in seen:
@@ -140,6 +149,7 @@ class Registry(BaseModel):
                 raise ValueError(f"alias {seen[-2]!r} points at unknown prior {current!r}; known: {known}")
             prior = prior if prior is not None else route.prior
             checkpoint = checkpoint if checkpoint is not None else route.checkpoint_id
+            embeddings = embeddings if embeddings is not None else route.learned_embeddings
             if isinstance(route, AliasRoute):
                 current = route.target
                 continue
@@ -150,6 +160,7 @@ class Registry(BaseModel):
                 prior=prior or current,
                 checkpoint_id=checkpoint or "",
                 application=route.application if isinstance(route, ServeRoute) else None,
+                learned_embeddings=tuple(embeddings or ()),
             )
 
     def names(self) -> list[str]:

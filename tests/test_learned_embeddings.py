@@ -97,3 +97,35 @@ def test_config_names_safetensors_files_for_text_priors_only(model_dir, files, t
         PriorSpec(name="sd", kind=PriorKind.LATENT, source="x", learned_embeddings={"toy": tmp_path / "toy.bin"})
     with pytest.raises(ValueError, match="text-conditioned"):
         PriorSpec(name="a", kind=PriorKind.ANALYTIC, learned_embeddings={"toy": files["toy"]})
+
+
+def test_a_registry_alias_names_embeddings_for_every_request_through_the_client(model_dir, files):
+    from services.guidance import standalone
+    from shared.guidance_client import GuidanceClient
+    from shared.registry import Registry
+
+    spec = PriorSpec(name="sd", kind=PriorKind.LATENT, source=str(model_dir), device="cpu", dtype="float32",
+                     resolution=64, learned_embeddings={"toy": files["toy"], "gone": files["gone"]})
+    config = GuidanceConfig(priors=[spec], port=0, batching={"wait_s": 0})
+    pool = PriorPool(config)
+    running = standalone.start(config, pool=pool)
+    registry = Registry.model_validate({
+        "client": {"timeout_s": 20, "outage_window_s": 1},
+        "priors": {"sd": {"kind": "standalone", "address": running.address},
+                   "sd-toy": {"kind": "alias", "target": "sd", "learned_embeddings": ["toy"]},
+                   "sd-gone": {"kind": "alias", "target": "sd-toy", "learned_embeddings": ["gone"]}},
+    })
+    client = GuidanceClient(registry)
+    try:
+        assert registry.resolve("sd-toy").learned_embeddings == ("toy",)
+        assert "toy" not in pool.get("sd")._loaded_embeddings
+        result = client.compute_sds(SdsRequest(job_id="ti", prior="sd-toy", images=torch.rand(1, 3, 32, 32),
+                                               prompt="a photo of <cat-toy>", seed=3))
+        assert all(result.finite) and "toy" in pool.get("sd")._loaded_embeddings
+        with pytest.raises(NotFound) as caught:
+            client.compute_sds(SdsRequest(job_id="ti", prior="sd-gone", images=torch.rand(1, 3, 32, 32),
+                                          prompt="a red torus", seed=3))
+        assert caught.value.field == "learned_embeddings"
+    finally:
+        client.close()
+        running.stop(grace=None)

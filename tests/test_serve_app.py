@@ -4,6 +4,7 @@ Ray + Serve start once for the module."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -349,6 +350,26 @@ def test_guidance_client_retries_overload_until_served(client):
     for thread in threads:
         thread.join(timeout=40)
     assert not errors and len(results) == 6
+
+
+def test_a_reference_image_is_held_by_digest_and_the_client_sends_it_once(stub, client):
+    """Image conditioning through the proxy: a digest the replica does not hold is FAILED_PRECONDITION naming
+    `image_condition.image`; once sent, the digest alone gives the same result (the analytic prior takes images)."""
+    from shared.guidance_api import ImageCondition
+    from shared.tensor_digest import tensor_sha256
+
+    image = torch.rand(1, 4, 32, 32, generator=torch.Generator().manual_seed(5))
+    reference = ImageCondition(reference_camera=orbit_camera(0.0, 15.0, 2.0, size=32),
+                               image_sha256=tensor_sha256(tensors.to_proto(image)), image=image)
+    request = sds_request(1, seed=41, image_condition=reference)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ComputeSds(guidance_api.sds_request_to_proto(request, with_image=False), metadata=metadata(), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "image_condition.image" in field_violations(caught.value)
+    sent = client.compute_sds(dataclasses.replace(request, prior="via-serve"))
+    response = stub.ComputeSds(guidance_api.sds_request_to_proto(request, with_image=False), metadata=metadata(),
+                               timeout=30)
+    torch.testing.assert_close(guidance_api.sds_result_from_proto(response).grad, sent.grad)
 
 
 def test_check_prompt_through_the_proxy_and_the_client(stub, client):

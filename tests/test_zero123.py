@@ -166,12 +166,13 @@ def test_requests_missing_what_zero123_needs_are_refused_naming_the_field(prior)
 # ---------------------------------------------------------------------------------------------------- SDS
 def hand_conditioning(raw, image: torch.Tensor, poses: list[tuple[float, float, float]]):
     """(tokens (B, 1, D), unscaled latents (B, C, h, w)) from the raw modules, as Zero123 prepares them."""
+    image = F.interpolate(image, size=(RESOLUTION, RESOLUTION), mode="bilinear", antialias=True)
     rgb = image[:, :3] * image[:, 3:] + (1 - image[:, 3:])
     clip_side = raw["clip"].config.image_size
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).reshape(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).reshape(1, 3, 1, 1)
     clip_in = (F.interpolate(rgb, size=(clip_side, clip_side), mode="bicubic", antialias=True) - mean) / std
-    vae_in = F.interpolate(rgb, size=(RESOLUTION, RESOLUTION), mode="bilinear", antialias=True) * 2 - 1
+    vae_in = rgb * 2 - 1
     with torch.no_grad():
         embedding = raw["clip"](pixel_values=clip_in).image_embeds  # (1, D)
         latent = raw["vae"].encode(vae_in).latent_dist.mode()  # not scaled by the scaling factor

@@ -6,10 +6,11 @@ concatenated with the relative pose of the target view and projected back to the
 layer (`cc_projection`, 772 -> 768 for the released checkpoints). As in Zero123 and its ports (the diffusers
 community pipeline `pipeline_zero1to3`, threestudio's `zero123-guidance`):
 
-- the reference image (RGBA) is composited on white;
+- the reference image (RGBA) is resized to the working resolution (256) and composited on white;
 - its VAE latent is the latent distribution's mode at 256x256, NOT multiplied by the scaling factor (Zero123's
   `encode_first_stage(...).mode()`); the rendered views are encoded as any latent prior's, scaled;
-- its CLIP embedding is CLIPVisionModelWithProjection's `image_embeds` at 224x224 (bicubic, CLIP normalisation);
+- its CLIP embedding is CLIPVisionModelWithProjection's `image_embeds` of that image at 224x224 (bicubic, CLIP
+  normalisation), as Zero123's FrozenCLIPImageEmbedder computes it;
 - the pose vector is [radians(delta polar), sin(delta azimuth), cos(delta azimuth), delta distance] where
   Zero123's polar angle is 90 deg - elevation, so delta polar = -(delta elevation) (threestudio's `get_cond`);
   azimuth is measured as this project's cameras measure it (shared.cameras.orbit_camera, threestudio's sense);
@@ -121,9 +122,7 @@ class Zero123Prior(DiffusionPrior):
         checkpoint_ids: Sequence[str] = ("default",),
         clip_mean: Sequence[float] = CLIP_MEAN,
         clip_std: Sequence[float] = CLIP_STD,
-        **_unused_settings: Any,
     ) -> None:
-        """`_unused_settings` takes the pool's settings that do not apply here (memory_format, cuda_graphs)."""
         self._device = as_device(device)
         self.dtype = as_dtype(dtype, self._device)
         self.unet = freeze(unet, self._device, self.dtype)
@@ -223,13 +222,16 @@ class Zero123Prior(DiffusionPrior):
     @torch.no_grad()
     def reference_embedding(self, rgba: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(CLIP image embedding (D,), VAE latent mode (C, h, w), unscaled) of one (1, 4, H, W) reference image."""
-        rgb = composite_on_white(rgba.to(self._device, torch.float32))
+        # As threestudio prepares it: the RGBA resized (area-like) to the working resolution, then composited; CLIP
+        # sees that image resized again to its own resolution.
+        rgba = F.interpolate(rgba.to(self._device, torch.float32), size=(self.resolution,) * 2, mode="bilinear",
+                             align_corners=False, antialias=True)
+        rgb = composite_on_white(rgba)
         clip_in = F.interpolate(rgb, size=(self.clip_resolution,) * 2, mode="bicubic", align_corners=False,
                                 antialias=True)
         clip_in = (clip_in - self.clip_mean.to(self._device)) / self.clip_std.to(self._device)
         embedding = self.image_encoder(pixel_values=clip_in.to(self.dtype)).image_embeds[0]
-        vae_in = F.interpolate(rgb, size=(self.resolution,) * 2, mode="bilinear", align_corners=False, antialias=True)
-        moments = self.vae.encode(vae_in.mul(2.0).sub(1.0).to(self.dtype)).latent_dist
+        moments = self.vae.encode(rgb.mul(2.0).sub(1.0).to(self.dtype)).latent_dist
         return embedding.to(self.dtype), moments.mode()[0].to(self.dtype)
 
     def _reference(self, condition: ViewCondition) -> tuple[torch.Tensor, torch.Tensor]:
