@@ -165,11 +165,6 @@ def revolve(profile: list[tuple[float, float]], segments: int, closed: bool = Fa
     return Mesh(torch.cat(vertices).float(), torch.cat(faces))
 
 
-def revolve(profile: list[tuple[float, float]], segments: int, closed: bool = False) -> Mesh:
-    """A surface of revolution about +Z from a (rho, z) profile (see `_revolve` for the direction to walk it)."""
-    return _revolve(profile, segments, closed)
-
-
 def torus(
     major_radius: float = 0.32, minor_radius: float = 0.12, segments: int = 48, minor_segments: int = 24
 ) -> Mesh:
