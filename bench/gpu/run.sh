@@ -7,17 +7,20 @@
 #   bash bench/gpu/run.sh priors                # where the priors' SDS time goes; layout variants (bench/prior_speed.py)
 #   bash bench/gpu/run.sh encoder               # the scene's VAE encoder forward + backward: eager vs compiled
 # That machine has torch with CUDA but not this project's other packages: they come as wheels from the ignored
-# folder $MAGIC3D_WHEELS (default .whl/, filled here with ../shared/device/wheels.sh), installed into a private
-# site directory, never into the system. Generated protos come from gen/ (made by `make setup`, carried along).
+# folders $MAGIC3D_WHEELS (default .whl/) and, for the suite's serve section, $MAGIC3D_SERVE_WHEELS (default
+# .whl-ray/, Ray Serve), both filled here by bench/gpu/wheels.sh, installed into a private site directory, never
+# into the system. Generated protos come from gen/ (made by `make setup`, carried along).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 wheels=${MAGIC3D_WHEELS:-.whl}
 site=${MAGIC3D_SITE:-/tmp/magic3d-site}
 out=${OUT:-out/bench}
 state=${MAGIC3D_SCHEDULE_STATE:-/tmp/magic3d-schedule}
+serve_wheels=${MAGIC3D_SERVE_WHEELS:-.whl-ray}
 if compgen -G "$wheels/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-    "$wheels"/*.whl $(compgen -G "$wheels/rast/*nvdiffrast*.whl" || true) >/dev/null 2>&1
+    "$wheels"/*.whl $(compgen -G "$wheels/rast/*nvdiffrast*.whl" || true) \
+    $(compgen -G "$serve_wheels/*.whl" || true) >/dev/null 2>&1
 fi
 [ -d gen/magic3d ] || { echo "gen/ is missing: run 'make setup' here and carry gen/ along" >&2; exit 2; }
 export PYTHONPATH="$site:$PWD:$PWD/gen${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
