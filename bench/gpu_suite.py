@@ -10,7 +10,9 @@ Sections:
   prior, so the step is timed on real geometry (occupancy pruning skips what it would in practice).
 * serve: the coarse (batch 4) and fine steps with the guidance under Ray Serve (a local Ray on 127.0.0.1, the Serve
   gRPC ingress, one replica holding the GPU), beside the same steps through a standalone service in the same run;
-  the table gives the Serve / standalone ratio per stage. Not in the default sections (Ray's start costs ~20 s).
+  the table gives the Serve / standalone ratio per stage and splits the guidance phase into the server's time (request
+  in to result out, `server_time_s`) and the hop (the rest: transport, Serve's proxy, serialisation). Not in the
+  default sections (Ray's start costs ~20 s).
 * magic123: a coarse and a fine step of the `magic123` preset (image to 3D) with an image of the red torus rendered
   here: the latent prior on SD 1.5's architecture (`random:sd15`) and Zero-1-to-3's (`random:zero123`) in one
   standalone guidance service, and the reference-view losses. Not in the default sections.
@@ -392,6 +394,33 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
     return rows
 
 
+class ServerTimedGuidance:
+    """A guidance client that keeps each SDS answer's `server_time_s` (request in to result out, on the server), so
+    that a step's guidance phase splits into the server's time and the hop (transport, proxy, serialisation)."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.server_seconds: list[float] = []
+
+    def compute_sds(self, *args, **kwargs):
+        result = self.client.compute_sds(*args, **kwargs)
+        self.server_seconds.append(result.server_time_s)
+        return result
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
+
+
+def time_steps_split(stage: str, config, client, settings: SuiteSettings, fitted: dict) -> dict:
+    """`time_steps`, plus the median server-side guidance time and the hop (guidance phase less server time)."""
+    timed = ServerTimedGuidance(client)
+    row = time_steps(make_stage(stage, config, timed, settings, fitted), settings)
+    # One SDS call per step: warm-up steps, then the timed ones, then the profiled ones.
+    timed_calls = timed.server_seconds[settings.warmup_steps : settings.warmup_steps + settings.timed_steps]
+    server_ms = 1e3 * statistics.median(timed_calls or timed.server_seconds)
+    return {**row, "guidance_server_ms": server_ms, "guidance_hop_ms": row["phases_ms"].get("guidance", 0.0) - server_ms}
+
+
 def bench_serve(coarse, fine, settings: SuiteSettings, fitted: dict, workdir: Path) -> list[dict]:
     """Coarse (batch 4) and fine steps through the Serve gRPC ingress and through a standalone service, in one run so
     that the ratio compares like with like."""
@@ -401,11 +430,11 @@ def bench_serve(coarse, fine, settings: SuiteSettings, fitted: dict, workdir: Pa
         gconfig = guidance_config(settings, kind, config.resolution)
         with standalone_guidance(gconfig, workdir, settings.guidance_gpu) as (client, _):
             rows.append({"stage": stage, "batch": config.batch_size, "path": "standalone gRPC",
-                         **time_steps(make_stage(stage, config, client, settings, fitted), settings)})
+                         **time_steps_split(stage, config, client, settings, fitted)})
             print(json.dumps(rows[-1]), flush=True)
         with serve_guidance(gconfig) as client:
             rows.append({"stage": stage, "batch": config.batch_size, "path": "Ray Serve gRPC",
-                         **time_steps(make_stage(stage, config, client, settings, fitted), settings)})
+                         **time_steps_split(stage, config, client, settings, fitted)})
             print(json.dumps(rows[-1]), flush=True)
         if settings.device != "cpu":
             torch.cuda.empty_cache()
@@ -567,12 +596,19 @@ def markdown(results: dict) -> str:
             if path == "standalone gRPC" and (stage, batch, "in-process") in by_key:
                 lines.append(f"| {stage} | {batch} | {value / by_key[(stage, batch, 'in-process')]:.3f} |")
     if results.get("serve"):
-        lines += ["", "| stage | batch | standalone step ms | Ray Serve step ms | Serve / standalone |", "|---|---:|---:|---:|---:|"]
-        by_key = {(r["stage"], r["batch"], r["path"]): r["step_ms"] for r in results["serve"]}
-        for (stage, batch, path), value in by_key.items():
+        lines += ["", "| stage | batch | standalone step ms | Ray Serve step ms | Serve / standalone | "
+                  "guidance server ms (standalone / Serve) | guidance hop ms (standalone / Serve) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        by_key = {(r["stage"], r["batch"], r["path"]): r for r in results["serve"]}
+        for (stage, batch, path), served in by_key.items():
             if path == "Ray Serve gRPC" and (stage, batch, "standalone gRPC") in by_key:
                 alone = by_key[(stage, batch, "standalone gRPC")]
-                lines.append(f"| {stage} | {batch} | {alone:.1f} | {value:.1f} | {value / alone:.3f} |")
+                lines.append(
+                    f"| {stage} | {batch} | {alone['step_ms']:.1f} | {served['step_ms']:.1f} | "
+                    f"{served['step_ms'] / alone['step_ms']:.3f} | "
+                    f"{alone['guidance_server_ms']:.1f} / {served['guidance_server_ms']:.1f} | "
+                    f"{alone['guidance_hop_ms']:.1f} / {served['guidance_hop_ms']:.1f} |"
+                )
     if results.get("concurrent"):
         lines += ["", "| stage | batch | jobs at once | step ms per job | steps/s, all jobs | images per denoiser call |",
                   "|---|---:|---:|---:|---:|---:|"]
