@@ -9,9 +9,10 @@ guidance tier (standalone gRPC server in this process, or Ray Serve), with a gui
 `latent` priors on random weights of the real architectures (IF-I-XL, SD 2.1 base; under --smoke tiny ones on CPU
 and a shrunk copy of the preset). Measured: submit -> accepted (first event), -> first progress, -> first preview,
 each stage's median step time from the progress events (seconds between events over steps between them), each
-stage's set-up (stage start to its first progress, less the steps done by then). With --max-seconds the job is
-cancelled then (a device command may run 10 minutes) and the full schedule's time is projected: submit set-up +
-each stage's set-up + its steps x its median step time, labelled `projected`; a job that finishes in time gets its
+stage's set-up (from the previous stage's last event, or from submit, to its first progress, less the steps done by
+then: scene creation, the fine stage's DMTet conversion, first-call compiles). With --max-seconds the job is
+cancelled then (a device command may run 10 minutes) and the full schedule's time is projected: each stage's
+set-up + its steps x its median step time, labelled `projected` (the export is not in it); a job that finishes in time gets its
 `measured` end-to-end time. --steps coarse=N shortens the run (to reach the fine stage) without changing the
 projection, which uses the preset's steps.
 """
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
-from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
+from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from services.guidance.config import GuidanceConfig, PriorSpec
 from services.local_stack import CONFIG_DIR, LocalStackSettings, start_local_stack
@@ -56,10 +57,10 @@ def preset_book(smoke: bool) -> dict:
         preset = copy.deepcopy(book["presets"]["magic3d"])
         preset.update(checkpoint_every=20, progress_every=2, preview_every=20, first_preview_step=4)
         coarse, fine = preset["stages"]
-        coarse["steps"], fine["steps"] = 60, 10
+        coarse["steps"], fine["steps"] = 40, 200
         coarse["config"].update(resolution=32, batch_size=2, samples_per_ray=16,
                                 hashGrid={"nLevels": 4, "log2HashmapSize": 12, "baseResolution": 8})
-        coarse["config"]["tMax"] = {"steps": [0, 60], "values": [0.98, 0.5]}
+        coarse["config"]["tMax"] = {"steps": [0, 40], "values": [0.98, 0.5]}
         fine["config"].update(resolution=64, batch_size=2, dmtet={"gridCells": 16})
         book["presets"][SMOKE_PRESET] = preset
     return book
@@ -91,16 +92,19 @@ def watch(stub, spec: orchestrator_pb2.JobSpec, max_seconds: float | None) -> tu
 
 
 def stage_rates(events: list[tuple[float, object]]) -> dict[str, dict]:
-    """Per stage: median seconds per step between progress events, and the set-up before its first step."""
-    stages: dict[str, dict] = {}
-    current, started_at, points = None, 0.0, {}
+    """Per stage: median seconds per step between progress events, and its set-up: from the previous stage's last
+    event (the first stage: from submit) to its first progress, less the steps done by then."""
+    points: dict[str, list] = {}
+    current, last_at = None, 0.0
     for at, event in events:
         kind = event.WhichOneof("event")
         if kind == "stage_started":
-            current, started_at = presets_module.STAGE_NAME[event.stage_started.stage], at
-            points[current] = [(started_at, None)]
+            current = presets_module.STAGE_NAME[event.stage_started.stage]
+            points[current] = [(last_at if points else 0.0, None)]
         elif kind == "progress" and current and not event.progress.preview_uri:
             points[current].append((at, event.progress.step))
+        last_at = at
+    stages: dict[str, dict] = {}
     for name, series in points.items():
         (start, _), steps = series[0], series[1:]
         per_step = [(t1 - t0) / (s1 - s0) for (t0, s0), (t1, s1) in zip(steps, steps[1:]) if s1 > s0]
@@ -127,16 +131,15 @@ def summarise(events: list[tuple[float, object]], schedule: dict[str, int], max_
         "first_preview_s": first(lambda e: e.WhichOneof("event") == "progress" and bool(e.progress.preview_uri)),
         "previews": sum(1 for _, e in events if e.WhichOneof("event") == "progress" and e.progress.preview_uri),
         "final_event": kinds[-1] if kinds else None,
+        "failure": events[-1][1].failed.reason if kinds and kinds[-1] == "failed" else "",
         "stages": stages, "schedule_steps": schedule, "max_seconds": max_seconds,
     }
     if kinds and kinds[-1] == "done":
         result["measured_total_s"] = events[-1][0]
         return result
-    coarse_start = first(lambda e: e.WhichOneof("event") == "stage_started")
     known = all("median_step_s" in stages.get(name, {}) for name in schedule)
     result["projected_total_s"] = (
-        coarse_start + sum(stages[n]["setup_s"] + steps * stages[n]["median_step_s"] for n, steps in schedule.items())
-        if known and coarse_start is not None else None
+        sum(stages[n]["setup_s"] + steps * stages[n]["median_step_s"] for n, steps in schedule.items()) if known else None
     )
     result["projection_excludes"] = ["export"] + [n for n in schedule if "median_step_s" not in stages.get(n, {})]
     return result
