@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from services.orchestrator import presets as presets_module
 from shared import logging as project_logging
 from shared.grpcio import insecure_channel
 from shared.guidance_api import PriorKind
+from shared.store import LocalStore
 
 PROMPT = "a red torus"
 SMOKE_PRESET = "bench-smoke"
@@ -169,8 +171,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     project_logging.configure("WARNING")
     preset = args.preset or (SMOKE_PRESET if args.smoke else "magic3d")
-    state = args.out / "generate-state"
-    state.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="magic3d-generate-") as state:  # checkpoints stay out of --out
+        result = run(args, preset, Path(state))
+    result["markdown"] = markdown_line(result)
+    (args.out / "generate_e2e.json").write_text(json.dumps(result, indent=1))
+    with open(args.out / "generate_e2e.md", "a") as handle:
+        handle.write(result["markdown"] + "\n")
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def run(args: argparse.Namespace, preset: str, state: Path) -> dict:
     (state / "presets.yaml").write_text(yaml.safe_dump(preset_book(args.smoke)))
     (state / "guidance.yaml").write_text(yaml.safe_dump(guidance_config(args.smoke).model_dump(mode="json")))
     book = presets_module.PresetBook.load(state / "presets.yaml")
@@ -192,11 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
         stack.stop()
     result = {"bench": "generate_e2e", "preset": preset, "guidance": args.guidance, "smoke": args.smoke,
               "stack_start_s": stack_start_s, "run_steps": steps, **summarise(events, schedule, args.max_seconds)}
-    result["markdown"] = markdown_line(result)
-    (args.out / "generate_e2e.json").write_text(json.dumps(result, indent=1))
-    with open(args.out / "generate_e2e.md", "a") as handle:
-        handle.write(result["markdown"] + "\n")
-    print(json.dumps(result), flush=True)
+    first_preview = next((e.progress.preview_uri for _, e in events if e.progress.preview_uri), "")
+    if first_preview:  # the strip itself, to look at
+        store = LocalStore(stack.store_dir)
+        (args.out / "generate_first_preview.png").write_bytes(store.get(store.key_from_uri(first_preview)))
     return result
 
 
