@@ -11,6 +11,7 @@ import yaml
 from magic3d.v1 import orchestrator_pb2, scene_pb2
 from test_orchestrator import TINY_PRESETS, Stack, guidance, text_spec  # noqa: F401 - guidance is a fixture
 
+from services.orchestrator import execution
 from services.orchestrator.presets import PresetBook, PreviewSchedule
 from shared.errors import InvalidArgument
 from shared.store import LocalStore
@@ -71,27 +72,57 @@ def test_the_shipped_presets_preview_early():
     assert 0 < book.get("cpu-demo").preview_schedule().first_step <= 20
 
 
-def test_previews_come_at_their_steps_without_checkpoints_and_before_the_first_one(guidance, tmp_path):  # noqa: F811
-    stack = Stack(guidance, tmp_path, presets=PREVIEW_PRESETS)
-    try:
-        runner = stack.orchestrator.servicer.runner
-        job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=text_spec(preset="previews")), timeout=10).job
-        job_id = job.name.removeprefix("jobs/")
-        previews: dict[int, list[int]] = {scene_pb2.STAGE_COARSE: [], scene_pb2.STAGE_FINE: []}
-        checkpoints_at_first_preview = None
-        last = None
-        for response in stack.stub.WatchJob(orchestrator_pb2.WatchJobRequest(name=job.name), timeout=180):
-            last = response.event
-            if last.WhichOneof("event") == "progress" and last.progress.preview_uri:
-                if checkpoints_at_first_preview is None:
-                    checkpoints_at_first_preview = list(runner.jobs.get(job_id).checkpoints)
-                previews[last.progress.stage].append(last.progress.step)
-                store = LocalStore(tmp_path / "store")
-                assert store.get(store.key_from_uri(last.progress.preview_uri)).startswith(b"\x89PNG")
-        assert last.WhichOneof("event") == "done", last
-        assert checkpoints_at_first_preview == []
-        assert previews == {scene_pb2.STAGE_COARSE: [2, 5, 10, 12], scene_pb2.STAGE_FINE: [2]}
-        recorded = runner.jobs.get(job_id).checkpoints
-        assert sorted((c.stage, c.step) for c in recorded) == [("coarse", 12), ("fine", 2)]  # at the stages' ends only
-    finally:
-        stack.close()
+@pytest.fixture(scope="module")
+def preview_stack(guidance, tmp_path_factory):  # noqa: F811
+    stack = Stack(guidance, tmp_path_factory.mktemp("previews"), presets=PREVIEW_PRESETS)
+    yield stack
+    stack.close()
+
+
+def watch_previews(stack: Stack, job_id: str, on_first_preview=lambda: None) -> tuple[dict, orchestrator_pb2.JobEvent]:
+    """{stage: [steps of its previews]} from WatchJob, and the stream's last event."""
+    previews: dict[int, list[int]] = {scene_pb2.STAGE_COARSE: [], scene_pb2.STAGE_FINE: []}
+    last = None
+    store = LocalStore(stack.root / "store")
+    for response in stack.stub.WatchJob(orchestrator_pb2.WatchJobRequest(name=f"jobs/{job_id}"), timeout=180):
+        last = response.event
+        if last.WhichOneof("event") == "progress" and last.progress.preview_uri:
+            if not any(previews.values()):
+                on_first_preview()
+            previews[last.progress.stage].append(last.progress.step)
+            assert store.get(store.key_from_uri(last.progress.preview_uri)).startswith(b"\x89PNG")
+    return previews, last
+
+
+def submit(stack: Stack) -> str:
+    job = stack.stub.SubmitJob(orchestrator_pb2.SubmitJobRequest(spec=text_spec(preset="previews")), timeout=10).job
+    return job.name.removeprefix("jobs/")
+
+
+def test_previews_come_at_their_steps_without_checkpoints_and_before_the_first_one(preview_stack):
+    runner = preview_stack.orchestrator.servicer.runner
+    job_id = submit(preview_stack)
+    checkpoints_at_first_preview = []
+    previews, last = watch_previews(
+        preview_stack, job_id, lambda: checkpoints_at_first_preview.append(list(runner.jobs.get(job_id).checkpoints))
+    )
+    assert last.WhichOneof("event") == "done", last
+    assert checkpoints_at_first_preview == [[]]
+    assert previews == {scene_pb2.STAGE_COARSE: [2, 5, 10, 12], scene_pb2.STAGE_FINE: [2]}
+    recorded = runner.jobs.get(job_id).checkpoints
+    assert sorted((c.stage, c.step) for c in recorded) == [("coarse", 12), ("fine", 2)]  # at the stages' ends only
+
+
+def test_a_failing_preview_is_skipped_and_the_job_goes_on(preview_stack, monkeypatch):
+    real, calls = execution.previews.strip_png, []
+
+    def strip_png_failing_first(images):
+        calls.append(1)
+        if len(calls) == 1:
+            raise InvalidArgument("preview images must be uint8", "tensor.dtype")
+        return real(images)
+
+    monkeypatch.setattr(execution.previews, "strip_png", strip_png_failing_first)
+    previews, last = watch_previews(preview_stack, submit(preview_stack))
+    assert last.WhichOneof("event") == "done", last
+    assert previews == {scene_pb2.STAGE_COARSE: [5, 10, 12], scene_pb2.STAGE_FINE: [2]}

@@ -279,15 +279,18 @@ class JobExecution:
             )))
 
     def _preview(self, stub, scene_id: str, job_id: str, stage: PlannedStage, step: int) -> str:
-        """Four views as one PNG strip in the store; a preview failing never fails the job."""
+        """Four views as one PNG strip in the store; a preview failing (render, pixels, store) never fails the job,
+        only a lost replica ends the run."""
         request = scene_pb2.RenderPreviewRequest(scene_id=scene_id, cameras=previews.preview_cameras())
         try:
             reply = self._scene_call(stub.RenderPreview, request, job_id)
-        except ServiceError as error:
-            log.warning("preview_failed", reason=error.message)
+            key = artifact_keys.preview_key(job_id, stage.name, step)
+            return self.store.put(key, previews.strip_png(reply.images), "image/png")
+        except ReplicaLost:
+            raise
+        except Exception as error:  # noqa: BLE001 - a preview is a progress link, never the job's outcome
+            log.warning("preview_failed", step=step, reason=getattr(error, "message", type(error).__name__))
             return ""
-        key = artifact_keys.preview_key(job_id, stage.name, step)
-        return self.store.put(key, previews.strip_png(reply.images), "image/png")
 
     # -- export -----------------------------------------------------------------------------------------------
 
