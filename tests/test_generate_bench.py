@@ -61,3 +61,13 @@ def test_smoke_run_is_cancelled_after_max_seconds_with_a_preview_and_a_projectio
     assert (tmp_path / "generate_first_preview.png").read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["generate_e2e.json", "generate_e2e.md",
                                                           "generate_first_preview.png"]  # no checkpoints in --out
+
+
+def test_cli_places_the_local_stacks_scene_and_guidance_on_the_gpu_when_asked():
+    from services import cli
+
+    for command in (["serve"], ["generate", "a red torus"]):
+        default = cli.local_stack_settings(cli.parse_args(command))
+        assert (default.scene_device, default.guidance_gpus) == ("cpu", 0)
+        gpu = cli.local_stack_settings(cli.parse_args([*command, "--scene-device", "auto", "--guidance-gpus", "1"]))
+        assert (gpu.scene_device, gpu.guidance_gpus) == ("auto", 1)
