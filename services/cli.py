@@ -63,10 +63,12 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def local_stack_settings(args: argparse.Namespace, **overrides):
-    """The local stack's settings from the command line (--guidance, --state-dir, --guidance-config)."""
+    """The local stack's settings from the command line (--guidance, --state-dir, --guidance-config, --scene-device,
+    --guidance-gpus)."""
     from services.local_stack import LocalStackSettings
 
-    settings = {"guidance": args.guidance, "state_dir": Path(args.state_dir), **overrides}
+    settings = {"guidance": args.guidance, "state_dir": Path(args.state_dir), "scene_device": args.scene_device,
+                "guidance_gpus": args.guidance_gpus, **overrides}
     if getattr(args, "guidance_config", None):
         path = Path(args.guidance_config)
         if not path.is_file():
@@ -370,6 +372,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=None)
     run.add_argument("--guidance-config", metavar="FILE", help="the guidance tier's YAML (all; default: "
                                                                "deploy/config/guidance.yaml), e.g. with your meshes")
+    run.add_argument("--scene-device", choices=("cpu", "auto", "cuda"), default="cpu",
+                     help="the scene service's device (all; auto: CUDA where there is one)")
+    run.add_argument("--guidance-gpus", type=int, default=0, choices=(0, 1),
+                     help="GPUs of the Ray Serve guidance replica (all)")
     run.add_argument("--http-port", type=int, default=8080,
                      help="the web page on 127.0.0.1 (all; 0: any free port, -1: off)")
     run.set_defaults(handler=serve)
@@ -395,6 +401,10 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--state-dir", default="out/local", help="local stack only")
     gen.add_argument("--guidance-config", metavar="FILE", help="local stack only: the guidance tier's YAML (default: "
                                                                "deploy/config/guidance.yaml), e.g. with your meshes")
+    gen.add_argument("--scene-device", choices=("cpu", "auto", "cuda"), default="cpu",
+                     help="local stack only: the scene service's device (auto: CUDA where there is one)")
+    gen.add_argument("--guidance-gpus", type=int, default=0, choices=(0, 1),
+                     help="local stack only: GPUs of the Ray Serve guidance replica")
     gen.add_argument("--out", default="out")
     gen.add_argument("--timeout", type=float, default=24 * 3600)
     gen.add_argument("--verbose", action="store_true", help="the local services' JSON logs at INFO")

@@ -46,6 +46,8 @@ class LocalStackSettings:
     checkpoint_every: int | None = None
     metrics_port: int | None = None
     http_port: int | None = None  # the orchestrator's web page on 127.0.0.1 (0: any free port); None: off
+    scene_device: str = "cpu"  # the scene service's device ("auto": CUDA where there is one)
+    guidance_gpus: int = 0  # GPUs Ray Serve gives the guidance replica (the standalone server uses its config's)
 
 
 @dataclass
@@ -117,7 +119,7 @@ def _start(stack: LocalStack) -> None:
     scene_client = GuidanceClient(registry, token=service_token)
     stack._stops.append(scene_client.close)
     scene_config = scene_server.SceneServiceConfig.load(settings.scene_config).model_copy(
-        update={"host": "127.0.0.1", "port": 0, "store_uri": str(stack.store_dir), "device": "cpu",
+        update={"host": "127.0.0.1", "port": 0, "store_uri": str(stack.store_dir), "device": settings.scene_device,
                 "auth": AuthConfig(service_token_file=auth.service_token_file)}
     )
     scene = scene_server.start(scene_config, guidance=scene_client)
@@ -153,8 +155,11 @@ def _start_guidance(stack: LocalStack, config: GuidanceConfig) -> Registry:
     if stack.settings.guidance == "serve":
         from services.guidance.serve_app import ServeAppSettings, start_local
 
-        app = ServeAppSettings(name="analytic", route_prefix="/analytic")
-        serve = start_local([(config, app)], num_cpus=2)
+        gpus = stack.settings.guidance_gpus
+        app = ServeAppSettings(name="analytic", route_prefix="/analytic", **({"num_gpus": gpus} if gpus else {}))
+        # A model-sized prior's first call may build it: longer than the default request timeout.
+        serve = start_local([(config, app)], num_cpus=2, num_gpus=gpus or None,
+                            request_timeout_s=600.0 if gpus else 60.0)
         stack._stops.append(serve.shutdown)
         stack.guidance_address = serve.grpc_address
         route = {"kind": "serve", "address": serve.grpc_address, "application": "analytic"}

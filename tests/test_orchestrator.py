@@ -87,10 +87,10 @@ def guidance():
 class Stack:
     """Scene replicas and an orchestrator over one store and database; the orchestrator can be restarted."""
 
-    def __init__(self, registry: Registry, root: Path, replicas: int = 1) -> None:
+    def __init__(self, registry: Registry, root: Path, replicas: int = 1, presets: dict | None = None) -> None:
         self.registry = registry
         self.root = root
-        (root / "presets.yaml").write_text(yaml.safe_dump(TINY_PRESETS))
+        (root / "presets.yaml").write_text(yaml.safe_dump(presets or TINY_PRESETS))
         self.clients = [GuidanceClient(registry) for _ in range(replicas + 1)]
         self.scenes = [
             scene_server.start(

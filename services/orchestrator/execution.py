@@ -1,10 +1,12 @@
 """One job's run on the scene replica the dispatcher gave it: its stages in chunks of steps, checkpoints, previews,
 then the export.
 
-* each stage runs on one replica in chunks of `checkpoint_every` steps; after each chunk the scene saves a
-  checkpoint, whose URI, step and SHA-256 go into the job table (the newest `keep_checkpoints` per stage are kept,
-  and each stage's final one), with a preview render as a progress link; a job resumes only from a recorded
-  checkpoint whose digest matches, the newest readable one;
+* each stage runs on one replica in chunks that end at each checkpoint step (multiples of `checkpoint_every`, and
+  the stage's end) and each preview step (the plan's PreviewSchedule: an early first one, then its own cadence);
+  at a checkpoint step the scene saves a checkpoint, whose URI, step and SHA-256 go into the job table (the newest
+  `keep_checkpoints` per stage are kept, and each stage's final one); at a preview step it renders a preview (no
+  checkpoint), stored and sent as a progress link, whose failure never fails the job; a job resumes only from a
+  recorded checkpoint whose digest matches, the newest readable one;
 * when a stage ends, its final checkpoint becomes an artifact (`coarse.ckpt`, `fine.ckpt`), and the next stage
   starts from it (the fine stage converts the coarse one); the fine scene is then exported (GLB, OBJ, previews);
 * how a run ends is told by exceptions the dispatcher handles: `Cancelled`, `Stopping` (the orchestrator stops),
@@ -135,10 +137,14 @@ class JobExecution:
             eta = StageEta(stage.steps, start_step=step)
             while step < stage.steps or not checkpoint_uri:
                 self._check_interrupts(job_id)
-                chunk = min(plan.checkpoint_every - step % plan.checkpoint_every, stage.steps - step)
-                if chunk > 0:
-                    step = self._run_chunk(stub, scene_id, job_id, stage, plan, chunk, eta)
-                checkpoint_uri, step = self._checkpoint(stub, scene_id, job_id, stage)
+                target = min(_next_multiple(step, plan.checkpoint_every), plan.preview.next_after(step, stage.steps))
+                if target > step:
+                    step = self._run_chunk(stub, scene_id, job_id, stage, plan, target - step, eta)
+                    checkpoint_uri = ""
+                if step % plan.checkpoint_every == 0 or step >= stage.steps:
+                    checkpoint_uri, step = self._checkpoint(stub, scene_id, job_id, stage)
+                if plan.preview.due(step, stage.steps):
+                    self._publish_preview(stub, scene_id, job_id, stage, step)
             record = self._finish_stage_checkpoint(job_id, stage.name, checkpoint_uri)
             self.events.publish(job_id, orchestrator_pb2.JobEvent(stage_finished=orchestrator_pb2.StageFinished(
                 stage=presets_module.STAGE_ENUM[stage.name], checkpoint_uri=checkpoint_uri
@@ -263,22 +269,28 @@ class JobExecution:
     def _checkpoint(self, stub, scene_id: str, job_id: str, stage: PlannedStage) -> tuple[str, int]:
         saved = self._scene_call(stub.SaveCheckpoint, scene_pb2.SaveCheckpointRequest(scene_id=scene_id), job_id)
         self._record_checkpoint(job_id, CheckpointRef(stage.name, saved.step, saved.checkpoint_uri, saved.sha256))
-        preview = self._preview(stub, scene_id, job_id, stage, saved.step)
-        self.events.publish(job_id, orchestrator_pb2.JobEvent(progress=orchestrator_pb2.JobProgress(
-            stage=presets_module.STAGE_ENUM[stage.name], step=saved.step, total_steps=stage.steps, preview_uri=preview,
-        )))
         return saved.checkpoint_uri, saved.step
 
+    def _publish_preview(self, stub, scene_id: str, job_id: str, stage: PlannedStage, step: int) -> None:
+        preview = self._preview(stub, scene_id, job_id, stage, step)
+        if preview:
+            self.events.publish(job_id, orchestrator_pb2.JobEvent(progress=orchestrator_pb2.JobProgress(
+                stage=presets_module.STAGE_ENUM[stage.name], step=step, total_steps=stage.steps, preview_uri=preview,
+            )))
+
     def _preview(self, stub, scene_id: str, job_id: str, stage: PlannedStage, step: int) -> str:
-        """Four views as one PNG strip in the store; a preview failing never fails the job."""
+        """Four views as one PNG strip in the store; a preview failing (render, pixels, store) never fails the job,
+        only a lost replica ends the run."""
         request = scene_pb2.RenderPreviewRequest(scene_id=scene_id, cameras=previews.preview_cameras())
         try:
             reply = self._scene_call(stub.RenderPreview, request, job_id)
-        except ServiceError as error:
-            log.warning("preview_failed", reason=error.message)
+            key = artifact_keys.preview_key(job_id, stage.name, step)
+            return self.store.put(key, previews.strip_png(reply.images), "image/png")
+        except ReplicaLost:
+            raise
+        except Exception as error:  # noqa: BLE001 - a preview is a progress link, never the job's outcome
+            log.warning("preview_failed", step=step, reason=getattr(error, "message", type(error).__name__))
             return ""
-        key = artifact_keys.preview_key(job_id, stage.name, step)
-        return self.store.put(key, previews.strip_png(reply.images), "image/png")
 
     # -- export -----------------------------------------------------------------------------------------------
 
@@ -347,6 +359,10 @@ def translate(error: grpc.RpcError) -> Exception:
     if isinstance(service_error, ResourceExhausted):
         return ReplicaLost(f"scene replica full: {service_error.message}")
     return service_error
+
+
+def _next_multiple(step: int, every: int) -> int:
+    return (step // every + 1) * every
 
 
 def delete_scene(stub, scene_id: str, job_id: str) -> None:

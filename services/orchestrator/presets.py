@@ -22,7 +22,7 @@ from typing import Literal
 import yaml
 from google.protobuf import json_format
 from magic3d.v1 import scene_pb2
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.scene.config import REFERENCE_LOSSES as SCENE_REFERENCE_LOSSES
 from services.scene.config import CoarseConfig, FineConfig
@@ -35,6 +35,14 @@ STAGE_NAME = {value: name for name, value in STAGE_ENUM.items()}
 
 # The reference-view loss terms (scene.proto ReferenceView), known to the scene's stage configs.
 REFERENCE_LOSSES = SCENE_REFERENCE_LOSSES
+
+
+class FieldError(ValueError):
+    """A model validator's error about one field of the model (PresetBook.load names it)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class StageReference(BaseModel):
@@ -101,6 +109,10 @@ class Preset(BaseModel):
     stages: list[StagePreset] = Field(min_length=1)
     checkpoint_every: int = Field(default=500, gt=0)
     progress_every: int = Field(default=10, gt=0)
+    # Previews (RenderPreview, no checkpoint) at `first_preview_step` of each stage, at every multiple of
+    # `preview_every` (unset: `checkpoint_every`) and at each stage's end.
+    preview_every: int | None = Field(default=None, gt=0)
+    first_preview_step: int | None = Field(default=None, gt=0)  # unset: no early preview
     export: ExportPreset = ExportPreset()
     image: ImagePreset | None = None  # set: an image-to-3D preset (only image jobs use it)
 
@@ -124,6 +136,22 @@ class Preset(BaseModel):
                                      f"PRIOR_INPUT_IMAGE) in an image preset; unstated: {unstated}")
         return self
 
+    @model_validator(mode="after")
+    def _preview_schedule(self) -> "Preset":
+        first = self.first_preview_step
+        if first is None:
+            return self
+        if self.preview_every is not None and first > self.preview_every:
+            raise FieldError(f"must be <= preview_every ({self.preview_every}), got {first}", "first_preview_step")
+        shortest = min(stage.steps for stage in self.stages)
+        if first > shortest:
+            raise FieldError(f"must be <= every stage's steps (the shortest: {shortest}), got {first}",
+                             "first_preview_step")
+        return self
+
+    def preview_schedule(self) -> "PreviewSchedule":
+        return PreviewSchedule(self.preview_every or self.checkpoint_every, self.first_preview_step or 0)
+
 
 class PresetBook(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -144,7 +172,14 @@ class PresetBook(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> "PresetBook":
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+        """The book in `path`; a bad value is InvalidArgument naming its field (e.g. presets.x.first_preview_step)."""
+        try:
+            return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+        except ValidationError as error:
+            first = error.errors()[0]
+            named = getattr(first.get("ctx", {}).get("error"), "field", None)  # a model validator's FieldError
+            location = ".".join(str(part) for part in (*first["loc"], *([named] if named else [])))
+            raise InvalidArgument(f"{path}: {first['msg']}", location) from None
 
     def get(self, name: str) -> Preset:
         key = name or self.default
@@ -162,6 +197,24 @@ class PlannedStage:
 
 
 @dataclass(frozen=True)
+class PreviewSchedule:
+    """The steps of a stage (counted from 0 at its start) after which a preview is rendered."""
+
+    every: int
+    first_step: int = 0  # 0: none before the first multiple of `every`
+
+    def due(self, step: int, stage_steps: int) -> bool:
+        return step > 0 and (step == self.first_step or step % self.every == 0 or step == stage_steps)
+
+    def next_after(self, step: int, stage_steps: int) -> int:
+        """The first preview step after `step` (a stage's end at the latest)."""
+        following = (step // self.every + 1) * self.every
+        if step < self.first_step:
+            following = min(following, self.first_step)
+        return min(following, stage_steps)
+
+
+@dataclass(frozen=True)
 class JobPlan:
     preset: str
     stages: tuple[PlannedStage, ...]
@@ -169,6 +222,7 @@ class JobPlan:
     progress_every: int
     export: ExportPreset
     image: ImagePreset | None = None  # set for image presets
+    preview: PreviewSchedule = PreviewSchedule(every=500)
 
     @property
     def total_steps(self) -> int:
@@ -231,7 +285,8 @@ def plan_job(
         _validate(name, config, overrides)
         stages.append(PlannedStage(name, steps[name], config, references[name]))
     return JobPlan(
-        preset.name, tuple(stages), preset.checkpoint_every, preset.progress_every, preset.export, preset.image
+        preset.name, tuple(stages), preset.checkpoint_every, preset.progress_every, preset.export, preset.image,
+        preset.preview_schedule(),
     )
 
 
@@ -272,6 +327,7 @@ def plan_to_json(plan: JobPlan) -> dict:
             {"stage": s.name, "steps": s.steps, "config": json_format.MessageToDict(s.config)} for s in plan.stages
         ],
         "checkpoint_every": plan.checkpoint_every,
+        "preview": {"every": plan.preview.every, "first_step": plan.preview.first_step},
         "export": plan.export.model_dump(),
     }
 
@@ -284,6 +340,7 @@ __all__ = [
     "JobPlan",
     "PlannedStage",
     "Preset",
+    "PreviewSchedule",
     "PresetBook",
     "merge_stage_config",
     "plan_job",
