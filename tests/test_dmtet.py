@@ -69,36 +69,13 @@ def test_level_choice_recovers_the_silhouettes_of_the_true_surface():
     target_vertices, target_faces = marching_tets(positions, densities - 10.0, tets)
     target = conversion.silhouettes(target_vertices, target_faces, cameras, 48, rasterizer)
     levels = [2.5, 5.0, 8.0, 10.0, 12.0, 15.0, 19.5]
-    choice = conversion.choose_level(densities, positions, tets, target, cameras, rasterizer, levels=levels,
-                                     refinements=0)
+    choice = conversion.choose_level(densities, positions, tets, target, cameras, rasterizer, levels=levels)
     assert choice.level == 10.0 and choice.silhouette_iou == pytest.approx(1.0)
     assert [level for level, _ in choice.candidates] == levels
     assert all(iou < 0.95 for level, iou in choice.candidates if level != 10.0)
     default = conversion.candidate_levels(densities, 16)
     assert len(default) == 16 and default[0] < 0.1 < 18.0 < default[-1] < 20.0
     assert choice.silhouette_iou == max(iou for _, iou in choice.candidates if not math.isnan(iou))
-
-
-def test_level_choice_refines_between_far_apart_candidates():
-    """Candidates a factor of 2 or more apart miss the true level; the refinement between the best one's neighbours
-    comes close to it, and only adds levels inside that bracket."""
-    geometry = DMTetGeometry(cells=24, radius=1.0)
-    positions, tets = geometry.rest_positions, geometry.tets
-    densities = ball_density(positions)
-    cameras = conversion.level_views(1.0, 48, count=4)
-    rasterizer = make_rasterizer("torch")
-    target_vertices, target_faces = marching_tets(positions, densities - 10.0, tets)
-    target = conversion.silhouettes(target_vertices, target_faces, cameras, 48, rasterizer)
-    levels = [1.0, 2.5, 6.0, 15.0, 19.5]
-    coarse = conversion.choose_level(densities, positions, tets, target, cameras, rasterizer, levels=levels,
-                                     refinements=0)
-    refined = conversion.choose_level(densities, positions, tets, target, cameras, rasterizer, levels=levels,
-                                      refinements=6)
-    assert coarse.level in (6.0, 15.0) and coarse.silhouette_iou < 0.95
-    assert 8.5 < refined.level < 11.5 and refined.silhouette_iou > coarse.silhouette_iou + 0.03
-    added = [level for level, _ in refined.candidates[len(levels):]]
-    best = levels.index(coarse.level)
-    assert len(added) == 6 and all(levels[best - 1] < level < levels[best + 1] for level in added)
 
 
 def test_no_surface_at_any_level_is_a_failed_precondition():

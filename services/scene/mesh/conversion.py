@@ -4,9 +4,8 @@ Public implementations take the isosurface at a fixed density or at the mean den
 field's density scale differs from the one the constant was tuned for (an empty mesh, or a bloated one). Here the
 level is the one whose extracted surface best reproduces the coarse model's own silhouettes: the coarse field is
 volume-rendered from fixed views, its opacity thresholded at 0.5, and each candidate level's marching-tetrahedra
-mesh is rasterised from the same views; the level with the highest mean silhouette IoU wins, and is then refined
-between its two neighbours (the first candidates are far apart, a factor of nearly 2 with 12 of them, and on thin
-parts such a step moves the surface by about a grid cell). A level can be forced instead (config `dmtet.level`).
+mesh is rasterised from the same views; the level with the highest mean silhouette IoU wins. A level can be
+forced instead (config `dmtet.level`).
 
 The SDF is the density minus the level, rescaled to world units: divided by the median density gradient along
 the grid edges that cross the surface (so that values near the surface approximate distances and the optimiser's
@@ -75,18 +74,6 @@ def candidate_levels(densities: torch.Tensor, count: int) -> list[float]:
     return np.geomspace(max(top * 1e-3, 1e-4), top * 0.95, count).tolist()
 
 
-def refined_levels(scored: list[tuple[float, float]], count: int) -> list[float]:
-    """`count` levels log-spaced strictly between the neighbours (in level order) of the best-scoring level of
-    `scored` ((level, IoU) pairs, NaN for no surface); the best one's own side stands for a missing neighbour."""
-    ranked = sorted((level, iou) for level, iou in scored if not np.isnan(iou))
-    if count < 1 or len(ranked) < 2:
-        return []
-    best = max(range(len(ranked)), key=lambda i: ranked[i][1])
-    low, high = ranked[max(best - 1, 0)][0], ranked[min(best + 1, len(ranked) - 1)][0]
-    inner = np.geomspace(low, high, count + 2)[1:-1].tolist()
-    return [level for level in inner if not np.isclose(level, ranked[best][0])]
-
-
 @torch.no_grad()
 def choose_level(
     densities: torch.Tensor,
@@ -97,21 +84,17 @@ def choose_level(
     rasterizer: Rasterizer,
     count: int = 16,
     levels: list[float] | None = None,
-    refinements: int = 6,
 ) -> LevelChoice:
     """The candidate level whose marching-tets surface best matches `target_masks` (B, H, W) bool, row 0 = top.
-    Candidates: `levels` if given, else `count` log-spaced levels (`candidate_levels`); then `refinements` more,
-    log-spaced strictly between the best one's neighbours (`refined_levels`)."""
+    Candidates: `levels` if given, else `count` log-spaced levels (`candidate_levels`)."""
     resolution = target_masks.shape[-1]
-
-    def score(level: float) -> tuple[float, float]:
+    scored: list[tuple[float, float]] = []
+    for level in candidate_levels(densities, count) if levels is None else levels:
         vertices, faces = marching_tets(positions, densities - level, tets)
         if faces.shape[0] == 0:
-            return level, float("nan")
-        return level, mask_iou(silhouettes(vertices, faces, cameras, resolution, rasterizer), target_masks)
-
-    scored = [score(level) for level in (candidate_levels(densities, count) if levels is None else levels)]
-    scored += [score(level) for level in refined_levels(scored, refinements)]
+            scored.append((level, float("nan")))
+            continue
+        scored.append((level, mask_iou(silhouettes(vertices, faces, cameras, resolution, rasterizer), target_masks)))
     valid = [(level, iou) for level, iou in scored if not np.isnan(iou)]
     if not valid:
         top = float(densities.max()) if densities.numel() else float("nan")
