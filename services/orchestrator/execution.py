@@ -137,7 +137,7 @@ class JobExecution:
             eta = StageEta(stage.steps, start_step=step)
             while step < stage.steps or not checkpoint_uri:
                 self._check_interrupts(job_id)
-                target = min(_next_multiple(step, plan.checkpoint_every), plan.preview.next_after(step, stage.steps))
+                target = min(presets_module.next_multiple(step, plan.checkpoint_every), plan.preview.next_after(step, stage.steps))
                 if target > step:
                     step = self._run_chunk(stub, scene_id, job_id, stage, plan, target - step, eta)
                     checkpoint_uri = ""
@@ -359,10 +359,6 @@ def translate(error: grpc.RpcError) -> Exception:
     if isinstance(service_error, ResourceExhausted):
         return ReplicaLost(f"scene replica full: {service_error.message}")
     return service_error
-
-
-def _next_multiple(step: int, every: int) -> int:
-    return (step // every + 1) * every
 
 
 def delete_scene(stub, scene_id: str, job_id: str) -> None:

@@ -196,6 +196,11 @@ class PlannedStage:
     reference: StageReference | None = None  # an image preset's settings for this stage
 
 
+def next_multiple(step: int, every: int) -> int:
+    """The first multiple of `every` after `step` (checkpoint and preview cadences)."""
+    return (step // every + 1) * every
+
+
 @dataclass(frozen=True)
 class PreviewSchedule:
     """The steps of a stage (counted from 0 at its start) after which a preview is rendered."""
@@ -208,7 +213,7 @@ class PreviewSchedule:
 
     def next_after(self, step: int, stage_steps: int) -> int:
         """The first preview step after `step` (a stage's end at the latest)."""
-        following = (step // self.every + 1) * self.every
+        following = next_multiple(step, self.every)
         if step < self.first_step:
             following = min(following, self.first_step)
         return min(following, stage_steps)
@@ -343,6 +348,7 @@ __all__ = [
     "PreviewSchedule",
     "PresetBook",
     "merge_stage_config",
+    "next_multiple",
     "plan_job",
     "plan_to_json",
     "prior_names",
