@@ -60,19 +60,21 @@ class CoarseStage(Stage):
 
     # -- one optimisation step --------------------------------------------------------------------------------
 
-    def _render(self, cameras: list[Camera], timer: PhaseTimer) -> dict:
+    def _render(self, cameras: list[Camera], timer: PhaseTimer, generator: torch.Generator) -> dict:
         self.field.train()
         out = self.renderer.render(
-            self.field, self.background, cameras, self.config.resolution, generator=self.generator,
+            self.field, self.background, cameras, self.config.resolution, generator=generator,
             occupancy=self.occupancy,
         )
         timer.lap("render")
         return out
 
-    def _render_reference(self, out: dict, target: ReferenceTarget, with_depth: bool) -> dict:
+    def _render_reference(
+        self, out: dict, target: ReferenceTarget, with_depth: bool, generator: torch.Generator
+    ) -> dict:
         # The camera's own (white) background: the input image is composited over the same.
         return self.renderer.render(
-            self.field, None, [target.camera], target.resolution, generator=self.generator, occupancy=self.occupancy,
+            self.field, None, [target.camera], target.resolution, generator=generator, occupancy=self.occupancy,
         )
 
     def _regularisers(self, out: dict, step: int) -> dict[str, torch.Tensor]:
@@ -129,6 +131,7 @@ class CoarseStage(Stage):
     def retarget(self, prompt: str, negative_prompt: str = "") -> None:
         """Prompt-based editing (Magic3D): keep the fitted field and optimiser, guide it with a new prompt from
         step 0 (so the stage's schedules start over)."""
+        self.discard_pending()
         self.config = self.config.model_copy(update={"prompt": prompt, "negative_prompt": negative_prompt})
         self.counters = Counters()
 

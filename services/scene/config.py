@@ -146,6 +146,11 @@ class GuidedStageConfig(BaseModel):
     # torch.compile of that encoder where the scene runs it. "auto": on CUDA (forward + backward 56 -> 43 ms at
     # 4 x 512x512 on an H200, for about 50 s of compilation at the stage's first step with a cold inductor cache).
     latent_encoder_compile: Literal["auto", "on", "off"] = "auto"
+    # One-step-stale SDS (services/scene/pipeline.py): the next step is rendered while this step's guidance runs,
+    # and this step's backward and optimiser step run while the next step's guidance does, so the scene's work
+    # overlaps the prior's instead of alternating with it. The update at step k uses the gradient taken at the
+    # parameters of step k-1 (one update stale; the first step after a start or resume is not stale).
+    pipelined_guidance: bool = False
     # The image-to-3D reference view (Magic123); None for text jobs.
     reference: ReferenceConfig | None = None
 

@@ -183,7 +183,7 @@ class FineStage(Stage):
 
     # -- one optimisation step --------------------------------------------------------------------------------
 
-    def _render(self, cameras: list[Camera], timer: PhaseTimer) -> dict:
+    def _render(self, cameras: list[Camera], timer: PhaseTimer, generator: torch.Generator) -> dict:
         self.color_field.train()
         vertices, faces = self.geometry.surface()
         timer.lap("marching_tets")
@@ -197,7 +197,9 @@ class FineStage(Stage):
         timer.lap("shade")
         return out | {"vertices": vertices, "faces": faces}
 
-    def _render_reference(self, out: dict, target: ReferenceTarget, with_depth: bool) -> dict:
+    def _render_reference(
+        self, out: dict, target: ReferenceTarget, with_depth: bool, generator: torch.Generator
+    ) -> dict:
         """The reference camera over its own (white) background. The mask compared is the rasterised coverage
         with the soft silhouette's gradient (straight through): the rasteriser's coverage has none w.r.t. the
         vertices."""

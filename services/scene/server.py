@@ -257,12 +257,15 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                         log.info("run_cancelled", step=entry.stage.step_count)
                         return
                     if self.draining.is_set():
+                        entry.stage.discard_pending()  # a checkpoint holds whole steps only
                         yield self._drained(entry)
                         raise Unavailable("this scene replica is shutting down; resume from the checkpoint sent")
                     # A guidance outage is retried for the client's outage window; a caller that goes away meanwhile
                     # must not keep the scene busy that long.
+                    # Pipelined stages render the next step during this one's guidance, unless it is the run's last.
+                    prefetch = index + 1 < request.num_steps and not self.draining.is_set() and context.is_active()
                     with stop_retrying_when(lambda: not context.is_active()):
-                        report = entry.stage.step()
+                        report = entry.stage.step(prefetch=prefetch)
                     entry.renew()
                     if (index + 1) % every == 0 or index + 1 == request.num_steps:
                         log.info("progress", step=report.step, **{f"loss_{k}": round(v, 5) for k, v in report.losses.items()})
@@ -283,6 +286,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                 log.warning("run_interrupted", code=error.code.name, reason=error.message, step=entry.stage.step_count)
                 abort_with(context, error)
             finally:
+                entry.stage.discard_pending()  # a run ended early (cancelled, drained, failed) leaves nothing in flight
                 entry.renew()  # a step that waited out a guidance outage may have outlasted the lease
                 entry.lock.release()
 

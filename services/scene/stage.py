@@ -5,6 +5,14 @@ laps its phases) -> the priors' summed SDS gradient -> `_regularisers` -> `apply
 skipped-step accounting) -> `_after_update`. A failure before the update (guidance down, the mesh vanished) rewinds
 the generator, so a retry draws the same cameras: a step happens whole or not at all.
 
+Pipelined (`config.pipelined_guidance`, services/scene/pipeline.py): `step(prefetch=True)` still completes one step
+per call, but renders the next step while this one's guidance runs on a worker thread, so each update applies the
+gradient taken one step earlier. A pipelined step draws its cameras and render jitter from a generator of its own
+(`draw_seed`: the stage seed and the number of steps applied or skipped before it), so discarding a rendered step
+(its guidance failed, the run ended early: `discard_pending`) needs no rewind, and a retry draws the same cameras; the
+stage's generator then serves only what happens after an update (the coarse occupancy grid's refresh). A checkpoint
+never holds a step in flight: `state_dict` refuses while one is.
+
 Randomness: a stage draws only from generators it owns, seeded from its config's seed (`init_generator()` for its
 networks, `self.generator` for everything a step draws), never from torch's global RNG, which scenes created or
 stepped concurrently in one process would interleave.
@@ -22,6 +30,7 @@ from torch import nn
 from services.scene.checkpoint import Checkpoint
 from services.scene.config import REFERENCE_LOSSES, GuidedStageConfig
 from services.scene.guidance import Guidance, PriorInfoCache
+from services.scene.pipeline import GuidanceWorker, ParameterShadows, PendingStep, draw_seed
 from services.scene.reference import ReferenceTarget, reference_losses
 from services.scene.steps import Counters, PhaseTimer, StepReport, apply_losses, guidance_gradient
 from shared.cameras import Camera, sample_cameras
@@ -46,6 +55,10 @@ class Stage(abc.ABC):
         self.generator = torch.Generator().manual_seed(config.seed)
         self.counters = Counters()
         self.reference = None if config.reference is None else ReferenceTarget.from_config(config.reference, self.device)
+        # Pipelined mode's state, built at its first step (the subclass builds its optimiser after this).
+        self._pending: PendingStep | None = None
+        self._shadows: ParameterShadows | None = None
+        self._worker: GuidanceWorker | None = None
 
     def init_generator(self) -> torch.Generator:
         """A fresh generator for network initialisation, seeded like the step generator (the same numbers the
@@ -63,13 +76,17 @@ class Stage(abc.ABC):
 
     # -- one optimisation step --------------------------------------------------------------------------------
 
-    def step(self) -> StepReport:
+    def step(self, prefetch: bool = False) -> StepReport:
+        """One step. Pipelined (`config.pipelined_guidance`), `prefetch` renders the next step and leaves its
+        guidance in flight (pass False on a run's last step, so that nothing is left pending); otherwise ignored."""
+        if self.config.pipelined_guidance:
+            return self._pipelined_step(prefetch)
         config, step = self.config, self.counters.step
         timer = PhaseTimer(self.device)
         rng_before = self.generator.get_state()
         cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
         try:
-            out = self._render(cameras, timer)
+            out = self._render(cameras, timer, self.generator)
             grad, sds_losses = guidance_gradient(
                 self.guidance, self.prior_infos, config, self.job_id, out["rgb"], cameras, out["background"], step,
                 None if self.reference is None else self.reference.condition,
@@ -81,22 +98,108 @@ class Stage(abc.ABC):
         images = out["rgb"]
         terms = {"sds": (images * grad).sum() / images.shape[0]}  # d/d(images) = grad / B: the SDS surrogate
         terms |= self._regularisers(out, step)
-        terms |= self._reference_terms(out, step, timer)
+        terms |= self._reference_terms(out, step, timer, self.generator)
         return apply_losses(
             self.optimizer, self.counters, config.max_nonfinite_steps, step, terms, config.weight, sds_losses, timer,
             after_update=self._after_update,
         )
 
+    # -- pipelined steps (services/scene/pipeline.py) ------------------------------------------------------------
+
+    @property
+    def step_in_flight(self) -> bool:
+        """Whether a rendered step waits for its guidance (pipelined mode, after `step(prefetch=True)`)."""
+        return self._pending is not None
+
+    def discard_pending(self) -> None:
+        """Drops the step in flight, if any, as if it had never been drawn (its guidance's result, if it comes, is
+        ignored). What a run that ends early (cancelled, drained, failed) calls before the stage is used otherwise."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if pending.future is not None:
+            GuidanceWorker.settle(pending.future)
+        assert self._shadows is not None
+        self._shadows.release(pending.shadow)
+
+    def _pipelined_step(self, prefetch: bool) -> StepReport:
+        timer = PhaseTimer(self.device)
+        if self._pending is None:  # the pipeline starts: this step is rendered from the current parameters
+            self._pending = self._render_pending(self.counters.step, self._draws_done(), timer)
+            self._submit_guidance(self._pending)
+        current, upcoming, shadows = self._pending, None, self._shadows
+        assert current.future is not None and self._worker is not None and shadows is not None
+        try:
+            if prefetch:  # from the parameters this step's update has not reached yet: the staleness
+                upcoming = self._render_pending(self.counters.step + 1, current.draw + 1, timer)
+            grad, sds_losses = self._worker.result(current.future)
+        except BaseException:
+            if upcoming is not None:
+                shadows.release(upcoming.shadow)
+            self.discard_pending()  # neither step happened: their draws are by index, nothing to rewind
+            raise
+        timer.lap("guidance")
+        self._pending = upcoming
+        if upcoming is not None:
+            self._submit_guidance(upcoming)
+        try:
+            images = current.out["rgb"]
+            terms = {"sds": (images * grad).sum() / images.shape[0]} | current.terms
+            return apply_losses(
+                self.optimizer, self.counters, self.config.max_nonfinite_steps, self.counters.step, terms,
+                self.config.weight, sds_losses, timer, after_update=self._after_update,
+                after_backward=lambda: shadows.move_grads(current.shadow),
+            )
+        finally:
+            shadows.release(current.shadow)
+
+    def _draws_done(self) -> int:
+        """Steps drawn and kept so far (applied or skipped as non-finite): the next step's draw index."""
+        return self.counters.step + self.counters.skipped_total
+
+    def _render_pending(self, step: int, draw: int, timer: PhaseTimer) -> PendingStep:
+        """Draws step `step`'s cameras from its own generator and renders it, with its regularisers and reference
+        terms, from a shadow copy of the current parameters."""
+        if self._shadows is None:
+            parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+            self._shadows = ParameterShadows(self._state_modules().values(), parameters)
+        config = self.config
+        generator = torch.Generator().manual_seed(draw_seed(config.seed, draw))
+        cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, generator)
+        shadow = self._shadows.acquire()
+        try:
+            with self._shadows.swapped_in(shadow):
+                out = self._render(cameras, timer, generator)
+                terms = self._regularisers(out, step) | self._reference_terms(out, step, timer, generator)
+        except BaseException:
+            self._shadows.release(shadow)
+            raise
+        return PendingStep(step=step, draw=draw, cameras=cameras, out=out, terms=terms, shadow=shadow)
+
+    def _submit_guidance(self, pending: PendingStep) -> None:
+        if self._worker is None:
+            self._worker = GuidanceWorker(self.device)
+        config, job_id, step, cameras = self.config, self.job_id, pending.step, pending.cameras
+        # Detached: the worker thread reads the pixels only, never the graph.
+        images, backgrounds = pending.out["rgb"].detach(), pending.out["background"].detach()
+        reference = None if self.reference is None else self.reference.condition
+        pending.future = self._worker.submit(lambda: guidance_gradient(
+            self.guidance, self.prior_infos, config, job_id, images, cameras, backgrounds, step, reference,
+        ))
+
     @abc.abstractmethod
-    def _render(self, cameras: list[Camera], timer: PhaseTimer) -> dict:
+    def _render(self, cameras: list[Camera], timer: PhaseTimer, generator: torch.Generator) -> dict:
         """Training renders of `cameras` (autograd on): at least "rgb" (B, 3, H, W) and "background"; laps its
-        phases on `timer`. Raises (before any update) when nothing can be rendered."""
+        phases on `timer`, draws any randomness from `generator`. Raises (before any update) when nothing can be
+        rendered. Reads the parameters through the modules' attributes (pipelined steps swap in copies)."""
 
     @abc.abstractmethod
     def _regularisers(self, out: dict, step: int) -> dict[str, torch.Tensor]:
         """The stage's loss terms besides "sds", from `_render`'s output."""
 
-    def _reference_terms(self, out: dict, step: int, timer: PhaseTimer) -> dict[str, torch.Tensor]:
+    def _reference_terms(
+        self, out: dict, step: int, timer: PhaseTimer, generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         """The reference-view losses (services.scene.reference) on the steps that render the reference view; only
         the terms with a positive weight at `step` are computed."""
         reference = self.config.reference
@@ -105,14 +208,16 @@ class Stage(abc.ABC):
         weighted = {name for name in REFERENCE_LOSSES if self.config.weight(name, step) > 0}
         if not weighted:
             return {}
-        render = self._render_reference(out, self.reference, with_depth="ref_depth" in weighted)
+        render = self._render_reference(out, self.reference, "ref_depth" in weighted, generator)
         losses = reference_losses(render, self.reference, with_depth="ref_depth" in weighted)
         timer.lap("reference")
         return {name: value for name, value in losses.items() if name in weighted}
 
     @abc.abstractmethod
-    def _render_reference(self, out: dict, target: ReferenceTarget, with_depth: bool) -> dict:
-        """(`out`: this step's `_render` output.) A training render (autograd on) of the reference camera at the reference image's resolution: "rgb",
+    def _render_reference(
+        self, out: dict, target: ReferenceTarget, with_depth: bool, generator: torch.Generator
+    ) -> dict:
+        """(`out`: this step's `_render` output; `generator`: its randomness.) A training render (autograd on) of the reference camera at the reference image's resolution: "rgb",
         "opacity", "background" (1, C, S, S) and, `with_depth`, "depth"."""
 
     def _after_update(self, completed: int) -> None:
@@ -135,6 +240,8 @@ class Stage(abc.ABC):
         """The modules a checkpoint holds, by their key in the state (the on-disk names: do not rename)."""
 
     def state_dict(self) -> dict:
+        if self._pending is not None:
+            raise RuntimeError("a pipelined step is in flight: discard_pending() before taking the stage's state")
         return {name: module.state_dict() for name, module in self._state_modules().items()} | {
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -142,6 +249,7 @@ class Stage(abc.ABC):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        self.discard_pending()
         for name, module in self._state_modules().items():
             module.load_state_dict(state[name])
         self.optimizer.load_state_dict(state["optimizer"])

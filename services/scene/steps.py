@@ -180,12 +180,14 @@ def apply_losses(
     sds_losses: list[float],
     timer: PhaseTimer,
     after_update: Callable[[int], None] = lambda completed: None,
+    after_backward: Callable[[], None] = lambda: None,
 ) -> StepReport:
     """The tail every stage's step shares: the weighted sum of its loss `terms` ("sds" is the surrogate whose
     gradient is the prior's) -> backward -> optimiser step -> `after_update(steps completed)`.
 
     All or nothing: a step whose losses or gradients are not finite changes no parameter; it is skipped and
-    counted, and `max_nonfinite_steps` of them in a row raise NonFiniteStepsExceeded.
+    counted, and `max_nonfinite_steps` of them in a row raise NonFiniteStepsExceeded. `after_backward` runs between
+    the backward and the finiteness check (a pipelined step hands its shadow parameters' gradients to the optimiser's).
     """
     total = sum(weight(name, step) * value for name, value in terms.items())
     losses = {"sds": float(np.mean(sds_losses))} | {k: float(v.detach()) for k, v in terms.items() if k != "sds"}
@@ -193,6 +195,7 @@ def apply_losses(
     if not torch.isfinite(total) or not all(math.isfinite(v) for v in losses.values()):
         return _skipped(counters, max_nonfinite_steps, step, losses, timer.seconds)
     total.backward()
+    after_backward()
     timer.lap("backward")
     if not gradients_finite(optimizer):
         optimizer.zero_grad(set_to_none=True)
