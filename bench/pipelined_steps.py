@@ -1,13 +1,15 @@
 """Step time, sequential against one-step-stale pipelined SDS (`pipelined_guidance`), guidance of a fixed wall time.
 
-    python -m bench.pipelined_steps [--guidance-ms 60] [--steps 20] [--warmup 3] [--stages coarse,fine] [--out DIR]
+    python -m bench.pipelined_steps [--guidance-ms 60] [--steps 20] [--warmup 3] [--rounds 3] [--stages coarse,fine]
 
 The guidance is a stand-in that takes `--guidance-ms` of wall time without using this process's CPU (it sleeps, as a
 prior on another device or in another process leaves the scene's device free) and returns a small random gradient
 of the right shape; the render, backward and optimiser step are the real stages' at small sizes (coarse: 16x16,
 batch 4, 32 samples per ray; fine: 64x64, batch 4, a 16-cell DMTet grid). Sequentially a step costs render + guidance
 + backward + optimiser; pipelined, max(guidance, render + backward + optimiser) plus the hand-over, which this
-measures. Every timed call but the last prefetches, as RunSteps does within a chunk. Not a test: prints a markdown
+measures. Every timed call but the last prefetches, as RunSteps does within a chunk (the last, a sequential step
+with no render of its own, is not counted); the two modes alternate over `--rounds` fresh stages, since the host's
+load drifts. Not a test: prints a markdown
 table and writes JSON (`--smoke`: tiny sizes, CI checks it runs).
 """
 
@@ -86,9 +88,9 @@ def make_stage(stage: str, smoke: bool, pipelined: bool, guidance: FixedTimeGuid
     return scene
 
 
-def time_stage(stage: str, pipelined: bool, args: argparse.Namespace) -> dict:
-    guidance = FixedTimeGuidance(args.guidance_ms / 1e3)
-    scene = make_stage(stage, args.smoke, pipelined, guidance)
+def timed_calls(stage: str, pipelined: bool, args: argparse.Namespace) -> tuple[list[float], list]:
+    """Wall seconds and reports of `--steps` calls on a fresh stage after `--warmup` untimed ones."""
+    scene = make_stage(stage, args.smoke, pipelined, FixedTimeGuidance(args.guidance_ms / 1e3))
     for _ in range(args.warmup):
         scene.step(prefetch=True)
     totals, reports = [], []
@@ -97,15 +99,31 @@ def time_stage(stage: str, pipelined: bool, args: argparse.Namespace) -> dict:
         reports.append(scene.step(prefetch=index + 1 < args.steps))
         totals.append(time.perf_counter() - start)
     assert not scene.step_in_flight
-    phases = {k: 1e3 * statistics.median(r.phase_seconds.get(k, 0.0) for r in reports)
-              for k in reports[-1].phase_seconds}
-    scene_ms = sum(v for k, v in phases.items() if k in SCENE_PHASES)
-    # The last call has nothing to prefetch: it is a sequential step's length, so the medians leave it out.
-    step_ms = 1e3 * statistics.median(totals[:-1] if pipelined and len(totals) > 2 else totals)
-    floor_ms = max(args.guidance_ms, scene_ms) if pipelined else args.guidance_ms + scene_ms
-    return {"stage": stage, "mode": "pipelined" if pipelined else "sequential", "guidance_ms": args.guidance_ms,
-            "step_ms": step_ms, "phases_ms": phases, "scene_work_ms": scene_ms, "floor_ms": floor_ms,
-            "over_floor": step_ms / floor_ms}
+    # The last call has nothing to prefetch (a sequential step's length, no render of its own): left out.
+    return totals[:-1], reports[:-1]
+
+
+def time_stage(stage: str, args: argparse.Namespace) -> list[dict]:
+    """Both modes, alternating over `--rounds` fresh stages (the host's load drifts: each mode sees the same)."""
+    calls: dict[bool, tuple[list[float], list]] = {False: ([], []), True: ([], [])}
+    for _ in range(args.rounds):
+        for pipelined in (False, True):
+            totals, reports = timed_calls(stage, pipelined, args)
+            calls[pipelined][0].extend(totals)
+            calls[pipelined][1].extend(reports)
+    rows = []
+    for pipelined, (totals, reports) in calls.items():
+        names = dict.fromkeys(k for r in reports for k in r.phase_seconds)
+        phases = {k: 1e3 * statistics.median(r.phase_seconds.get(k, 0.0) for r in reports) for k in names}
+        scene_ms = 1e3 * statistics.median(
+            sum(v for k, v in r.phase_seconds.items() if k in SCENE_PHASES) for r in reports
+        )
+        step_ms = 1e3 * statistics.median(totals)
+        floor_ms = max(args.guidance_ms, scene_ms) if pipelined else args.guidance_ms + scene_ms
+        rows.append({"stage": stage, "mode": "pipelined" if pipelined else "sequential",
+                     "guidance_ms": args.guidance_ms, "step_ms": step_ms, "phases_ms": phases,
+                     "scene_work_ms": scene_ms, "floor_ms": floor_ms, "over_floor": step_ms / floor_ms})
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
@@ -127,19 +145,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--guidance-ms", type=float, default=60.0)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="fresh stages per mode, the modes alternating")
     parser.add_argument("--stages", default="coarse,fine")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.steps < 2 or args.guidance_ms < 0:
-        parser.error("--steps must be at least 2 and --guidance-ms not negative")
+    if args.steps < 2 or args.rounds < 1 or args.guidance_ms < 0:
+        parser.error("--steps must be at least 2, --rounds at least 1 and --guidance-ms not negative")
     rows = []
     for stage in args.stages.split(","):
         if stage not in ("coarse", "fine"):
             parser.error(f"--stages: unknown stage {stage!r}; known: coarse, fine")
-        for pipelined in (False, True):
-            rows.append(time_stage(stage, pipelined, args))
-            print(json.dumps(rows[-1]), flush=True)
+        for row in time_stage(stage, args):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     table = markdown(rows)
     print(f"\nCPU {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n\n{table}")
