@@ -1,7 +1,7 @@
 """The GPU benchmark suite: one command, a markdown table and JSON.
 
     bash bench/gpu/run.sh                              # on the GPU machine: wheels from .whl/, then this
-    python -m bench.gpu_suite --out DIR [--sections hash_grid,coarse,fine] [--smoke]
+    python -m bench.gpu_suite --out DIR [--sections hash_grid,coarse,fine] [--smoke] [--pipelined]
 
 Sections:
 * hash_grid: encoding forward+backward at 2^18..2^21 points, PyTorch reference against the Triton kernel.
@@ -22,7 +22,8 @@ Each step is run with the guidance in this process and through a standalone guid
 (gRPC on 127.0.0.1; float16 traffic from a GPU scene), split into render, encoding, guidance, backward and optimiser,
 with the peak GPU memory of the scene (this process) and of each guidance service (read from its /metrics). A GPU fine
 scene sends latents by default (it runs the prior's VAE encoder itself, `guidance_input`, compiled,
-`latent_encoder_compile`); the fine stage is also timed through the service with that encoder eager ("standalone
+`latent_encoder_compile`); --pipelined adds each path with one-step-stale pipelined SDS (`pipelined_guidance`,
+"<path>, pipelined", and a pipelined / sequential table). The fine stage is also timed through the service with that encoder eager ("standalone
 gRPC, encoder eager") and sending 512x512 images ("standalone gRPC, images sent"). `first_step_s` in the JSON is the
 first step's time (compilation, graph captures).
 
@@ -332,25 +333,28 @@ def time_steps(scene, settings: SuiteSettings) -> dict:
 
     on_gpu = scene.device.type == "cuda"
     start = time.perf_counter()
-    scene.step()  # the first step pays one-time costs: a compiled encoder's compilation, CUDA graph captures
+    # prefetch: a pipelined stage (`pipelined_guidance`) renders the next step during this one's guidance, as
+    # RunSteps does within a chunk; a sequential stage ignores it. Whatever is in flight at the end is discarded.
+    scene.step(prefetch=True)  # the first step pays one-time costs: a compiled encoder's compilation, graph captures
     if on_gpu:
         torch.cuda.synchronize()
     first_step_s = time.perf_counter() - start
     for _ in range(settings.warmup_steps - 1):
-        scene.step()
+        scene.step(prefetch=True)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     reports, totals = [], []
     for _ in range(settings.timed_steps):
         start = time.perf_counter()
-        reports.append(scene.step())
+        reports.append(scene.step(prefetch=True))
         totals.append(time.perf_counter() - start)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     profiled = min(5, settings.timed_steps)
     with profile(activities=activities) as profiler:
         for _ in range(profiled):
-            scene.step()
+            scene.step(prefetch=True)
+    scene.discard_pending()
     phases = {k: 1e3 * statistics.median(r.phase_seconds.get(k, 0.0) for r in reports) for k in reports[0].phase_seconds}
     return {
         "step_ms": 1e3 * statistics.median(totals),
@@ -362,9 +366,11 @@ def time_steps(scene, settings: SuiteSettings) -> dict:
 
 
 def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSettings, fitted: dict | None,
-                workdir: Path) -> list[dict]:
+                workdir: Path, pipelined: bool = False) -> list[dict]:
     """The same steps with the guidance behind gRPC in its own process, then in this process (each prior built once
-    per path: building IF-I-XL takes longer than timing it)."""
+    per path: building IF-I-XL takes longer than timing it). `pipelined`: each path also with one-step-stale
+    pipelined SDS (`pipelined_guidance`), rows "<path>, pipelined"."""
+    piped = _replace(config, pipelined_guidance=True)
     kind = "pixel" if stage == "coarse" else "latent"
     gconfig = guidance_config(settings, kind, config.resolution)
     rows = []
@@ -380,12 +386,16 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
     with standalone_guidance(gconfig, workdir, settings.guidance_gpu) as (client, metrics_url):
         peak = lambda: {"guidance_peak_bytes": scrape_gpu_peak(metrics_url)}  # noqa: E731
         run(client, "standalone gRPC", peak)  # the default guidance_input: latents from a GPU scene
+        if pipelined:
+            run(client, "standalone gRPC, pipelined", peak, piped)
         if kind == "latent":  # what the defaults save: the encoder left eager; 512x512 images sent instead
             run(client, "standalone gRPC, encoder eager", peak, _replace(config, latent_encoder_compile="off"))
             run(client, "standalone gRPC, images sent", peak, _replace(config, guidance_input="images"))
     guidance = InProcessGuidance(GuidanceEngine(gconfig))
     try:
         run(guidance, "in-process")
+        if pipelined:
+            run(guidance, "in-process, pipelined", stage_config=piped)
     finally:
         guidance.close()
         del guidance
@@ -595,6 +605,15 @@ def markdown(results: dict) -> str:
         for (stage, batch, path), value in by_key.items():
             if path == "standalone gRPC" and (stage, batch, "in-process") in by_key:
                 lines.append(f"| {stage} | {batch} | {value / by_key[(stage, batch, 'in-process')]:.3f} |")
+        piped = [(key, value) for key, value in by_key.items() if key[2].endswith(", pipelined")]
+        if piped:
+            lines += ["", "| stage | batch | guidance path | sequential step ms | pipelined step ms | pipelined / "
+                      "sequential |", "|---|---:|---|---:|---:|---:|"]
+            for (stage, batch, path), value in piped:
+                base = by_key.get((stage, batch, path.removesuffix(", pipelined")))
+                if base:
+                    lines.append(f"| {stage} | {batch} | {path.removesuffix(', pipelined')} | {base:.1f} | "
+                                 f"{value:.1f} | {value / base:.3f} |")
     if results.get("serve"):
         lines += ["", "| stage | batch | standalone step ms | Ray Serve step ms | Serve / standalone | "
                   "guidance server ms (standalone / Serve) | guidance hop ms (standalone / Serve) |",
@@ -630,6 +649,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sections", default="hash_grid,coarse,fine")
     parser.add_argument("--smoke", action="store_true", help="CPU sizes, tiny priors: checks the suite runs")
     parser.add_argument("--guidance-gpu", type=int, default=None, help="GPU index for the guidance services")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="coarse and fine also with one-step-stale pipelined SDS (rows '<path>, pipelined')")
     args = parser.parse_args(argv)
     settings = dataclasses.replace(SMOKE if args.smoke else GPU, guidance_gpu=args.guidance_gpu)
     if settings.device == "cuda" and not torch.cuda.is_available():
@@ -649,10 +670,11 @@ def main(argv: list[str] | None = None) -> dict:
         workdir = Path(tmp)
         if "coarse" in sections:
             fitted = fitted_coarse_state(coarse, settings)
-            results["steps"] += bench_stage("coarse", settings.coarse_batches, coarse, settings, fitted, workdir)
+            results["steps"] += bench_stage("coarse", settings.coarse_batches, coarse, settings, fitted, workdir,
+                                            args.pipelined)
             results["concurrent"] = bench_concurrent(coarse, settings, fitted, workdir)
         if "fine" in sections:
-            results["steps"] += bench_stage("fine", (fine.batch_size,), fine, settings, None, workdir)
+            results["steps"] += bench_stage("fine", (fine.batch_size,), fine, settings, None, workdir, args.pipelined)
         if "magic123" in sections:
             results["magic123"] = bench_magic123(settings, workdir)
         if "serve" in sections:

@@ -10,10 +10,11 @@ from bench import gpu_suite, prior_speed, schedule
 
 
 def test_suite_smoke_rows_and_files(tmp_path):
-    results = gpu_suite.main(["--smoke", "--out", str(tmp_path)])
+    results = gpu_suite.main(["--smoke", "--pipelined", "--out", str(tmp_path)])
     assert [r["points"] for r in results["hash_grid"]] == [1024]
     paths = {(r["stage"], r["batch"], r["path"]) for r in results["steps"]}
-    both = {(stage, 2, path) for stage in ("coarse", "fine") for path in ("in-process", "standalone gRPC")}
+    both = {(stage, 2, path + mode) for stage in ("coarse", "fine") for path in ("in-process", "standalone gRPC")
+            for mode in ("", ", pipelined")}
     variants = {("fine", 2, "standalone gRPC, images sent"), ("fine", 2, "standalone gRPC, encoder eager")}
     assert paths == both | variants
     for row in results["steps"]:
@@ -23,6 +24,23 @@ def test_suite_smoke_rows_and_files(tmp_path):
     assert json.loads((tmp_path / "gpu_suite.json").read_text())["steps"] == json.loads(json.dumps(results["steps"]))
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| coarse | 2 | standalone gRPC |" in table and "standalone / in-process" in table
+    assert "| fine | 2 | standalone gRPC | " in table.split("pipelined / sequential")[1]
+
+
+def test_pipelined_steps_bench_times_both_modes(tmp_path):
+    """bench/pipelined_steps.py at tiny sizes: both modes of both stages, split and written (no timing asserted)."""
+    from bench import pipelined_steps
+
+    rows = pipelined_steps.main(["--smoke", "--steps", "3", "--warmup", "1", "--rounds", "1", "--guidance-ms", "20",
+                                 "--out", str(tmp_path)])
+    assert [(r["stage"], r["mode"]) for r in rows] == [
+        (stage, mode) for stage in ("coarse", "fine") for mode in ("sequential", "pipelined")
+    ]
+    for row in rows:
+        assert row["step_ms"] > 0 and row["scene_work_ms"] > 0 and row["floor_ms"] >= 20
+        assert "guidance" in row["phases_ms"] and ("render" in row["phases_ms"]) == (row["stage"] == "coarse")
+        assert row["phases_ms"]["guidance"] >= 19 or row["mode"] == "pipelined"  # sequential waits it all out
+    assert json.loads((tmp_path / "pipelined_steps.json").read_text()) == rows
 
 
 def test_schedule_stops_within_budget_and_resumes(tmp_path):
