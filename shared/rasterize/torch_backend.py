@@ -20,8 +20,10 @@ Differences from nvdiffrast, all documented here:
   depth falls outside [-1, 1] (beyond the near/far planes) are dropped; no backface culling, as in nvdiffrast;
 * pixel centres exactly on a shared edge go to the nearer (then lower-id) triangle; nvdiffrast uses a
   top-left fill rule;
-* `antialias` is the identity (no edge blending, no visibility gradients) -- use the nvdiffrast backend where
-  silhouette gradients matter.
+* `antialias` is the identity (no edge blending, no visibility gradients) unless the rasteriser is made with
+  `edge_antialias=True`: then it is `shared.rasterize.antialias.analytic_antialias`, nvdiffrast's analytic
+  antialiasing in PyTorch (silhouette gradients). Off by default, so renders used as targets (the analytic prior)
+  stay as they were.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import bisect
 
 import torch
 
+from shared.rasterize.antialias import analytic_antialias
 from shared.rasterize.base import Rasterizer, check_rasterize_inputs
 
 _NO_HIT = torch.iinfo(torch.int64).max
@@ -60,13 +63,18 @@ class TorchRasterizer(Rasterizer):
 
     name = "torch"
 
-    def __init__(self, tile_size: int | None = None, max_chunk_elements: int = 1 << 20) -> None:
+    def __init__(
+        self, tile_size: int | None = None, max_chunk_elements: int = 1 << 20, edge_antialias: bool = False
+    ) -> None:
         """tile_size: fixed square tile side in pixels, or None to pick per triangle (1..16, ~half its bbox).
-        max_chunk_elements: pixel tests per chunk; bounds peak memory to ~50 bytes per element."""
+        max_chunk_elements: pixel tests per chunk; bounds peak memory to ~50 bytes per element.
+        edge_antialias: `antialias` blends silhouette edges (and so gives visibility gradients) instead of
+        returning the colour unchanged."""
         if (tile_size is not None and tile_size < 1) or max_chunk_elements < 256:
             raise ValueError("tile_size must be >= 1 and max_chunk_elements >= 256")
         self.tile_size = tile_size
         self.max_chunk_elements = max_chunk_elements
+        self.edge_antialias = edge_antialias
 
     # ---------------------------------------------------------------- rasterize
     def rasterize(self, pos_clip: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
@@ -259,5 +267,8 @@ class TorchRasterizer(Rasterizer):
     def antialias(
         self, color: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Tensor, tri: torch.Tensor
     ) -> torch.Tensor:
-        """Identity: this backend does no edge antialiasing and so gives no silhouette (visibility) gradients."""
-        return color
+        """With `edge_antialias`: nvdiffrast's analytic antialiasing (`analytic_antialias`), silhouette gradients
+        included. Without: the identity (no edge blending, no silhouette gradients)."""
+        if not self.edge_antialias:
+            return color
+        return analytic_antialias(color, rast, pos_clip, tri)
