@@ -12,16 +12,16 @@ import torch
 from shared import meshes
 from shared.cameras import orbit_camera
 from shared.rasterize import TorchRasterizer
-from shared.rasterize.antialias import silhouette_edges
+from shared.rasterize.antialias import analytic_antialias, contour_antialias, silhouette_edges
 from shared.rasterize.base import coverage
 from shared.render import clip_positions
 
 SIDE = 24
 
 
-@pytest.fixture(scope="module")
-def rasterizer() -> TorchRasterizer:
-    return TorchRasterizer(edge_antialias=True)
+@pytest.fixture(scope="module", params=["triangle", "contour"])
+def rasterizer(request) -> TorchRasterizer:
+    return TorchRasterizer(edge_antialias=request.param)
 
 
 def sphere_views() -> tuple[torch.Tensor, torch.Tensor, list]:
