@@ -12,7 +12,7 @@ import torch
 from shared import meshes
 from shared.cameras import orbit_camera
 from shared.rasterize import TorchRasterizer
-from shared.rasterize.antialias import analytic_antialias, contour_antialias, silhouette_edges
+from shared.rasterize.antialias import silhouette_edges
 from shared.rasterize.base import coverage
 from shared.render import clip_positions
 
@@ -116,3 +116,29 @@ def test_coverage_gradient_of_a_flat_polygon_is_its_area_derivative(rasterizer):
     (gradient,) = torch.autograd.grad(rasterizer.antialias(covered, rast, pos, faces).sum(), scale)
     area = 0.5 * 8 * 0.6**2 * math.sin(2 * math.pi / 8) * (SIDE / 2) ** 2  # in pixels
     assert float(gradient) == pytest.approx(2 * area, rel=0.15)
+
+
+def test_contour_mode_reaches_the_outline_of_a_finely_tessellated_mesh():
+    """Triangles smaller than pixels (a 96 x 48 sphere at 24x24, like the fine stage's marching-tetrahedra mesh at
+    CPU settings): nvdiffrast's choice ("triangle": the silhouette edge must belong to the triangle seen at a pixel)
+    misses most of the outline; "contour" gives about the area derivative 2 A under an image-plane scaling."""
+    mesh = meshes.uv_sphere(0.4, segments=96, rings=48)
+    camera = orbit_camera(30.0, 20.0, 2.0, fovy_deg=40.0, size=SIDE)
+    flat = clip_positions(mesh.vertices.double(), [camera])
+    ratios = {}
+    for mode in ("triangle", "contour"):
+        rasterizer = TorchRasterizer(edge_antialias=mode)
+        scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        pos = flat * torch.stack([1 + scale, 1 + scale, torch.ones_like(scale), torch.ones_like(scale)])
+        rast = rasterizer.rasterize(pos.detach(), mesh.faces, (SIDE, SIDE))
+        covered = coverage(rast)
+        smoothed = rasterizer.antialias(covered, rast, pos, mesh.faces).sum()
+        gradient = torch.autograd.grad(smoothed, scale)[0] if smoothed.requires_grad else torch.zeros(())
+        ratios[mode] = float(gradient) / (2 * float(covered.sum()))
+    assert ratios["triangle"] < 0.5, ratios
+    assert 0.7 < ratios["contour"] < 1.2, ratios
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="edge_antialias"):
+        TorchRasterizer(edge_antialias="smooth")

@@ -176,8 +176,8 @@ def contour_antialias(
     smaller than pixels, as the fine stage's marching-tetrahedra mesh is at CPU resolutions (about 8% of the outline
     of a 64-cell mesh at 64x64 gets a gradient, against all of it here).
 
-    A crossing counts where the pixel on the surface's side of the edge shows that surface (its depth w within
-    `depth_tolerance` (relative) of the edge's) and the other pixel shows background or something farther; where
+    A crossing counts where the pixel on the surface's side of the edge shows a surface not farther than the edge
+    (clip w within `depth_tolerance`, relative) and the other pixel shows background or something farther; where
     several edges cross one pixel pair, the one reaching furthest towards the other pixel is used.
     """
     if pos_clip.ndim == 2:
@@ -270,7 +270,9 @@ def _contour_blends(
         other = torch.where(lower_occludes, lower_pixel + step, lower_pixel)
         flat_w = pixel_w.reshape(-1)
         tolerance = depth_tolerance * edge_w
-        seen = (flat_w[occluder] > 0) & ((flat_w[occluder] - edge_w).abs() <= tolerance)
+        # Near a smooth outline the surface seen at the occluder's centre is nearer than the contour by up to
+        # sqrt(2 R pixel), so only "not farther" is asked of it; a hidden contour fails the other pixel's test.
+        seen = (flat_w[occluder] > 0) & (flat_w[occluder] <= edge_w + tolerance)
         behind = (flat_w[other] == 0) | (flat_w[other] > edge_w + tolerance)
         keep = inside_image & seen & behind & ~flat_edge
     if not bool(keep.any()):
