@@ -56,8 +56,9 @@ TORCH_EDGE_ANTIALIAS = "contour"
 
 def make_stage_rasterizer(name: str, device: torch.device, antialias: bool = True) -> Rasterizer:
     """'auto' picks nvdiffrast on CUDA and the pure-PyTorch rasteriser elsewhere. With `antialias` the pure-PyTorch
-    one blends silhouette edges as nvdiffrast's `antialias` does (its silhouette gradients are what keeps the CPU
-    fine stage's outlines on the prior's: without them the surface drifts outwards, BENCHMARKS.md issue 16)."""
+    one blends silhouette edges (`TORCH_EDGE_ANTIALIAS`) as nvdiffrast's `antialias` does: its silhouette
+    gradients keep the CPU fine stage's outlines on the prior's; without them the surface drifted outwards
+    (BENCHMARKS.md, issue 16 round 3)."""
     if name == "auto":
         name = "nvdiffrast" if device.type == "cuda" else "torch"
     if name == "torch":

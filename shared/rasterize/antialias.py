@@ -148,8 +148,8 @@ def _contour_edges(screen: torch.Tensor, tri: torch.Tensor) -> tuple[torch.Tenso
     twin_face = _twin_face(tri)  # (F, 3)
     faces = torch.arange(tri.shape[0], device=tri.device)[:, None]
     once = (twin_face < 0) | (faces < twin_face)  # an inner edge is kept by the lower of its two faces
-    silhouette = silhouette_edges(screen, tri) & once[None]
-    return torch.nonzero(silhouette, as_tuple=True)
+    batch, face, edge = torch.nonzero(silhouette_edges(screen, tri) & once[None], as_tuple=True)
+    return batch, face, edge
 
 
 def _twin_face(tri: torch.Tensor) -> torch.Tensor:

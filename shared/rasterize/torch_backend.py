@@ -22,8 +22,8 @@ Differences from nvdiffrast, all documented here:
   top-left fill rule;
 * `antialias` is the identity (no edge blending, no visibility gradients) unless the rasteriser is made with
   `edge_antialias="triangle"` (`shared.rasterize.antialias.analytic_antialias`, nvdiffrast's analytic antialiasing
-  in PyTorch) or `"contour"` (the same blend driven by every visible silhouette edge: silhouette gradients). Off by default, so renders used as targets (the analytic prior)
-  stay as they were.
+  in PyTorch) or `"contour"` (the same blend driven by every visible silhouette edge): silhouette gradients.
+  Off by default, so renders used as targets (the analytic prior) stay as they were.
 """
 
 from __future__ import annotations
