@@ -252,6 +252,8 @@ class FineConfig(GuidedStageConfig):
     dmtet: DMTetConfig = DMTetConfig()
     # "auto": nvdiffrast on CUDA devices, the pure-PyTorch rasteriser elsewhere.
     rasterizer: str = "auto"
+    # Blend silhouette edges (nvdiffrast's `antialias`; the pure-PyTorch rasteriser's contour antialiasing): the
+    # silhouette (visibility) gradients that move outlines.
     antialias: bool = True
     t_max: Schedule = Schedule.constant(0.5)
     loss_weights: dict[str, Schedule] = Field(default_factory=_default_fine_loss_weights)

@@ -34,7 +34,8 @@ How it compares with `TorchRasterizer` (measured in tests/test_gpu_rasterize.py,
   the barycentric denominator, so its pos_clip gradient is exactly that of a / (sum a + 1e-6): about 3e-4
   relative on a torus's interior pixels, up to ~2e-2 where thin, grazing triangles weigh in. So compare gradients
   through u, v and attributes at interior pixels (pixels whose 3x3 neighbourhood has one triangle id).
-* Antialiasing: the torch backend's `antialias` is the identity (no silhouette gradients). nvdiffrast's blends
+* Antialiasing: the torch backend's `antialias` is the identity (no silhouette gradients) unless it is made with
+  `edge_antialias` (`shared.rasterize.antialias`, the same blend in PyTorch). nvdiffrast's blends
   pixel pairs across silhouette edges and gives gradients w.r.t. `pos_clip` there (visibility gradients), which is
   why this backend exists; compare images only away from silhouette edges or with antialiasing off. It only sees
   silhouette edges of the triangle visible at one of the two pixels: on large faces the gradient of antialiased

@@ -20,8 +20,10 @@ Differences from nvdiffrast, all documented here:
   depth falls outside [-1, 1] (beyond the near/far planes) are dropped; no backface culling, as in nvdiffrast;
 * pixel centres exactly on a shared edge go to the nearer (then lower-id) triangle; nvdiffrast uses a
   top-left fill rule;
-* `antialias` is the identity (no edge blending, no visibility gradients) -- use the nvdiffrast backend where
-  silhouette gradients matter.
+* `antialias` is the identity (no edge blending, no visibility gradients) unless the rasteriser is made with
+  `edge_antialias="triangle"` (`shared.rasterize.antialias.analytic_antialias`, nvdiffrast's analytic antialiasing
+  in PyTorch) or `"contour"` (the same blend driven by every visible silhouette edge): silhouette gradients.
+  Off by default, so renders used as targets (the analytic prior) stay as they were.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ import bisect
 
 import torch
 
+from shared.rasterize.antialias import analytic_antialias, contour_antialias
 from shared.rasterize.base import Rasterizer, check_rasterize_inputs
 
 _NO_HIT = torch.iinfo(torch.int64).max
+
+# `TorchRasterizer(edge_antialias=...)`: what `antialias` does.
+EDGE_ANTIALIAS = {None: None, "triangle": analytic_antialias, "contour": contour_antialias}
 
 # Implementation note: gathers use `index_select` rather than advanced indexing, and rounding uses integer
 # conversion rather than floor/ceil. On a loaded CPU host the latter ops enter an OpenMP parallel region even
@@ -60,13 +66,21 @@ class TorchRasterizer(Rasterizer):
 
     name = "torch"
 
-    def __init__(self, tile_size: int | None = None, max_chunk_elements: int = 1 << 20) -> None:
+    def __init__(
+        self, tile_size: int | None = None, max_chunk_elements: int = 1 << 20, edge_antialias: str | None = None
+    ) -> None:
         """tile_size: fixed square tile side in pixels, or None to pick per triangle (1..16, ~half its bbox).
-        max_chunk_elements: pixel tests per chunk; bounds peak memory to ~50 bytes per element."""
+        max_chunk_elements: pixel tests per chunk; bounds peak memory to ~50 bytes per element.
+        edge_antialias: None (`antialias` returns the colour unchanged), or how it blends silhouette edges (and so
+        gives visibility gradients): "triangle" (nvdiffrast's algorithm, `analytic_antialias`) or "contour"
+        (`contour_antialias`: every visible silhouette edge, for meshes whose triangles are smaller than pixels)."""
         if (tile_size is not None and tile_size < 1) or max_chunk_elements < 256:
             raise ValueError("tile_size must be >= 1 and max_chunk_elements >= 256")
+        if edge_antialias not in EDGE_ANTIALIAS:
+            raise ValueError(f"edge_antialias must be one of {sorted(map(str, EDGE_ANTIALIAS))}, got {edge_antialias!r}")
         self.tile_size = tile_size
         self.max_chunk_elements = max_chunk_elements
+        self.edge_antialias = edge_antialias
 
     # ---------------------------------------------------------------- rasterize
     def rasterize(self, pos_clip: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int]) -> torch.Tensor:
@@ -259,5 +273,7 @@ class TorchRasterizer(Rasterizer):
     def antialias(
         self, color: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Tensor, tri: torch.Tensor
     ) -> torch.Tensor:
-        """Identity: this backend does no edge antialiasing and so gives no silhouette (visibility) gradients."""
-        return color
+        """With `edge_antialias`: analytic antialiasing of silhouette edges, silhouette gradients included.
+        Without: the identity (no edge blending, no silhouette gradients)."""
+        blend = EDGE_ANTIALIAS[self.edge_antialias]
+        return color if blend is None else blend(color, rast, pos_clip, tri)

@@ -3,7 +3,8 @@
 Per camera: rasterise -> interpolate world positions -> query the colour field at the covered pixels only ->
 shade (`shared.shading`: the camera's mode and point light, as the coarse stage and the analytic prior)
 with smooth vertex normals -> composite over the background -> antialias (nvdiffrast's gives silhouette
-gradients; the torch backend's is the identity) -> row 0 = top, (B, 3, H, W).
+gradients; so does the torch backend's where made with `edge_antialias`, as the fine stage's is) -> row 0 = top,
+(B, 3, H, W).
 
 The background is the coarse stage's environment-map MLP (view direction -> colour) when given, else the camera's
 own background; it is returned too, since the priors that re-render views need what the image was composited over.
