@@ -4,7 +4,8 @@
     result = client.compute_sds(SdsRequest(job_id="j1", prior="analytic", images=..., prompt="a red torus", ...))
     client.close()
 
-The same calls work against a standalone grpcio server and a Ray Serve application (the registry says which):
+The same calls work against a standalone grpcio server and a Ray Serve application (the registry says which),
+either through Serve's gRPC proxy or, from inside the Ray cluster, through its DeploymentHandle (`serve-handle`):
 one channel per address, a deadline per attempt, and failures raised as `shared.errors` exceptions carrying the
 field the server named. Failures that mean the tier is down or restarting (`is_outage`) are retried with jittered
 exponential backoff (honouring the server's google.rpc.RetryInfo) for the registry's `client.outage_window_s`;
@@ -33,9 +34,11 @@ from shared.grpcio import insecure_channel
 from shared.guidance_types import PromptCheck, prompt_check_from_proto
 from shared.logging import get_logger
 from shared.registry import Endpoint, Registry
+from shared.serve_handle import Outage
 
 if TYPE_CHECKING:  # the guidance contract imports torch; the orchestrator uses this client without it
     from shared.guidance_api import PriorInfo, SdsRequest, SdsResult
+    from shared.serve_handle import HandleInvoker
 
 
 def _api():
@@ -100,6 +103,7 @@ class GuidanceClient:
         self.settings = registry.client
         self._token = token if token is not None else self.settings.service_token()
         self._stubs: dict[str, tuple[grpc.Channel, guidance_pb2_grpc.GuidanceServiceStub]] = {}
+        self._handles: dict[tuple, HandleInvoker] = {}
         self._lock = threading.Lock()
         self._closed = False
         # (address, application, image digest) of reference images a server has already received.
@@ -215,6 +219,7 @@ class GuidanceClient:
         with self._lock:
             self._closed = True
             stubs, self._stubs = self._stubs, {}
+            self._handles.clear()
         for channel, _ in stubs.values():
             channel.close()
 
@@ -247,22 +252,15 @@ class GuidanceClient:
         attempt_timeout = timeout_s if timeout_s is not None else self.settings.timeout_s
         window = outage_window_s if outage_window_s is not None else self.settings.outage_window_s
         backoff = self.settings.initial_backoff_s
-        rpc = getattr(self._stub(endpoint.address), method)
         down_since: float | None = None
         for attempt in itertools.count(1):
             try:
-                # Fail fast when the server is down (no wait_for_ready): our own backed-off attempts decide how long
-                # to keep trying, so an unreachable tier surfaces as UNAVAILABLE, not as a spent deadline.
-                return rpc(message, timeout=attempt_timeout, metadata=endpoint.metadata or None)
-            except grpc.RpcError as rpc_error:
-                error = error_from_rpc(rpc_error)
-                code = rpc_error.code() if callable(getattr(rpc_error, "code", None)) else grpc.StatusCode.UNKNOWN
-                details = (rpc_error.details() if callable(getattr(rpc_error, "details", None)) else None) or ""
-                if not is_outage(code, details):
-                    raise error from None
+                return self._attempt(endpoint, method, message, attempt_timeout)
+            except Outage as outage:
+                error, last = outage.error, shorten(outage.text)
             now = time.monotonic()
             down_since = now if down_since is None else down_since
-            down_for, last = now - down_since, shorten(f"{code.name}: {details}")
+            down_for = now - down_since
             if down_for >= window:
                 raise Unavailable(f"guidance tier unreachable for {down_for:.0f} s: {last}", "guidance")
             delay = min(max(backoff, error.retry_after_s or 0.0), self.settings.max_backoff_s)
@@ -272,6 +270,35 @@ class GuidanceClient:
             self._wait(delay, method)
             backoff = min(backoff * 2, self.settings.max_backoff_s)
         raise AssertionError("unreachable")
+
+    def _attempt(self, endpoint: Endpoint, method: str, message, timeout_s: float):
+        """One attempt: the response, the caller's error (ServiceError), or Outage when a retry may succeed."""
+        if endpoint.kind == "serve-handle":
+            return self._handle(endpoint).invoke(method, message, timeout_s)
+        rpc = getattr(self._stub(endpoint.address), method)
+        try:
+            # Fail fast when the server is down (no wait_for_ready): our own backed-off attempts decide how long
+            # to keep trying, so an unreachable tier surfaces as UNAVAILABLE, not as a spent deadline.
+            return rpc(message, timeout=timeout_s, metadata=endpoint.metadata or None)
+        except grpc.RpcError as rpc_error:
+            error = error_from_rpc(rpc_error)
+            code = rpc_error.code() if callable(getattr(rpc_error, "code", None)) else grpc.StatusCode.UNKNOWN
+            details = (rpc_error.details() if callable(getattr(rpc_error, "details", None)) else None) or ""
+            if not is_outage(code, details):
+                raise error from None
+            raise Outage(error, f"{code.name}: {details}") from None
+
+    def _handle(self, endpoint: Endpoint) -> "HandleInvoker":
+        """The DeploymentHandle of a serve-handle route (Ray joined on first use), one per endpoint."""
+        from shared.serve_handle import HandleInvoker
+
+        key = (endpoint.address, endpoint.application, endpoint.prior, endpoint.checkpoint_id)
+        with self._lock:
+            if self._closed:
+                raise Unavailable("guidance client is closed")
+            if key not in self._handles:
+                self._handles[key] = HandleInvoker(endpoint)
+            return self._handles[key]
 
     @staticmethod
     def _wait(delay: float, method: str) -> None:

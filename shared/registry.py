@@ -11,6 +11,11 @@
         application: latent          # sent as gRPC metadata `application`
         prior: sd-2.1-base           # the prior's name on that server (default: the logical name)
         checkpoint_id: default       # sent in the request and as `multiplexed_model_id` ("<prior>:<checkpoint>")
+      sd-in-cluster:                 # the same application called through its DeploymentHandle, no proxy hop:
+        kind: serve-handle           # for callers that run inside the Ray cluster (shared/serve_handle.py)
+        application: latent
+        ray_address: auto            # ray.init's address: "auto" (a raylet on this node) or ray://head:10001
+        prior: sd-2.1-base
       text-prior:                    # an alias: swap priors or checkpoints here, never in optimisers
         kind: alias
         target: sd
@@ -61,6 +66,14 @@ class ServeRoute(_Route):
     application: str = Field(min_length=1)
 
 
+class ServeHandleRoute(_Route):
+    """A Serve application called through its DeploymentHandle from inside the Ray cluster (no gRPC proxy)."""
+
+    kind: Literal["serve-handle"]
+    application: str = Field(min_length=1)
+    ray_address: str = Field(default="auto", min_length=1)
+
+
 class AliasRoute(_Route):
     """Another logical name's server, optionally with another prior name or checkpoint on it."""
 
@@ -68,7 +81,7 @@ class AliasRoute(_Route):
     target: str = Field(min_length=1)
 
 
-Route = Annotated[Union[StandaloneRoute, ServeRoute, AliasRoute], Field(discriminator="kind")]
+Route = Annotated[Union[StandaloneRoute, ServeRoute, ServeHandleRoute, AliasRoute], Field(discriminator="kind")]
 
 
 class ClientSettings(BaseModel):
@@ -100,8 +113,8 @@ class Endpoint:
     """Where and how to call one logical prior."""
 
     logical_name: str
-    kind: Literal["standalone", "serve"]
-    address: str
+    kind: Literal["standalone", "serve", "serve-handle"]
+    address: str  # host:port; for serve-handle, the Ray address
     prior: str
     checkpoint_id: str = ""
     application: str | None = None
@@ -156,10 +169,10 @@ class Registry(BaseModel):
             return Endpoint(
                 logical_name=name,
                 kind=route.kind,
-                address=route.address,
+                address=route.ray_address if isinstance(route, ServeHandleRoute) else route.address,
                 prior=prior or current,
                 checkpoint_id=checkpoint or "",
-                application=route.application if isinstance(route, ServeRoute) else None,
+                application=route.application if isinstance(route, (ServeRoute, ServeHandleRoute)) else None,
                 learned_embeddings=tuple(embeddings or ()),
             )
 

@@ -293,6 +293,10 @@ def client(local, standalone_server):
                 "swappable": {"kind": "alias", "target": "via-serve"},
                 "bad-checkpoint": {"kind": "alias", "target": "via-standalone", "checkpoint_id": "nope"},
                 "slow": {"kind": "serve", "address": local.grpc_address, "application": SLOW_APP},
+                # The same applications through their DeploymentHandles (this process is in the local Ray cluster).
+                "via-handle": {"kind": "serve-handle", "application": APP, "prior": "analytic"},
+                "handle-bad-checkpoint": {"kind": "alias", "target": "via-handle", "checkpoint_id": "nope"},
+                "slow-handle": {"kind": "serve-handle", "application": SLOW_APP, "prior": "slow"},
             },
         }
     )
@@ -301,7 +305,7 @@ def client(local, standalone_server):
     guidance.close()
 
 
-@pytest.mark.parametrize("name", ["via-serve", "via-standalone", "swappable"])
+@pytest.mark.parametrize("name", ["via-serve", "via-standalone", "swappable", "via-handle"])
 def test_guidance_client_on_serve_and_standalone(client, name):
     (info,) = client.list_priors(name)
     assert info.name == "analytic" and info.kind == PriorKind.ANALYTIC
@@ -317,30 +321,35 @@ def test_guidance_client_on_serve_and_standalone(client, name):
     assert caught.value.field == "images.data"
 
 
-def test_guidance_client_maps_not_found_with_its_field(client):
+@pytest.mark.parametrize("bad_checkpoint", ["bad-checkpoint", "handle-bad-checkpoint"])
+def test_guidance_client_maps_not_found_with_its_field(client, bad_checkpoint):
     with pytest.raises(NotFound) as caught:
-        client.compute_sds(sds_request(1, prior="bad-checkpoint"), timeout_s=30)
+        client.compute_sds(sds_request(1, prior=bad_checkpoint), timeout_s=30)
     assert caught.value.field == "checkpoint_id"
     with pytest.raises(NotFound) as caught:
         client.compute_sds(sds_request(1, prior="not-in-the-registry"), timeout_s=30)
     assert caught.value.field == "prior"
 
 
-def test_serve_and_standalone_agree_on_the_same_request(client):
+def test_serve_handle_and_standalone_agree_on_the_same_request(client):
     request = sds_request(2, seed=9)
     a = client.compute_sds(SdsRequest(**{**request.__dict__, "prior": "via-serve"}), timeout_s=30)
     b = client.compute_sds(SdsRequest(**{**request.__dict__, "prior": "via-standalone"}), timeout_s=30)
-    assert a.t == b.t
+    c = client.compute_sds(SdsRequest(**{**request.__dict__, "prior": "via-handle"}), timeout_s=30)
+    assert a.t == b.t == c.t
     torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(c.grad, b.grad)
 
 
-def test_guidance_client_retries_overload_until_served(client):
-    """Six callers on a one-at-a-time app: refused with RESOURCE_EXHAUSTED, retried with backoff, all served."""
+@pytest.mark.parametrize("slow", ["slow", "slow-handle"])
+def test_guidance_client_retries_overload_until_served(client, slow):
+    """Six callers on a one-at-a-time app: refused (RESOURCE_EXHAUSTED; through the handle Serve's back-pressure
+    error), retried with backoff, all served."""
     results, errors = [], []
 
     def call(seed: int) -> None:
         try:
-            results.append(client.compute_sds(sds_request(1, prior="slow", seed=seed), timeout_s=30))
+            results.append(client.compute_sds(sds_request(1, prior=slow, seed=seed), timeout_s=30))
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
