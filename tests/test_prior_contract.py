@@ -117,7 +117,10 @@ def test_a_result_depends_on_its_seed_not_on_its_batch_mates(prior):
     again = compute_sds(prior, [request_for(prior, 1, seed=11)])[0]
     batched = compute_sds(prior, [request_for(prior, 2, seed=3, image_seed=9), request_for(prior, 1, seed=11)])[1]
     torch.testing.assert_close(alone.grad, again.grad)
-    torch.testing.assert_close(alone.grad, batched.grad, rtol=1e-4, atol=1e-5)
+    # A batch of 3 may take other float32 conv kernels than a batch of 1 (seen: 1.6e-5 apart on a CI CPU); a
+    # batch mate leaking into the result would move it by the gradient's own scale, so the bound is relative to it.
+    scale = float(alone.grad.abs().max())
+    torch.testing.assert_close(alone.grad, batched.grad, rtol=1e-3, atol=1e-3 * scale)
     assert alone.t == batched.t
     other = compute_sds(prior, [request_for(prior, 1, seed=12)])[0]
     assert other.t != alone.t or not torch.allclose(other.grad, alone.grad)
