@@ -78,6 +78,48 @@ def test_level_choice_recovers_the_silhouettes_of_the_true_surface():
     assert choice.silhouette_iou == max(iou for _, iou in choice.candidates if not math.isnan(iou))
 
 
+def test_level_choice_refines_between_far_apart_candidates():
+    """Candidates a factor of 2 or more apart miss the true level; the refinement between the best one's neighbours
+    comes close to it, and only adds levels inside that bracket."""
+    geometry = DMTetGeometry(cells=24, radius=1.0)
+    positions, tets = geometry.rest_positions, geometry.tets
+    densities = ball_density(positions)
+    cameras = conversion.level_views(1.0, 48, count=4)
+    rasterizer = make_rasterizer("torch")
+    target_vertices, target_faces = marching_tets(positions, densities - 10.0, tets)
+    target = conversion.silhouettes(target_vertices, target_faces, cameras, 48, rasterizer)
+    levels = [1.0, 2.5, 6.0, 15.0, 19.5]
+    coarse = conversion.choose_level(densities, positions, tets, target, cameras, rasterizer, levels=levels)
+    refined = conversion.choose_level(densities, positions, tets, target, cameras, rasterizer, levels=levels,
+                                      refinements=6)
+    assert coarse.level in (6.0, 15.0) and coarse.silhouette_iou < 0.95
+    assert 8.5 < refined.level < 11.5 and refined.silhouette_iou > coarse.silhouette_iou + 0.03
+    added = [level for level, _ in refined.candidates[len(levels):]]
+    best = levels.index(coarse.level)
+    assert len(added) == 6 and all(levels[best - 1] < level < levels[best + 1] for level in added)
+
+
+def test_level_tolerance_takes_the_thinnest_surface_near_the_best_silhouettes():
+    """Within the tolerance the highest level wins (a thinner surface), outside it the best one; NaNs ignored."""
+    scored = [(5.0, 0.90), (8.0, 0.96), (10.0, 0.95), (13.0, 0.93), (20.0, float("nan"))]
+    valid = [pair for pair in scored if not math.isnan(pair[1])]
+    assert conversion.thinnest_within(valid, 0.0) == (8.0, 0.96)
+    assert conversion.thinnest_within(valid, 0.02) == (10.0, 0.95)
+    assert conversion.thinnest_within(valid, 0.05) == (13.0, 0.93)
+    geometry = DMTetGeometry(cells=24, radius=1.0)
+    positions, tets = geometry.rest_positions, geometry.tets
+    densities = ball_density(positions)
+    cameras = conversion.level_views(1.0, 48, count=4)
+    rasterizer = make_rasterizer("torch")
+    target_vertices, target_faces = marching_tets(positions, densities - 10.0, tets)
+    target = conversion.silhouettes(target_vertices, target_faces, cameras, 48, rasterizer)
+    levels = [8.0, 10.0, 12.0, 15.0]
+    exact = conversion.choose_level(densities, positions, tets, target, cameras, rasterizer, levels=levels)
+    loose = conversion.choose_level(densities, positions, tets, target, cameras, rasterizer, levels=levels,
+                                    tolerance=1.0 - min(iou for _, iou in exact.candidates) + 1e-9)
+    assert exact.level == 10.0 and loose.level == 15.0 and loose.silhouette_iou < exact.silhouette_iou
+
+
 def test_no_surface_at_any_level_is_a_failed_precondition():
     geometry = DMTetGeometry(cells=6, radius=1.0)
     cameras = conversion.level_views(1.0, 16, count=2)

@@ -219,6 +219,10 @@ class DMTetConfig(BaseModel):
     # Density level of the surface; None: chosen from the coarse model's silhouettes (services/scene/mesh/conversion).
     level: float | None = Field(default=None, gt=0)
     level_candidates: int = Field(default=16, ge=2, le=64)
+    # More levels tried between the best candidate's neighbours (0: none), and how far below the best silhouette
+    # IoU the chosen level may score if it is higher (a thinner surface; see services/scene/mesh/conversion).
+    level_refinements: int = Field(default=6, ge=0, le=64)
+    level_tolerance: float = Field(default=0.02, ge=0, le=1)
     level_views: int = Field(default=8, ge=1, le=64)
     level_view_resolution: int = Field(default=64, ge=16, le=512)
     # Inside components smaller than this fraction of the largest one are removed at conversion.

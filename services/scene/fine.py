@@ -168,7 +168,8 @@ class FineStage(Stage):
             )["opacity"]
             target = opacity[:, 0].cpu() > 0.5
             choice = conversion.choose_level(
-                densities, positions, tets, target, cameras, make_rasterizer("torch"), settings.level_candidates
+                densities, positions, tets, target, cameras, make_rasterizer("torch"), settings.level_candidates,
+                refinements=settings.level_refinements, tolerance=settings.level_tolerance,
             )
         edges = conversion.tet_edges(tets)
         inside = densities > choice.level
