@@ -8,11 +8,11 @@ Sections:
 * coarse: a step of the `magic3d` preset's coarse stage (64x64, 64 samples per ray, occupancy grid) at batch 4 and 8,
   guided by a random-weight prior of IF-I-XL's architecture; the field is first fitted to a torus with the analytic
   prior, so the step is timed on real geometry (occupancy pruning skips what it would in practice).
-* serve: the coarse (batch 4) and fine steps with the guidance under Ray Serve (a local Ray on 127.0.0.1, the Serve
-  gRPC ingress, one replica holding the GPU), beside the same steps through a standalone service in the same run;
-  the table gives the Serve / standalone ratio per stage and splits the guidance phase into the server's time (request
-  in to result out, `server_time_s`) and the hop (the rest: transport, Serve's proxy, serialisation). Not in the
-  default sections (Ray's start costs ~20 s).
+* serve: the coarse (batch 4) and fine steps with the guidance under Ray Serve (a local Ray on 127.0.0.1, one
+  replica holding the GPU), called through Serve's gRPC ingress and through the deployment handle, beside the same
+  steps through a standalone service in the same run; the table gives the Serve / standalone ratio per stage and
+  route and splits the guidance phase into the server's time (request in to result out, `server_time_s`) and the
+  hop (the rest: transport, Serve's proxy, serialisation). Not in the default sections (Ray's start costs ~20 s).
 * magic123: a coarse and a fine step of the `magic123` preset (image to 3D) with an image of the red torus rendered
   here: the latent prior on SD 1.5's architecture (`random:sd15`) and Zero-1-to-3's (`random:zero123`) in one
   standalone guidance service, and the reference-view losses. Not in the default sections.
@@ -215,20 +215,23 @@ def standalone_guidance(config: GuidanceConfig, workdir: Path, gpu: int | None =
 
 @contextlib.contextmanager
 def serve_guidance(config: GuidanceConfig):
-    """The guidance tier as deployed on Kubernetes: one Ray Serve application behind Serve's gRPC proxy, on a local
-    Ray pinned to 127.0.0.1; yields a client that reaches it as a `serve` registry entry does."""
+    """The guidance tier as deployed on Kubernetes: one Ray Serve application on a local Ray pinned to 127.0.0.1;
+    yields two clients of it: `grpc` through Serve's gRPC proxy (a `serve` registry entry, callers outside the Ray
+    cluster) and `handle` through the deployment handle (a `serve-handle` entry, callers inside it)."""
     from services.guidance.serve_app import ServeAppSettings, start_local
 
     name = config.priors[0].name
     gpus = 1 if torch.cuda.is_available() else 0
     app = ServeAppSettings(name=name, route_prefix=f"/{name}", num_gpus=gpus, num_cpus=1)
     local = start_local([(config, app)], num_gpus=gpus, request_timeout_s=600.0)
-    registry = {"priors": {name: {"kind": "serve", "address": local.grpc_address, "application": name}}}
-    client = GuidanceClient(Registry.model_validate(registry))
+    routes = {"grpc": {"kind": "serve", "address": local.grpc_address, "application": name},
+              "handle": {"kind": "serve-handle", "application": name}}
+    clients = {path: GuidanceClient(Registry.model_validate({"priors": {name: route}})) for path, route in routes.items()}
     try:
-        yield client
+        yield clients
     finally:
-        client.close()
+        for client in clients.values():
+            client.close()
         local.shutdown()
 
 
@@ -432,8 +435,8 @@ def time_steps_split(stage: str, config, client, settings: SuiteSettings, fitted
 
 
 def bench_serve(coarse, fine, settings: SuiteSettings, fitted: dict, workdir: Path) -> list[dict]:
-    """Coarse (batch 4) and fine steps through the Serve gRPC ingress and through a standalone service, in one run so
-    that the ratio compares like with like."""
+    """Coarse (batch 4) and fine steps through a standalone service, Serve's gRPC ingress and Serve's deployment
+    handle, in one run so that the ratios compare like with like."""
     rows = []
     for stage, config in (("coarse", _replace(coarse, batch_size=settings.coarse_batches[0])), ("fine", fine)):
         kind = "pixel" if stage == "coarse" else "latent"
@@ -442,10 +445,11 @@ def bench_serve(coarse, fine, settings: SuiteSettings, fitted: dict, workdir: Pa
             rows.append({"stage": stage, "batch": config.batch_size, "path": "standalone gRPC",
                          **time_steps_split(stage, config, client, settings, fitted)})
             print(json.dumps(rows[-1]), flush=True)
-        with serve_guidance(gconfig) as client:
-            rows.append({"stage": stage, "batch": config.batch_size, "path": "Ray Serve gRPC",
-                         **time_steps_split(stage, config, client, settings, fitted)})
-            print(json.dumps(rows[-1]), flush=True)
+        with serve_guidance(gconfig) as clients:
+            for route, path in (("grpc", "Ray Serve gRPC"), ("handle", "Ray Serve handle")):
+                rows.append({"stage": stage, "batch": config.batch_size, "path": path,
+                             **time_steps_split(stage, config, clients[route], settings, fitted)})
+                print(json.dumps(rows[-1]), flush=True)
         if settings.device != "cpu":
             torch.cuda.empty_cache()
     return rows
@@ -615,15 +619,15 @@ def markdown(results: dict) -> str:
                     lines.append(f"| {stage} | {batch} | {path.removesuffix(', pipelined')} | {base:.1f} | "
                                  f"{value:.1f} | {value / base:.3f} |")
     if results.get("serve"):
-        lines += ["", "| stage | batch | standalone step ms | Ray Serve step ms | Serve / standalone | "
+        lines += ["", "| stage | batch | path | standalone step ms | Ray Serve step ms | Serve / standalone | "
                   "guidance server ms (standalone / Serve) | guidance hop ms (standalone / Serve) |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---:|---|---:|---:|---:|---:|---:|"]
         by_key = {(r["stage"], r["batch"], r["path"]): r for r in results["serve"]}
         for (stage, batch, path), served in by_key.items():
-            if path == "Ray Serve gRPC" and (stage, batch, "standalone gRPC") in by_key:
+            if path.startswith("Ray Serve") and (stage, batch, "standalone gRPC") in by_key:
                 alone = by_key[(stage, batch, "standalone gRPC")]
                 lines.append(
-                    f"| {stage} | {batch} | {alone['step_ms']:.1f} | {served['step_ms']:.1f} | "
+                    f"| {stage} | {batch} | {path} | {alone['step_ms']:.1f} | {served['step_ms']:.1f} | "
                     f"{served['step_ms'] / alone['step_ms']:.3f} | "
                     f"{alone['guidance_server_ms']:.1f} / {served['guidance_server_ms']:.1f} | "
                     f"{alone['guidance_hop_ms']:.1f} / {served['guidance_hop_ms']:.1f} |"
