@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bootstrap-stamp
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: setup run test test-fidelity test-gpu lint bench bench-gpu serve serve-guidance serve-scene clean
+.PHONY: setup run test test-fidelity test-gpu lint bench bench-gpu serve serve-guidance serve-scene clean k8s-presets
 
 setup: $(STAMP) gen/.stamp
 
@@ -33,6 +33,9 @@ test-gpu: setup
 	$(PY) -m pytest -q -m gpu tests/test_gpu_*.py  # GPU tests live in tests/test_gpu_*.py
 
 # buf over the protos, ruff over the code, mypy over shared/ and the three servicers (files: [tool.mypy] in pyproject).
+k8s-presets: setup  # deploy/k8s/presets.yaml (ConfigMap magic3d-presets) from deploy/config/presets.yaml
+	$(PY) scripts/k8s_presets.py
+
 lint: setup
 	cd protos && ../$(VENV)/bin/buf lint
 	$(VENV)/bin/ruff check services shared bench tests scripts

@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -557,14 +558,19 @@ def preset_names(data) -> set[str]:
     return set(presets)
 
 
-def test_presets_configmap_names_the_presets():
+def test_presets_configmap_is_the_shipped_presets_file_and_loads(tmp_path):
+    from services.orchestrator.presets import PresetBook
+
     presets = configmaps()["magic3d-presets"]
     assert set(presets) == {"presets.yaml"}
-    names = preset_names(yaml.safe_load(presets["presets.yaml"]))
-    assert names == {"magic3d", "fast", "cpu-demo", "magic123", "image-cpu-demo"}
-    real = CONFIG / "presets.yaml"
-    if real.is_file():  # owned elsewhere; the placeholder must at least name the same presets
-        assert preset_names(yaml.safe_load(real.read_text())) == names
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "k8s_presets.py"), "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert yaml.safe_load(presets["presets.yaml"]) == yaml.safe_load((CONFIG / "presets.yaml").read_text())
+    mounted = tmp_path / "presets.yaml"  # what the pod reads at /etc/magic3d/presets.yaml
+    mounted.write_text(presets["presets.yaml"])
+    book = PresetBook.load(mounted)
+    for name in ("magic3d", "fast", "cpu-demo", "magic123", "image-cpu-demo"):
+        assert book.get(name).stages
 
 
 def test_services_reach_minio_with_valid_s3_settings():
