@@ -21,8 +21,12 @@ from shared.mesh_metrics import bounding_box_diagonal, mean_symmetric_surface_di
 from shared.meshes import Mesh
 from shared.schedules import Schedule
 
-QUALITY_STEPS = 400
-# Settings chosen to fit about 3 minutes on 2 CPU cores (a budget, not an asserted time).
+# 300 steps (was 400) to keep the suite within its budget. Measured on the CPU machine (seed 0, the occupancy grid
+# updated before step 0): 400 steps reach distance 0.0077, IoU 0.947; 300 reach 0.0078, 0.936 (test_coarse_stage's
+# thresholds: 0.012, 0.90), and the fine stage from it 0.0086 -> 0.0070, IoU 0.905 -> 0.976, level 11 (silhouette
+# IoU 0.955), albedo error 0.0089 (test_fine_stage's: <= start and 0.02, > 0.9, 0.1).
+QUALITY_STEPS = 300
+# Settings chosen to fit about 1.5 minutes on 2 CPU cores (a budget, not an asserted time).
 QUALITY_CONFIG = dict(
     prompt="a red torus",
     resolution=32,
