@@ -25,7 +25,9 @@ scene sends latents by default (it runs the prior's VAE encoder itself, `guidanc
 `latent_encoder_compile`); --pipelined adds each path with one-step-stale pipelined SDS (`pipelined_guidance`,
 "<path>, pipelined", and a pipelined / sequential table). The fine stage is also timed through the service with that encoder eager ("standalone
 gRPC, encoder eager") and sending 512x512 images ("standalone gRPC, images sent"). `first_step_s` in the JSON is the
-first step's time (compilation, graph captures).
+first step's time (compilation, graph captures). After the in-process steps of a stage, its floor is timed alone on
+the same device (issue 17's definition: the prior's UNet with CFG, plus for the fine stage the VAE encoder forward and
+backward, `floor_ms`), and a table gives each row's step / floor.
 
 --smoke runs the same code at CPU sizes with tiny random priors (CI runs it: the numbers mean nothing there).
 """
@@ -89,6 +91,7 @@ class SuiteSettings:
     fit_steps: int  # analytic-prior steps that give the coarse field its torus
     warmup_steps: int
     timed_steps: int
+    profiled_steps: int = 5  # steps under torch.profiler for the encoding's share (its key_averages is slow on CPU)
     # The GPU the standalone guidance services use (CUDA_VISIBLE_DEVICES of their process); None: the scene's.
     # On a 2-GPU machine, 1 puts guidance and scene on separate GPUs, as a deployment does.
     guidance_gpu: int | None = None
@@ -127,6 +130,7 @@ SMOKE = SuiteSettings(
     fit_steps=2,
     warmup_steps=1,
     timed_steps=2,
+    profiled_steps=1,
 )
 
 
@@ -353,7 +357,7 @@ def time_steps(scene, settings: SuiteSettings) -> dict:
         reports.append(scene.step(prefetch=True))
         totals.append(time.perf_counter() - start)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    profiled = min(5, settings.timed_steps)
+    profiled = min(settings.profiled_steps, settings.timed_steps)
     with profile(activities=activities) as profiler:
         for _ in range(profiled):
             scene.step(prefetch=True)
@@ -394,17 +398,37 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
         if kind == "latent":  # what the defaults save: the encoder left eager; 512x512 images sent instead
             run(client, "standalone gRPC, encoder eager", peak, _replace(config, latent_encoder_compile="off"))
             run(client, "standalone gRPC, images sent", peak, _replace(config, guidance_input="images"))
-    guidance = InProcessGuidance(GuidanceEngine(gconfig))
+    engine = GuidanceEngine(gconfig)
+    guidance = InProcessGuidance(engine)
     try:
         run(guidance, "in-process")
         if pipelined:
             run(guidance, "in-process, pipelined", stage_config=piped)
+        floors = {batch: floor_ms(engine.prior(gconfig.priors[0].name), kind, batch, config.resolution, settings)
+                  for batch in batches}
+        for row in rows:
+            row["floor"] = floors[row["batch"]]
     finally:
         guidance.close()
         del guidance
         if settings.device != "cpu":
             torch.cuda.empty_cache()
     return rows
+
+
+def floor_ms(prior, kind: str, batch: int, image_side: int, settings: SuiteSettings) -> dict[str, float]:
+    """A step's floor, timed alone on the prior's device right after the steps: the prior's UNet with CFG (2B rows,
+    no grad) and, for a latent prior, its VAE encoder forward + backward at the scene's resolution (the chain rule
+    from latents to pixels that a fine step needs). Medians; `floor_ms` is their sum."""
+    from bench.prior_speed import Case, component_timers
+    from bench.timing import wall_ms
+
+    timers = component_timers(prior, Case(kind, "", batch, image_side))
+    parts = ("unet_cfg", "vae_forward_backward") if kind == "latent" else ("unet_cfg",)
+    repeats = max(settings.timed_steps, 3)
+    floor = {f"{name}_ms": statistics.median(wall_ms(timers[name], repeats, settings.warmup_steps, prior.device))
+             for name in parts}
+    return {**floor, "floor_ms": sum(floor.values())}
 
 
 class ServerTimedGuidance:
@@ -609,6 +633,15 @@ def markdown(results: dict) -> str:
         for (stage, batch, path), value in by_key.items():
             if path == "standalone gRPC" and (stage, batch, "in-process") in by_key:
                 lines.append(f"| {stage} | {batch} | {value / by_key[(stage, batch, 'in-process')]:.3f} |")
+        floored = [r for r in results["steps"] if r.get("floor")]
+        if floored:
+            lines += ["", "| stage | batch | guidance path | UNet with CFG ms | VAE encoder fwd+bwd ms | floor ms | "
+                      "step ms | step / floor |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+            for r in floored:
+                floor = r["floor"]
+                lines.append(f"| {r['stage']} | {r['batch']} | {r['path']} | {floor['unet_cfg_ms']:.1f} | "
+                             f"{_ms(floor.get('vae_forward_backward_ms'))} | {floor['floor_ms']:.1f} | "
+                             f"{r['step_ms']:.1f} | {r['step_ms'] / floor['floor_ms']:.2f} |")
         piped = [(key, value) for key, value in by_key.items() if key[2].endswith(", pipelined")]
         if piped:
             lines += ["", "| stage | batch | guidance path | sequential step ms | pipelined step ms | pipelined / "

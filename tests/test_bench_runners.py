@@ -25,6 +25,12 @@ def test_suite_smoke_rows_and_files(tmp_path):
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| coarse | 2 | standalone gRPC |" in table and "standalone / in-process" in table
     assert "| fine | 2 | standalone gRPC | " in table.split("pipelined / sequential")[1]
+    for row in results["steps"]:  # the floor: UNet with CFG, plus the VAE encoder's forward + backward when fine
+        floor = row["floor"]
+        parts = floor["unet_cfg_ms"] + floor.get("vae_forward_backward_ms", 0.0)
+        assert floor["unet_cfg_ms"] > 0 and floor["floor_ms"] == parts
+        assert ("vae_forward_backward_ms" in floor) == (row["stage"] == "fine")
+    assert "step / floor" in table
 
 
 def test_pipelined_steps_bench_times_both_modes(tmp_path):
