@@ -32,6 +32,11 @@ def echo(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     return repr(value) if len(str(value)) <= limit else repr(shorten(str(value), limit))
 
 
+# The codes that mean the callee is down, restarting or overloaded: a later attempt may succeed, so callers retry
+# them for a bounded window (shared/guidance_client.py, shared/serve_handle.py); any other code is the answer.
+OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 @dataclass
 class ServiceError(Exception):
     """An error meant for the caller. `field` names the request field at fault, dotted (`images.shape`)."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import grpc
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
-from shared.errors import Cancelled, FailedPrecondition, NotFound, Unavailable, error_from_rpc
+from shared.errors import OUTAGE_CODES, Cancelled, FailedPrecondition, NotFound, Unavailable, error_from_rpc
 from shared.grpcio import insecure_channel
 from shared.guidance_types import PromptCheck, prompt_check_from_proto
 from shared.logging import get_logger
@@ -53,7 +53,6 @@ log = get_logger(__name__)
 # Down, restarting or overloaded: the same call may well succeed a little later. A single attempt past its deadline
 # counts too: a replica that hangs (a wedged GPU, a dead node not yet noticed) looks like this, and Serve routes the
 # next attempt to another replica.
-OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 # How Ray reports a replica that died (or cannot be reached) mid-call. Serve's gRPC proxy answers those with
 # INTERNAL and str() of the exception (RayActorError, ActorDiedError, ActorUnavailableError, WorkerCrashedError),
 # never UNAVAILABLE; any other INTERNAL/UNKNOWN is a bug on the server and is not retried.

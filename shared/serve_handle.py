@@ -15,9 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import grpc
-
-from shared.errors import ServiceError, Unavailable
+from shared.errors import OUTAGE_CODES, ServiceError, Unavailable
 from shared.registry import Endpoint
 
 # Ray's names for a replica that died or cannot be reached mid-call, and for Serve refusing work it cannot queue.
@@ -25,7 +23,6 @@ _OUTAGE_ERRORS = (
     "RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "BackPressureError",
     "DeploymentUnavailableError", "ObjectLostError", "OwnerDiedError",
 )
-_OUTAGE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
 _connect_lock = threading.Lock()
 
 
@@ -74,7 +71,7 @@ def _translate(raised: BaseException) -> BaseException:
     cause = getattr(raised, "cause", raised)  # RayTaskError carries the replica's exception as `cause`
     if isinstance(cause, ServiceError):
         clean = type(cause)(cause.message, cause.field, cause.retry_after_s)
-        return Outage(clean, f"{clean.code.name}: {clean}") if clean.code in _OUTAGE_CODES else clean
+        return Outage(clean, f"{clean.code.name}: {clean}") if clean.code in OUTAGE_CODES else clean
     names = {kind.__name__ for kind in type(raised).__mro__} | {kind.__name__ for kind in type(cause).__mro__}
     if isinstance(raised, TimeoutError) or names & set(_OUTAGE_ERRORS):
         text = f"{type(cause).__name__}: {str(cause)[:200]}"
