@@ -135,7 +135,6 @@ def test_coarse_stage_reconstructs_the_named_torus(coarse_torus):
     print(f"coarse torus: distance {distance:.4f} of the diagonal (step 0: {initial_distance:.4f}), "
           f"IoU {iou:.3f} (step 0: {initial_iou:.3f})")
     # Measured on the CPU machine: seeds 0 / 1 / 2 reach distance 0.0078 / 0.0080 / 0.0077, IoU 0.946 / 0.940 / 0.947.
-    # With the occupancy grid's first update before step 0 (services/scene/coarse.py): seed 0 0.0077, IoU 0.947; at
-    # QUALITY_STEPS = 300 (tests/scenes.py): 0.0078, 0.936.
+    # At QUALITY_STEPS = 300 (tests/scenes.py), seed 0: 0.0079, IoU 0.933.
     assert distance <= 0.012 and iou >= 0.90
     assert distance < 0.5 * initial_distance and iou > initial_iou + 0.3

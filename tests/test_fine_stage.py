@@ -87,8 +87,7 @@ def test_fine_stage_refines_the_coarse_torus(fine_torus, coarse_torus):
     # fine stage -> 0.0074 (coarse marching cubes at 64^3: 0.0078), IoU 0.902 -> 0.955, albedo error 0.026; with
     # the contour antialiasing (issue 16 round 3): level 16.5 (0.945), 0.0091 -> 0.0069, IoU 0.888 -> 0.977, 0.0088;
     # with the refined level, thinnest within 0.02 (round 4): level 15.1 (0.959), 0.0084 -> 0.0069, IoU 0.914 ->
-    # 0.977, albedo error 0.0125; with the coarse occupancy grid's first update before step 0: level 14.4 (0.960),
-    # 0.0083 -> 0.0069, IoU 0.915 -> 0.977, albedo error 0.0135.
+    # 0.977, albedo error 0.0125.
     assert report.level_chosen and report.silhouette_iou > 0.9
     assert distance <= start_distance and distance <= 0.02
     assert albedo_error <= 0.1

@@ -42,8 +42,7 @@ ELEVATION, FOVY, SIZE = 0.0, 40.0, 128
 FOREGROUND_FRACTION = 0.8  # the image-cpu-demo preset's image.foreground_fraction
 # The image-cpu-demo preset (400 + 100), shortened to keep the suite within its budget. Measured on the CPU machine
 # (seed 0): 150 + 50 steps give distance 0.0072, IoU 0.972, mask IoU 0.980, colour error 0.0114; 100 + 40 give
-# 0.0076, 0.953, 0.989, 0.0093, and with the coarse occupancy grid's first update before step 0 0.0076, 0.952, 0.991,
-# 0.0073 (thresholds 0.02, 0.85, 0.95, 0.05).
+# 0.0076, 0.953, 0.989, 0.0093 (thresholds 0.02, 0.85, 0.95, 0.05).
 COARSE_STEPS, FINE_STEPS = 100, 40
 
 

@@ -43,11 +43,6 @@ class CoarseStage(Stage):
         self.field = NeuralField(config.field, generator=init).to(self.device)
         self.background = BackgroundMLP(generator=init).to(self.device)
         self.occupancy = OccupancyGrid(config.occupancy).to(self.device)
-        # The first update looks at the initial field before step 0, as nerfacc's update_every_n_steps does at step
-        # 0 (threestudio calls it before each step): otherwise the first `update_every` steps render every sample
-        # of every ray (about 1.4 s a step instead of 0.2 s at the cpu-demo sizes on CPU). Drawn from the init
-        # generator, so the steps' random stream is unchanged; a checkpoint's grid replaces it on resume.
-        self.occupancy.update(self.field, 0, generator=init, force=True)
         self.renderer = VolumeRenderer(config.renderer)
         self.optimizer = torch.optim.Adam(
             param_groups(self.field, self.background, config.learning_rate, config.background_learning_rate),
