@@ -401,11 +401,15 @@ def bench_stage(stage: str, batches: tuple[int, ...], config, settings: SuiteSet
     engine = GuidanceEngine(gconfig)
     guidance = InProcessGuidance(engine)
     try:
+        # The floor goes first and is printed at once: a crash in a later row (one fine in-process run segfaulted
+        # on the H100) must not take the floor with it.
+        floors = {batch: floor_ms(engine.prior(gconfig.priors[0].name), kind, batch, config.resolution, settings)
+                  for batch in batches}
+        for batch, floor in floors.items():
+            print(json.dumps({"floor": {"stage": stage, "batch": batch, **floor}}), flush=True)
         run(guidance, "in-process")
         if pipelined:
             run(guidance, "in-process, pipelined", stage_config=piped)
-        floors = {batch: floor_ms(engine.prior(gconfig.priors[0].name), kind, batch, config.resolution, settings)
-                  for batch in batches}
         for row in rows:
             row["floor"] = floors[row["batch"]]
     finally:
@@ -688,8 +692,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance-gpu", type=int, default=None, help="GPU index for the guidance services")
     parser.add_argument("--pipelined", action="store_true",
                         help="coarse and fine also with one-step-stale pipelined SDS (rows '<path>, pipelined')")
+    parser.add_argument("--coarse-batches", default=None, help="e.g. 4 (default: 4,8 on the GPU)")
+    parser.add_argument("--no-concurrent", action="store_true", help="skip the two-jobs-at-once coarse rows")
     args = parser.parse_args(argv)
     settings = dataclasses.replace(SMOKE if args.smoke else GPU, guidance_gpu=args.guidance_gpu)
+    if args.coarse_batches:
+        settings = dataclasses.replace(settings, coarse_batches=tuple(int(b) for b in args.coarse_batches.split(",")))
     if settings.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on the GPU machine, or pass --smoke")
     project_logging.configure("WARNING")  # per-request service logs would drown the table
@@ -709,7 +717,8 @@ def main(argv: list[str] | None = None) -> dict:
             fitted = fitted_coarse_state(coarse, settings)
             results["steps"] += bench_stage("coarse", settings.coarse_batches, coarse, settings, fitted, workdir,
                                             args.pipelined)
-            results["concurrent"] = bench_concurrent(coarse, settings, fitted, workdir)
+            if not args.no_concurrent:
+                results["concurrent"] = bench_concurrent(coarse, settings, fitted, workdir)
         if "fine" in sections:
             results["steps"] += bench_stage("fine", (fine.batch_size,), fine, settings, None, workdir, args.pipelined)
         if "magic123" in sections:
