@@ -25,8 +25,8 @@ scene sends latents by default (it runs the prior's VAE encoder itself, `guidanc
 `latent_encoder_compile`); --pipelined adds each path with one-step-stale pipelined SDS (`pipelined_guidance`,
 "<path>, pipelined", and a pipelined / sequential table). The fine stage is also timed through the service with that encoder eager ("standalone
 gRPC, encoder eager") and sending 512x512 images ("standalone gRPC, images sent"). `first_step_s` in the JSON is the
-first step's time (compilation, graph captures). After the in-process steps of a stage, its floor is timed alone on
-the same device (issue 17's definition: the prior's UNet with CFG, plus for the fine stage the VAE encoder forward and
+first step's time (compilation, graph captures). Before the in-process steps of a stage, its floor is timed alone on
+the same device and printed at once (a crash in a later row keeps it) (issue 17's definition: the prior's UNet with CFG, plus for the fine stage the VAE encoder forward and
 backward, `floor_ms`), and a table gives each row's step / floor.
 
 --smoke runs the same code at CPU sizes with tiny random priors (CI runs it: the numbers mean nothing there).
