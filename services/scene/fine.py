@@ -71,19 +71,24 @@ class MeshVanished(FailedPrecondition):
 @dataclasses.dataclass(frozen=True)
 class GeometrySnapshot:
     """Copies of the geometry's parameters and of their optimiser state, taken after `updates` updates from
-    parameters whose mesh had faces. On the parameters' device: at 128 cells about 12 floats a grid vertex (100 MB)."""
+    parameters whose mesh had faces. In host memory, so that it takes none of the scene's GPU memory (which its
+    budget counts): at 128 cells about 12 floats a grid vertex, 100 MB, copied every `recovery_snapshot_every` steps.
+    """
 
     updates: int
     values: tuple[torch.Tensor, ...]
-    optimizer_states: tuple[dict[str, Any], ...]
+    # Each optimiser state entry with the device it goes back to (None: not a tensor).
+    optimizer_states: tuple[dict[str, tuple[Any, torch.device | None]], ...]
 
     @classmethod
     @torch.no_grad()
     def take(cls, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, updates: int) -> "GeometrySnapshot":
         return cls(
             updates=updates,
-            values=tuple(p.detach().clone() for p in parameters),
-            optimizer_states=tuple(_cloned(optimizer.state.get(p, {})) for p in parameters),
+            values=tuple(p.detach().to("cpu", copy=True) for p in parameters),
+            optimizer_states=tuple(
+                {key: _offloaded(value) for key, value in optimizer.state.get(p, {}).items()} for p in parameters
+            ),
         )
 
     @torch.no_grad()
@@ -95,11 +100,16 @@ class GeometrySnapshot:
             parameter.grad = None
             optimizer.state.pop(parameter, None)
             if state:
-                optimizer.state[parameter] = _cloned(state)
+                optimizer.state[parameter] = {
+                    key: value if device is None else value.to(device, copy=True)
+                    for key, (value, device) in state.items()
+                }
 
 
-def _cloned(state: dict[str, Any]) -> dict[str, Any]:
-    return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+def _offloaded(value: Any) -> tuple[Any, torch.device | None]:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True), value.device
+    return value, None
 
 
 # How the pure-PyTorch rasteriser antialiases the fine stage's renders: every visible silhouette edge ("contour"),
