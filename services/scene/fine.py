@@ -6,13 +6,22 @@ the coarse neural field, read for its albedo only) and the coarse environment-ma
 One step: marching tetrahedra (differentiable) -> rasterise B views at `resolution` -> colour field at the covered
 pixels -> shade, composite, antialias -> SDS gradients from the priors -> back-propagate them with the normal-
 consistency and Laplacian regularisers -> Adam step (the skeleton is `Stage.step`). As in the coarse stage, a
-guidance failure or a vanished mesh leaves nothing updated and non-finite steps are skipped and counted.
+guidance failure leaves nothing updated and non-finite steps are skipped and counted.
+
+A vanished mesh (the SDF on one side of zero everywhere: no faces to render) is recovered from, up to
+`dmtet.vanish_recoveries` times a job: every `dmtet.recovery_snapshot_every` steps a render that found faces keeps a
+copy of the geometry's tensors and their Adam state in memory (`GeometrySnapshot`; checkpoints do not hold it); a
+vanish restores that copy, halves the SDF and offset learning rates and retries the same step with the same cameras.
+The step counter never goes back (the colour field and background keep their updates): only the geometry returns to
+its last healthy state. Pipelined, the step in flight is dropped (`Stage.discard_pending`) before the restore, so no
+graph built from the vanished geometry is applied.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,13 +38,19 @@ from services.scene.mesh.renderer import MeshRenderer
 from services.scene.mesh.silhouette import soft_silhouette
 from services.scene.reference import ReferenceTarget
 from services.scene.stage import Stage
-from services.scene.steps import PhaseTimer
+from services.scene.steps import PhaseTimer, StepReport
+from shared import logging as project_logging
 from shared.cameras import Camera
 from shared.errors import FailedPrecondition
 from shared.mesh_metrics import winding_number
 from shared.rasterize import Rasterizer, make_rasterizer
 
-__all__ = ["FineStage", "ConversionReport", "make_stage_rasterizer"]
+__all__ = ["FineStage", "ConversionReport", "GeometrySnapshot", "MeshVanished", "make_stage_rasterizer"]
+
+log = project_logging.get_logger(__name__)
+
+# The optimiser's parameter groups that hold the geometry (a recovery halves their learning rates).
+GEOMETRY_GROUPS = ("sdf", "deformation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +61,55 @@ class ConversionReport:
     removed_vertices: int  # inside grid vertices dropped as floaters
     faces: int
     candidates: tuple[tuple[float, float], ...] = ()
+
+
+class MeshVanished(FailedPrecondition):
+    """A training render found no faces: the SDF has no zero crossing. `FineStage.step` recovers from it while
+    `dmtet.vanish_recoveries` allows; the client sees a plain FailedPrecondition once none remain."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GeometrySnapshot:
+    """Copies of the geometry's parameters and of their optimiser state, taken after `updates` updates from
+    parameters whose mesh had faces. In host memory, so that it takes none of the scene's GPU memory (which its
+    budget counts): at 128 cells about 12 floats a grid vertex, 100 MB, copied every `recovery_snapshot_every` steps.
+    """
+
+    updates: int
+    values: tuple[torch.Tensor, ...]
+    # Each optimiser state entry with the device it goes back to (None: not a tensor).
+    optimizer_states: tuple[dict[str, tuple[Any, torch.device | None]], ...]
+
+    @classmethod
+    @torch.no_grad()
+    def take(cls, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer, updates: int) -> "GeometrySnapshot":
+        return cls(
+            updates=updates,
+            values=tuple(p.detach().to("cpu", copy=True) for p in parameters),
+            optimizer_states=tuple(
+                {key: _offloaded(value) for key, value in optimizer.state.get(p, {}).items()} for p in parameters
+            ),
+        )
+
+    @torch.no_grad()
+    def restore(self, parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+        """Copies the values back in place (the optimiser keeps its references to the parameters); an empty saved
+        state (no update yet) leaves Adam to start the moments afresh, as at the first step."""
+        for parameter, value, state in zip(parameters, self.values, self.optimizer_states, strict=True):
+            parameter.copy_(value)
+            parameter.grad = None
+            optimizer.state.pop(parameter, None)
+            if state:
+                optimizer.state[parameter] = {
+                    key: value if device is None else value.to(device, copy=True)
+                    for key, (value, device) in state.items()
+                }
+
+
+def _offloaded(value: Any) -> tuple[Any, torch.device | None]:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True), value.device
+    return value, None
 
 
 # How the pure-PyTorch rasteriser antialiases the fine stage's renders: every visible silhouette edge ("contour"),
@@ -98,6 +162,10 @@ class FineStage(Stage):
             betas=(0.9, 0.99),
             eps=1e-15,
         )
+        # The masters, taken before any pipelined render swaps shadow copies into the geometry.
+        self._geometry_parameters = list(self.geometry.parameters())
+        self._snapshot: GeometrySnapshot | None = None
+        self.mesh_recoveries = 0  # restores after a vanished mesh, this job (checkpointed)
 
     @property
     def trainable_modules(self) -> list[nn.Module]:
@@ -195,14 +263,51 @@ class FineStage(Stage):
 
     # -- one optimisation step --------------------------------------------------------------------------------
 
+    def step(self, prefetch: bool = False) -> StepReport:
+        """`Stage.step`, retried after restoring the last healthy geometry when the mesh has vanished (module doc).
+        A failed render leaves nothing updated, the generator rewound and (pipelined) nothing in flight, so the
+        retry is the same step with the same cameras."""
+        while True:
+            try:
+                return super().step(prefetch)
+            except MeshVanished as vanished:
+                self._recover_from(vanished)
+
+    def _recover_from(self, vanished: MeshVanished) -> None:
+        allowed, snapshot = self.config.dmtet.vanish_recoveries, self._snapshot
+        if self.mesh_recoveries >= allowed or snapshot is None:
+            if allowed == 0:
+                tried = "dmtet.vanish_recoveries is 0: no recovery tried"
+            elif snapshot is None:
+                tried = f"recoveries tried: {self.mesh_recoveries}; no healthy geometry kept since the start or resume"
+            else:
+                tried = f"recoveries tried: {self.mesh_recoveries}, the most dmtet.vanish_recoveries allows"
+            raise FailedPrecondition(f"{vanished.message} ({tried})", "dmtet.vanish_recoveries") from vanished
+        self.discard_pending()  # (the failed step already did) no graph of the vanished geometry may be applied
+        snapshot.restore(self._geometry_parameters, self.optimizer)
+        learning_rates = {}
+        for group in self.optimizer.param_groups:
+            if group["name"] in GEOMETRY_GROUPS:
+                group["lr"] /= 2  # a smaller step, lest the same updates take the surface away again
+                learning_rates[group["name"]] = group["lr"]
+        self.mesh_recoveries += 1
+        log.warning("mesh_vanished_recovered", step=self.counters.step, recoveries=self.mesh_recoveries,
+                    allowed=allowed, snapshot_step=snapshot.updates, learning_rates=learning_rates)
+
+    def _keep_snapshot_if_due(self) -> None:
+        """Called by a render that found faces: it was drawn from the current parameters (the masters, or shadow
+        copies of them made just before), matching the optimiser's state, in either mode."""
+        updates, every = self.counters.step, self.config.dmtet.recovery_snapshot_every
+        if self._snapshot is None or updates >= self._snapshot.updates + every:
+            self._snapshot = GeometrySnapshot.take(self._geometry_parameters, self.optimizer, updates)
+
     def _render(self, cameras: list[Camera], timer: PhaseTimer, generator: torch.Generator) -> dict:
         self.color_field.train()
         vertices, faces = self.geometry.surface()
         timer.lap("marching_tets")
         if faces.shape[0] == 0:
-            raise FailedPrecondition(
-                f"the mesh vanished at step {self.counters.step}: the SDF has no zero crossing", "dmtet"
-            )
+            raise MeshVanished(f"the mesh vanished at step {self.counters.step}: the SDF has no zero crossing", "dmtet")
+        self._keep_snapshot_if_due()
         out = self.renderer.render(
             vertices, faces, self.albedo, cameras, self.config.resolution, self.background, lap=timer.lap
         )
@@ -252,3 +357,13 @@ class FineStage(Stage):
 
     def _state_modules(self) -> dict[str, nn.Module]:
         return {"geometry": self.geometry, "color_field": self.color_field, "background": self.background}
+
+    def state_dict(self) -> dict:
+        """The stage's state and the recoveries used (the snapshot stays out: a resume keeps its own from its first
+        render). A top-level key, so a replica that predates it still loads the checkpoint."""
+        return super().state_dict() | {"mesh_recoveries": self.mesh_recoveries}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.mesh_recoveries = int(state.get("mesh_recoveries", 0))
+        self._snapshot = None  # from another trajectory
