@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -268,10 +268,10 @@ class FineStage(Stage):
     # -- one optimisation step --------------------------------------------------------------------------------
 
     def step(self, prefetch: bool = False) -> StepReport:
-        """`Stage.step`, with the last healthy geometry restored when the mesh has vanished (module doc): after an
-        update that emptied it (`_after_update`; the step stays done), or before a render that found it empty, then
-        retried: a failed render leaves nothing updated, the generator rewound and (pipelined) nothing in flight,
-        so the retry is the same step with the same cameras."""
+        """`Stage.step`, with the last healthy geometry restored when the mesh has vanished (module doc): right
+        after an update that emptied it (`_after_update`; that step stays done), or when a render finds it empty;
+        then the step is retried: a failed render leaves nothing updated, the generator rewound and (pipelined)
+        nothing in flight, so the retry is the same step with the same cameras."""
         while True:
             try:
                 return super().step(prefetch)
@@ -289,7 +289,7 @@ class FineStage(Stage):
         )
         self._recover_from(vanished, found_at="update")
 
-    def _recover_from(self, vanished: MeshVanished, found_at: str) -> None:
+    def _recover_from(self, vanished: MeshVanished, found_at: Literal["render", "update"]) -> None:
         """Restores the snapshot, or raises FailedPrecondition when no recovery is left. Either way nothing stays in
         flight: a prefetched step was rendered from parameters the restore overwrites (or that vanished)."""
         self.discard_pending()  # (a failed render already did)
