@@ -196,3 +196,26 @@ def test_connected_labels_match_a_union_find():
     for a in range(300):
         for b in (0, 17, 123, 299):
             assert (labels[a] == labels[b]) == (find(a) == find(b))
+
+
+def test_has_surface_says_whether_marching_tetrahedra_find_faces():
+    """The fine stage's cheap vanish check against the marching itself: every lone inside or outside vertex of the
+    grid (corners included), all in, all out, random signs, and NaNs (outside, as marching_tets counts them)."""
+    geometry = DMTetGeometry(cells=2, radius=1.0)
+    count = geometry.sdf.numel()
+    patterns = [torch.full((count,), -1.0), torch.full((count,), 1.0)]
+    for vertex in range(count):
+        alone = torch.full((count,), -1.0)
+        alone[vertex] = 1.0
+        patterns += [alone, -alone]
+    generator = torch.Generator().manual_seed(0)
+    patterns += [torch.randn(count, generator=generator) for _ in range(8)]
+    patterns += [torch.where(torch.arange(count) % 2 == 0, float("nan"), 1.0), torch.full((count,), float("nan"))]
+    faces_found = []
+    for sdf in patterns:
+        with torch.no_grad():
+            geometry.sdf.copy_(sdf)
+        faces = int(geometry.surface()[1].shape[0])
+        assert geometry.has_surface() == (faces > 0), sdf
+        faces_found.append(faces > 0)
+    assert faces_found[:2] == [False, False] and all(faces_found[2 : 2 + 2 * count]) and not faces_found[-1]

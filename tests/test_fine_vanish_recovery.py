@@ -1,9 +1,11 @@
-"""The fine stage's recovery from a vanished mesh (services/scene/fine.py): a step whose render finds no faces
-restores the last healthy geometry (SDF, offsets and their Adam state, kept in memory every
-`dmtet.recovery_snapshot_every` steps), halves the geometry's learning rates and is retried with the same cameras, up
-to `dmtet.vanish_recoveries` times a job; then the job fails as before, saying how many recoveries were tried.
+"""The fine stage's recovery from a vanished mesh (services/scene/fine.py): an update that empties the mesh, or a
+render that finds no faces, restores the last healthy geometry (SDF, offsets and their Adam state, kept in memory
+every `dmtet.recovery_snapshot_every` steps) and halves the geometry's learning rates (the render's step is retried
+with the same cameras), up to `dmtet.vanish_recoveries` times a job; then the job fails as before, saying how many
+recoveries were tried.
 
-A vanish is forced by setting every SDF value negative (outside) between steps."""
+A vanish is forced by setting every SDF value negative (outside): between steps (`vanish`), or by an update, right
+after the optimiser's step (`vanish_at_update`)."""
 
 from __future__ import annotations
 
@@ -41,6 +43,25 @@ def vanish(stage: FineStage) -> None:
     """Every grid vertex outside: marching tetrahedra find no sign change, the next render no faces."""
     with torch.no_grad():
         stage.geometry.sdf.fill_(-1.0)
+
+
+def vanish_at_update(stage: FineStage, update: int) -> None:
+    """The optimiser's `update`-th step from now (1-based) empties the mesh, as a too large SDF step would."""
+    updates = 0
+
+    def empty_after_step(optimizer, args, kwargs) -> None:
+        nonlocal updates
+        updates += 1
+        if updates == update:
+            vanish(stage)
+
+    stage.optimizer.register_step_post_hook(empty_after_step)
+
+
+def run_steps(stage: FineStage, count: int) -> None:
+    """A RunSteps call's steps (services/scene/server.py): pipelined, each but the last prefetches the next."""
+    for index in range(count):
+        stage.step(prefetch=index + 1 < count)
 
 
 class RenderLog:
@@ -112,7 +133,8 @@ def test_a_vanished_mesh_is_restored_from_the_snapshot_and_the_same_step_complet
     assert faces.shape[0] > 0
     assert [event for event, _ in warnings.events] == ["mesh_vanished_recovered"]
     fields = warnings.events[0][1]
-    assert fields["step"] == 4 and fields["recoveries"] == 1 and fields["snapshot_step"] == 2
+    assert fields["step"] == 4 and fields["found_at"] == "render"
+    assert fields["recoveries"] == 1 and fields["snapshot_step"] == 2
     assert fields["learning_rates"] == {name: learning_rates(stage)[name] for name in GEOMETRY_GROUPS}
 
 
@@ -180,6 +202,76 @@ def test_a_pipelined_stage_drops_the_step_in_flight_and_recovers(analytic32, war
     assert report.step == 5 and not stage.step_in_flight and not stage._shadows.held
     _, faces = stage.extract_mesh()
     assert faces.shape[0] > 0
+
+
+# Sequential: renders of steps 0-3 from theta_0..theta_3; snapshots by those of steps 0 and 2 (theta_2: render 2).
+# Pipelined: step 0 and 1 from theta_0, 2 from theta_1, 3 from theta_2 (it keeps the snapshot at 2: render 3).
+@pytest.mark.parametrize(("pipelined", "theta_2_render"), [(False, 2), (True, 3)], ids=["sequential", "pipelined"])
+def test_a_run_whose_last_update_empties_the_mesh_ends_with_the_snapshot_restored(
+    analytic32, warnings, pipelined, theta_2_render
+):
+    stage = fine_stage(analytic32, every=2, pipelined=pipelined)
+    renders = RenderLog(stage)
+    before = learning_rates(stage)
+    vanish_at_update(stage, 4)
+    run_steps(stage, 4)
+    # The run returned normally with its 4 steps done, the geometry back at theta_2, nothing in flight.
+    assert stage.step_count == 4 and stage.mesh_recoveries == 1 and not stage.step_in_flight
+    assert len(renders.sdf) == 4
+    assert torch.equal(stage.geometry.sdf.detach(), renders.sdf[theta_2_render])
+    assert adam_steps(stage) == 2
+    assert_geometry_rates_halved(before, learning_rates(stage))
+    assert [event for event, _ in warnings.events] == ["mesh_vanished_recovered"]
+    fields = warnings.events[0][1]
+    assert fields["found_at"] == "update" and fields["step"] == 4 and fields["snapshot_step"] == 2
+    # What the server does next: export, checkpoint, resume elsewhere; the resumed stage renders faces.
+    _, faces = stage.extract_mesh()
+    assert faces.shape[0] > 0
+    resumed = FineStage.from_checkpoint(checkpoint.loads(checkpoint.dumps(stage.to_checkpoint())), analytic32, "vanish")
+    assert resumed.mesh_recoveries == 1 and resumed.extract_mesh()[1].shape[0] == faces.shape[0]
+    report = resumed.step()
+    assert report.step == 5 and resumed.mesh_recoveries == 1
+
+
+def test_a_pipelined_update_that_empties_the_mesh_drops_the_step_in_flight(analytic32, warnings):
+    guidance = RecordingGuidance(analytic32)
+    stage = fine_stage(guidance, every=2, pipelined=True)
+    renders = RenderLog(stage)
+    vanish_at_update(stage, 2)
+    stage.step(prefetch=True)
+    report = stage.step(prefetch=True)  # renders step 2 from theta_1, then its own update empties the mesh
+    assert report.step == 2 and stage.mesh_recoveries == 1
+    assert not stage.step_in_flight and not stage._shadows.held  # step 2's render was of overwritten parameters
+    assert torch.equal(stage.geometry.sdf.detach(), renders.sdf[0])  # the snapshot of step 0's render
+    stage.step(prefetch=True)
+    stage.step(prefetch=False)
+    assert stage.step_count == 4 and stage.mesh_recoveries == 1
+    # Renders: steps 0, 1, 2 (dropped), then 2 again from the restored geometry with the dropped one's cameras, 3.
+    assert len(renders.sdf) == 5
+    assert torch.equal(renders.sdf[3], renders.sdf[0]) and torch.equal(renders.cameras[3], renders.cameras[2])
+    # The dropped step's guidance was asked again for its retry: its answer was never applied.
+    assert len(guidance.seeds) == 5 and guidance.seeds[3] == guidance.seeds[2]
+    assert adam_steps(stage) == 2  # the empty state of the snapshot at 0, then updates 3 and 4
+    assert [fields["found_at"] for _, fields in warnings.events] == ["update"]
+    assert stage.extract_mesh()[1].shape[0] > 0
+
+
+@pytest.mark.parametrize(
+    ("pipelined", "update"), [(False, 2), (True, 2), (True, 1)], ids=["sequential", "pipelined", "pipelined-in-flight"]
+)
+def test_an_update_that_empties_the_mesh_with_no_recovery_allowed_fails_the_run(
+    analytic32, warnings, pipelined, update
+):
+    stage = fine_stage(analytic32, every=1, recoveries=0, pipelined=pipelined)
+    vanish_at_update(stage, update)
+    with pytest.raises(FailedPrecondition) as raised:
+        run_steps(stage, 2)
+    assert raised.value.field == "dmtet.vanish_recoveries"
+    assert f"the mesh vanished at step {update - 1}: its update left the SDF" in raised.value.message
+    assert "no recovery tried" in raised.value.message
+    assert stage.step_count == update and stage.mesh_recoveries == 0 and not warnings.events
+    assert not stage.step_in_flight and (stage._shadows is None or not stage._shadows.held)
+    assert stage.extract_mesh()[1].shape[0] == 0  # the failure leaves the geometry as the update made it
 
 
 def test_the_recovery_fields_are_validated_and_kept_under_a_request_that_sets_other_dmtet_fields():

@@ -229,8 +229,9 @@ class DMTetConfig(BaseModel):
     min_component_fraction: float = Field(default=0.05, ge=0, le=1)
     # Recovery from a vanished mesh (the SDF on one side of zero everywhere, so marching tetrahedra give no faces):
     # every `recovery_snapshot_every` steps a step whose mesh has faces keeps a copy of the SDF, the offsets and
-    # their Adam state in memory; a vanish restores it, halves the SDF and offset learning rates and retries the
-    # step, at most `vanish_recoveries` times a job (0: a vanish fails the job at once, as before).
+    # their Adam state in memory; a vanish (found right after the update that made it, or at a render) restores it
+    # and halves the SDF and offset learning rates, at most `vanish_recoveries` times a job (0: a vanish fails the
+    # job at once, as before).
     recovery_snapshot_every: int = Field(default=50, ge=1)
     vanish_recoveries: int = Field(default=2, ge=0, le=32)
 

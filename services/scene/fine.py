@@ -11,17 +11,21 @@ guidance failure leaves nothing updated and non-finite steps are skipped and cou
 A vanished mesh (the SDF on one side of zero everywhere: no faces to render) is recovered from, up to
 `dmtet.vanish_recoveries` times a job: every `dmtet.recovery_snapshot_every` steps a render that found faces keeps a
 copy of the geometry's tensors and their Adam state in memory (`GeometrySnapshot`; checkpoints do not hold it); a
-vanish restores that copy, halves the SDF and offset learning rates and retries the same step with the same cameras.
-The step counter never goes back (the colour field and background keep their updates): only the geometry returns to
-its last healthy state. Pipelined, the step in flight is dropped (`Stage.discard_pending`) before the restore, so no
-graph built from the vanished geometry is applied.
+vanish restores that copy and halves the SDF and offset learning rates. It is found where it happens, right after
+the update that emptied the mesh (`DMTetGeometry.has_surface`, one reduction): that step stays done and `step()`
+returns with the geometry restored, so a run's last update cannot leave an empty mesh to an export, a checkpoint or
+a resume. A geometry found empty at a render (emptied outside an update, e.g. a checkpoint saved before this check)
+is restored the same way and the same step retried with the same cameras. The step counter never goes back (the
+colour field and background keep their updates): only the geometry returns to its last healthy state. Pipelined,
+the step in flight is dropped (`Stage.discard_pending`) before the restore: it was rendered from parameters the
+restore overwrites, or from the vanished geometry itself.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -264,16 +268,31 @@ class FineStage(Stage):
     # -- one optimisation step --------------------------------------------------------------------------------
 
     def step(self, prefetch: bool = False) -> StepReport:
-        """`Stage.step`, retried after restoring the last healthy geometry when the mesh has vanished (module doc).
-        A failed render leaves nothing updated, the generator rewound and (pipelined) nothing in flight, so the
-        retry is the same step with the same cameras."""
+        """`Stage.step`, with the last healthy geometry restored when the mesh has vanished (module doc): right
+        after an update that emptied it (`_after_update`; that step stays done), or when a render finds it empty;
+        then the step is retried: a failed render leaves nothing updated, the generator rewound and (pipelined)
+        nothing in flight, so the retry is the same step with the same cameras."""
         while True:
             try:
                 return super().step(prefetch)
             except MeshVanished as vanished:
-                self._recover_from(vanished)
+                self._recover_from(vanished, found_at="render")
 
-    def _recover_from(self, vanished: MeshVanished) -> None:
+    def _after_update(self, completed: int) -> None:
+        """Restores the geometry if this update emptied the mesh, so that no step returns with an empty one. One
+        reduction over the grid and one host read of it: on CUDA the optimiser phase's lap synchronises right after
+        anyway (`PhaseTimer`), so the read adds no stall of its own."""
+        if self.geometry.has_surface():
+            return
+        vanished = MeshVanished(
+            f"the mesh vanished at step {completed - 1}: its update left the SDF with no zero crossing", "dmtet"
+        )
+        self._recover_from(vanished, found_at="update")
+
+    def _recover_from(self, vanished: MeshVanished, found_at: Literal["render", "update"]) -> None:
+        """Restores the snapshot, or raises FailedPrecondition when no recovery is left. Either way nothing stays in
+        flight: a prefetched step was rendered from parameters the restore overwrites (or that vanished)."""
+        self.discard_pending()  # (a failed render already did)
         allowed, snapshot = self.config.dmtet.vanish_recoveries, self._snapshot
         if self.mesh_recoveries >= allowed or snapshot is None:
             if allowed == 0:
@@ -283,7 +302,6 @@ class FineStage(Stage):
             else:
                 tried = f"recoveries tried: {self.mesh_recoveries}, the most dmtet.vanish_recoveries allows"
             raise FailedPrecondition(f"{vanished.message} ({tried})", "dmtet.vanish_recoveries") from vanished
-        self.discard_pending()  # (the failed step already did) no graph of the vanished geometry may be applied
         snapshot.restore(self._geometry_parameters, self.optimizer)
         learning_rates = {}
         for group in self.optimizer.param_groups:
@@ -291,8 +309,9 @@ class FineStage(Stage):
                 group["lr"] /= 2  # a smaller step, lest the same updates take the surface away again
                 learning_rates[group["name"]] = group["lr"]
         self.mesh_recoveries += 1
-        log.warning("mesh_vanished_recovered", step=self.counters.step, recoveries=self.mesh_recoveries,
-                    allowed=allowed, snapshot_step=snapshot.updates, learning_rates=learning_rates)
+        log.warning("mesh_vanished_recovered", step=self.counters.step, found_at=found_at,
+                    recoveries=self.mesh_recoveries, allowed=allowed, snapshot_step=snapshot.updates,
+                    learning_rates=learning_rates)
 
     def _keep_snapshot_if_due(self) -> None:
         """Called by a render that found faces: it was drawn from the current parameters (the masters, or shadow

@@ -40,6 +40,17 @@ class DMTetGeometry(nn.Module):
         """Deformed grid vertices (V, 3)."""
         return self.rest_positions + self.max_offset * torch.tanh(self.deformation)
 
+    @torch.no_grad()
+    def has_surface(self) -> bool:
+        """Whether `surface()` has faces, without marching: one comparison and one sum over the grid's vertices (and
+        one host read of the count). Exact for this grid: a tetrahedron emits triangles iff its vertices' signs
+        differ (all 14 mixed patterns emit one or two), every vertex belongs to a tetrahedron, and the tetrahedra's
+        edges connect the whole grid, so some tetrahedron is mixed iff some vertex is inside and another is not.
+        "Inside" is `sdf > 0`, as in `marching_tets` (a NaN counts as outside in both). The deformation never
+        changes the count."""
+        inside = int((self.sdf > 0).sum())
+        return 0 < inside < self.sdf.numel()
+
     def surface(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(vertices (M, 3), faces (F, 3)) of {sdf > 0}, outward-wound, watertight where the SDF is."""
         return marching_tets(self.positions, self.sdf, self.tets)
