@@ -34,3 +34,8 @@ class Schedule:
         i = bisect.bisect_right(self.steps, step)
         s0, s1, v0, v1 = self.steps[i - 1], self.steps[i], self.values[i - 1], self.values[i]
         return v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+
+    def held(self, step: int) -> float:
+        """Piecewise-constant reading: the value of the last knot at or before `step` (the first knot's before it).
+        For quantities that must jump between allowed values, such as a render resolution, never interpolate."""
+        return self.values[max(bisect.bisect_right(self.steps, step) - 1, 0)]

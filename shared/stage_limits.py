@@ -96,6 +96,11 @@ def check_stage_config(
             raise InvalidArgument(f"must be >= 0 (0: the service's default), got {value}", field)
         if value > getattr(limits, limit_name):
             raise InvalidArgument(over_limit(value, getattr(limits, limit_name), limit_name), field)
+    if message.HasField("resolution_schedule"):
+        largest = max(message.resolution_schedule.values, default=0)
+        if largest > limits.max_resolution:
+            raise InvalidArgument(over_limit(largest, limits.max_resolution, "max_resolution"),
+                                  f"{prefix}.resolution_schedule")
     if message.learning_rate < 0:
         raise InvalidArgument(f"must be > 0 (0: the service's default), got {message.learning_rate}", f"{prefix}.learning_rate")
     _check_t_ranges(message, prefix, default_t)

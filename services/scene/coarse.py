@@ -24,7 +24,7 @@ from services.scene.field import (
 )
 from services.scene.guidance import Guidance
 from services.scene.reference import ReferenceTarget
-from services.scene.stage import Stage
+from services.scene.stage import Stage, render_side
 from services.scene.steps import Counters, NonFiniteStepsExceeded, PhaseTimer, StepReport, step_seed
 from shared.cameras import Camera
 from shared.errors import FailedPrecondition
@@ -63,7 +63,7 @@ class CoarseStage(Stage):
     def _render(self, cameras: list[Camera], timer: PhaseTimer, generator: torch.Generator) -> dict:
         self.field.train()
         out = self.renderer.render(
-            self.field, self.background, cameras, self.config.resolution, generator=generator,
+            self.field, self.background, cameras, render_side(cameras), generator=generator,
             occupancy=self.occupancy,
         )
         timer.lap("render")

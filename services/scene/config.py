@@ -113,6 +113,11 @@ def _default_loss_weights() -> dict[str, Schedule]:
 KNOWN_LOSSES = tuple(_default_loss_weights())
 
 
+# The sides a resolution schedule may name (the stages' own `resolution` bounds; SceneLimits.max_resolution applies
+# at the edge as well).
+MIN_RENDER_SIDE, MAX_RENDER_SIDE = 16, 2048
+
+
 class GuidedStageConfig(BaseModel):
     """What every SDS-guided stage configures: prompts, priors, the t range over steps, loss weights, the seed and
     when to give up. Subclasses declare `priors`, `t_max` and `loss_weights` with their own defaults, and name
@@ -153,6 +158,29 @@ class GuidedStageConfig(BaseModel):
     pipelined_guidance: bool = False
     # The image-to-3D reference view (Magic123); None for text jobs.
     reference: ReferenceConfig | None = None
+    # Progressive resolution (Magic3D / threestudio's `resolution_milestones`): the side training views are drawn
+    # and rendered at, per step, read piecewise-constant (`Schedule.held`: each knot's side holds until the next
+    # knot). None: `resolution` at every step. Previews and the reference view keep their own sizes.
+    resolution_schedule: Schedule | None = None
+
+    @field_validator("resolution_schedule")
+    @classmethod
+    def _resolution_sides(cls, schedule: Schedule | None) -> Schedule | None:
+        if schedule is None:
+            return None
+        for value in schedule.values:
+            if value != int(value) or not MIN_RENDER_SIDE <= value <= MAX_RENDER_SIDE:
+                raise ValueError(f"values must be whole pixel sides in [{MIN_RENDER_SIDE}, {MAX_RENDER_SIDE}], "
+                                 f"got {value}")
+        if schedule.steps[0] < 0:
+            raise ValueError(f"steps must be >= 0, got {list(schedule.steps)}")
+        return schedule
+
+    def render_resolution(self, step: int) -> int:
+        """The side training views are rendered at on step `step` (0-based)."""
+        if self.resolution_schedule is None:
+            return int(getattr(self, "resolution"))
+        return int(self.resolution_schedule.held(step))
 
     @model_validator(mode="after")
     def _prompt(self) -> "GuidedStageConfig":

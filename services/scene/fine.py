@@ -41,7 +41,7 @@ from services.scene.mesh.regularizers import laplacian_smoothness, normal_consis
 from services.scene.mesh.renderer import MeshRenderer
 from services.scene.mesh.silhouette import soft_silhouette
 from services.scene.reference import ReferenceTarget
-from services.scene.stage import Stage
+from services.scene.stage import Stage, render_side
 from services.scene.steps import PhaseTimer, StepReport
 from shared import logging as project_logging
 from shared.cameras import Camera
@@ -328,7 +328,7 @@ class FineStage(Stage):
             raise MeshVanished(f"the mesh vanished at step {self.counters.step}: the SDF has no zero crossing", "dmtet")
         self._keep_snapshot_if_due()
         out = self.renderer.render(
-            vertices, faces, self.albedo, cameras, self.config.resolution, self.background, lap=timer.lap
+            vertices, faces, self.albedo, cameras, render_side(cameras), self.background, lap=timer.lap
         )
         timer.lap("shade")
         return out | {"vertices": vertices, "faces": faces}

@@ -97,6 +97,8 @@ def _common_updates(message: scene_pb2.StageConfig, default_cameras) -> dict:
         }
     if message.HasField("reference"):
         updates["reference"] = reference_from_proto(message.reference, "config.reference")
+    if message.HasField("resolution_schedule"):
+        updates["resolution_schedule"] = schedule_from_proto(message.resolution_schedule, "config.resolution_schedule")
     if message.HasField("pipelined_guidance"):
         updates["pipelined_guidance"] = message.pipelined_guidance
     if message.HasField("cameras"):

@@ -37,6 +37,15 @@ from shared.cameras import Camera, sample_cameras
 from shared.errors import FailedPrecondition
 
 
+def render_side(cameras: list[Camera]) -> int:
+    """The side a step's training cameras were drawn at (`config.render_resolution(step)`, the same for the whole
+    batch): what `_render` renders them at, so that a resolution schedule reaches the renderer with the cameras."""
+    sides = {(camera.height, camera.width) for camera in cameras}
+    if len(sides) != 1 or cameras[0].height != cameras[0].width:
+        raise ValueError(f"a step's cameras must share one square size, got {sorted(sides)}")
+    return cameras[0].height
+
+
 class Stage(abc.ABC):
     name: ClassVar[str]  # "coarse" / "fine": checkpoint stage and store paths
     config_type: ClassVar[type[GuidedStageConfig]]
@@ -84,7 +93,7 @@ class Stage(abc.ABC):
         config, step = self.config, self.counters.step
         timer = PhaseTimer(self.device)
         rng_before = self.generator.get_state()
-        cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, self.generator)
+        cameras = sample_cameras(config.cameras, config.batch_size, config.render_resolution(step), self.generator)
         try:
             out = self._render(cameras, timer, self.generator)
             grad, sds_losses = guidance_gradient(
@@ -165,7 +174,7 @@ class Stage(abc.ABC):
             self._shadows = ParameterShadows(self._state_modules().values(), parameters)
         config = self.config
         generator = torch.Generator().manual_seed(draw_seed(config.seed, draw))
-        cameras = sample_cameras(config.cameras, config.batch_size, config.resolution, generator)
+        cameras = sample_cameras(config.cameras, config.batch_size, config.render_resolution(step), generator)
         shadow = self._shadows.acquire()
         try:
             with self._shadows.swapped_in(shadow):
@@ -189,7 +198,8 @@ class Stage(abc.ABC):
 
     @abc.abstractmethod
     def _render(self, cameras: list[Camera], timer: PhaseTimer, generator: torch.Generator) -> dict:
-        """Training renders of `cameras` (autograd on): at least "rgb" (B, 3, H, W) and "background"; laps its
+        """Training renders of `cameras` (autograd on) at their own size (`render_side`: the step's
+        `config.render_resolution`): at least "rgb" (B, 3, H, W) and "background"; laps its
         phases on `timer`, draws any randomness from `generator`. Raises (before any update) when nothing can be
         rendered. Reads the parameters through the modules' attributes (pipelined steps swap in copies)."""
 
