@@ -45,8 +45,12 @@ def test_projection_adds_each_stages_setup_and_steps_at_its_median_pace():
 
 
 def test_smoke_run_is_cancelled_after_max_seconds_with_a_preview_and_a_projection(tmp_path):
-    result = generate_e2e.main(["--smoke", "--max-seconds", "12", "--steps", "coarse=8", "--out", str(tmp_path)])
+    result = generate_e2e.main(["--smoke", "--max-seconds", "12", "--steps", "coarse=8", "--out", str(tmp_path),
+                                "--warm-up", "coarse=2,fine=2", "--vanish-recoveries", "5"])
     written = json.loads((tmp_path / "generate_e2e.json").read_text())
+    # The untimed warm-up job ran to its end on the same stack first; the scene took the recoveries asked for.
+    assert written["warm_up"]["final_event"] == "done" and written["warm_up"]["steps"] == {"coarse": 2, "fine": 2}
+    assert written["vanish_recoveries"] == 5
     assert written["first_preview_s"] == result["first_preview_s"]
     assert 0 <= written["accepted_s"] <= written["first_progress_s"] <= written["first_preview_s"] < 12
     assert written["previews"] >= 1 and written["schedule_steps"] == {"coarse": 40, "fine": 200}

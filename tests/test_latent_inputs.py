@@ -212,3 +212,62 @@ def test_a_compiled_encoder_gives_the_eager_gradient_and_falls_back_when_compili
         assert len(failures) == 1
     finally:
         guidance.close()
+
+
+def test_a_service_builds_and_compiles_an_encoder_once_for_all_its_scenes_and_threads(tmp_path):
+    """Every scene of a service runs the service's LatentEncoders (a job after the first pays no encoder build or
+    compile). Four threads asking for and calling one encoder at once get one build and one compile per input shape:
+    the compile (forward and a warm-up backward) runs under a lock, and the results match the eager encoder's."""
+    import threading
+
+    from magic3d.v1 import scene_pb2
+
+    from services.scene.latent_encoders import CompiledEncoder, LatentEncoders
+    from services.scene.server import SceneServiceConfig, SceneServicer
+    from shared.store import LocalStore
+
+    guidance = InProcessGuidance(GuidanceEngine(GuidanceConfig(priors=[latent_spec("random:tiny")],
+                                                               batching={"wait_s": 0})))
+    try:
+        servicer = SceneServicer(SceneServiceConfig(port=0, device="cpu", store_uri=str(tmp_path)), guidance,
+                                 LocalStore(tmp_path))
+        request = scene_pb2.CreateSceneRequest(job_id="job", config=scene_pb2.StageConfig(prompt="a red torus"))
+        stages = [servicer._new_stage(request) for _ in range(2)]
+        for stage in stages:
+            stage.use_latent_encoders(servicer.latent_encoders)
+        assert all(stage.prior_infos.encoders is servicer.latent_encoders for stage in stages)
+
+        compiles = []
+
+        def counting_backend(graph, example_inputs):
+            compiles.append(tuple(example_inputs[0].shape) if example_inputs else ())
+            return graph.forward
+
+        encoders = LatentEncoders(compile_backend=counting_backend)
+        info = guidance.prior_info("sd")
+        images = torch.rand(2, 3, SIDE, SIDE, requires_grad=True)  # as rendered: the step's backward runs through
+        got, barrier = [None] * 4, threading.Barrier(4)
+
+        def ask_and_encode(index):
+            barrier.wait()
+            encoder = encoders.get(info, "latents", "on", torch.device("cpu"), "job")
+            got[index] = (encoder, encoder(images))
+
+        threads = [threading.Thread(target=ask_and_encode, args=(index,)) for index in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert all(result is not None for result in got), "a thread did not finish"
+        encoder = got[0][0]
+        assert isinstance(encoder, CompiledEncoder) and encoder.compiled
+        assert all(result[0] is encoder for result in got)  # one build for the four
+        assert len(compiles) == 1  # one compile for the four callers of one shape
+        for _, latents in got:
+            torch.testing.assert_close(latents.detach(), encoder.eager(images).detach())
+        encoder(torch.rand(1, 3, SIDE, SIDE, requires_grad=True))  # a new batch shape compiles once more, then never
+        compiled_once_more = len(compiles)
+        encoder(torch.rand(1, 3, SIDE, SIDE, requires_grad=True))
+        assert compiled_once_more >= 2 and len(compiles) == compiled_once_more
+    finally:
+        guidance.close()

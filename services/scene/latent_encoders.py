@@ -1,13 +1,20 @@
 """The latent priors' published encoders as a scene runs them, to send latents instead of images.
 
-Built once per weights digest (a stage's priors may share one), from the source the prior publishes
-(PriorInfo.latent_encoder), and on CUDA compiled with torch.compile: inductor fuses the encoder's GroupNorm + SiLU
-passes, forward + backward 56.5 -> 43.1 ms for 4 images at 512x512 on an H200 (bench/encoder_speed.py,
-BENCHMARKS.md), for about 50 s of compilation on the first call in a process with a cold inductor cache.
+Built once per weights digest and per scene service (SceneServicer keeps one LatentEncoders that all its stages
+share), from the source the prior publishes (PriorInfo.latent_encoder), and on CUDA compiled with torch.compile:
+inductor fuses the encoder's GroupNorm + SiLU passes, forward + backward 56.5 -> 43.1 ms for 4 images at 512x512 on
+an H200 (bench/encoder_speed.py, BENCHMARKS.md), for about 50 s of compilation on the first call in a process with a
+cold inductor cache. Sharing them across stages means only a service's first fine stage per encoder (and per image
+batch shape) pays that, not every job.
+
+Concurrency: scenes step on their own threads. Building an encoder and compiling it for a new input shape (forward
+and, with a warm-up backward, the backward graph) happen under a lock, so two stages never compile the same module
+at once; compiled calls for shapes already seen run unlocked.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -31,36 +38,54 @@ def resolve_compile(mode: str, device: torch.device) -> bool:
 
 
 class CompiledEncoder:
-    """A compiled encoder that falls back to the eager one if its first call (the compilation) fails.
+    """A compiled encoder that falls back to the eager one if compiling it fails.
 
-    Only the first call is guarded: later errors (out of memory, bad input) are the caller's, as in eager mode.
+    The first call for each input shape (and dtype, device, grad mode) compiles, under a lock, with a warm-up forward
+    (and backward where the caller's autograd will need one) on a detached copy of the input, so that both graphs
+    exist before callers on other threads run them. Only
+    that warm-up is guarded: later errors (out of memory, bad input) are the caller's, as in eager mode.
     """
 
     def __init__(
         self, eager: VaeImageEncoder, backend: str | Callable, on_fallback: Callable[[Exception], None]
     ) -> None:
         self.eager = eager
-        self._compiled = torch.compile(eager, backend=backend)
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = torch.compile(eager, backend=backend)
         self._on_fallback = on_fallback
-        self._checked = False
+        self._compiled_for: set[tuple] = set()  # the guard keys compiled so far
+        self._lock = threading.Lock()
 
     @property
     def compiled(self) -> bool:
         return self._compiled is not None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self._compiled is None:
-            return self.eager(images)
-        if self._checked:
-            return self._compiled(images)
+        key = self._guard_key(images)
+        if key not in self._compiled_for:
+            with self._lock:
+                if key not in self._compiled_for and self._compiled is not None:
+                    self._compile_for(images, key)
+        compiled = self._compiled
+        return self.eager(images) if compiled is None else compiled(images)
+
+    @staticmethod
+    def _guard_key(images: torch.Tensor) -> tuple:
+        """What torch.compile's guards tell calls apart by here: a new key would recompile (outside the lock)."""
+        grad = torch.is_grad_enabled() and images.requires_grad
+        return tuple(images.shape), images.dtype, images.device.type, grad
+
+    def _compile_for(self, images: torch.Tensor, key: tuple) -> None:
+        assert self._compiled is not None
         try:
-            latents = self._compiled(images)
+            probe = images.detach().clone().requires_grad_(images.requires_grad)
+            latents = self._compiled(probe)
+            if key[-1]:  # the caller's autograd will run the backward graph: compile it here too
+                latents.float().sum().backward()
         except Exception as error:  # noqa: BLE001 - any compiler failure: the eager encoder gives the same latents
             self._compiled = None
             self._on_fallback(error)
-            return self.eager(images)
-        self._checked = True
-        return latents
+            return
+        self._compiled_for.add(key)
 
 
 class LatentEncoders:
@@ -69,6 +94,7 @@ class LatentEncoders:
     def __init__(self, compile_backend: str | Callable = "inductor") -> None:
         self.compile_backend = compile_backend
         self._by_digest: dict[str, Encoder | None] = {}
+        self._lock = threading.Lock()  # one build per digest, even when two stages ask at once
 
     def get(
         self, info: PriorInfo, mode: str, compile_mode: str, device: torch.device, job_id: str = ""
@@ -84,10 +110,11 @@ class LatentEncoders:
             if mode == "latents":
                 raise FailedPrecondition(f"prior {info.name!r} publishes no latent encoder", "guidance_input")
             return None
-        if published.digest not in self._by_digest:
-            self._by_digest[published.digest] = self._build(info, mode, resolve_compile(compile_mode, device), device,
-                                                            job_id)
-        return self._by_digest[published.digest]
+        key = f"{published.digest}/{device}/{resolve_compile(compile_mode, device)}"
+        with self._lock:
+            if key not in self._by_digest:
+                self._by_digest[key] = self._build(info, mode, resolve_compile(compile_mode, device), device, job_id)
+            return self._by_digest[key]
 
     def _build(self, info: PriorInfo, mode: str, compile_: bool, device: torch.device, job_id: str) -> Encoder | None:
         published = info.latent_encoder

@@ -31,6 +31,7 @@ from services.scene.export import ExportSettings, export_textured_mesh
 from services.scene.field.encoding import ENCODINGS
 from services.scene.fine import FineStage
 from services.scene.guidance import Guidance
+from services.scene.latent_encoders import LatentEncoders
 from services.scene.stage import Stage
 from services.scene.messages import coarse_config_from_proto, fine_config_from_proto
 from services.scene.metrics import start_metrics
@@ -221,6 +222,8 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         self.fine_defaults = FineConfig.model_validate(config.fine_defaults)
         self.draining = threading.Event()  # shutting down: running steps end with a checkpoint
         self.limits = config.limits()
+        # The latent priors' encoders, shared by every scene here: built and compiled once per service, not per job.
+        self.latent_encoders = LatentEncoders()
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 
@@ -231,6 +234,7 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
                     raise InvalidArgument("a job id is required", "job_id")
                 lease_s = self._lease(request.lease_seconds)
                 stage = self._new_stage(request)
+                stage.use_latent_encoders(self.latent_encoders)
                 entry = self.scenes.add(request.job_id, stage, owner=request.owner, lease_s=lease_s)
             except ServiceError as error:
                 log.info("create_rejected", code=error.code.name, field=error.field, reason=error.message)

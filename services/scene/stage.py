@@ -30,6 +30,7 @@ from torch import nn
 from services.scene.checkpoint import Checkpoint
 from services.scene.config import REFERENCE_LOSSES, GuidedStageConfig
 from services.scene.guidance import Guidance, PriorInfoCache
+from services.scene.latent_encoders import LatentEncoders
 from services.scene.pipeline import GuidanceWorker, ParameterShadows, PendingStep, draw_seed
 from services.scene.reference import ReferenceTarget, reference_losses
 from services.scene.steps import Counters, PhaseTimer, StepReport, apply_losses, guidance_gradient
@@ -68,6 +69,11 @@ class Stage(abc.ABC):
         self._pending: PendingStep | None = None
         self._shadows: ParameterShadows | None = None
         self._worker: GuidanceWorker | None = None
+
+    def use_latent_encoders(self, encoders: LatentEncoders) -> None:
+        """Run the latent priors' encoders from `encoders` (a service's, shared by its scenes so that an encoder is
+        built and compiled once per service, not once per job) instead of this stage's own."""
+        self.prior_infos.encoders = encoders
 
     def init_generator(self) -> torch.Generator:
         """A fresh generator for network initialisation, seeded like the step generator (the same numbers the
