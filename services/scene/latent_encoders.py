@@ -42,8 +42,8 @@ class CompiledEncoder:
 
     The first call for each input shape (and dtype, device, grad mode) compiles, under a lock, with a warm-up forward
     (and backward where the caller's autograd will need one) on a detached copy of the input, so that both graphs
-    exist before callers on other threads run them. Only
-    that warm-up is guarded: later errors (out of memory, bad input) are the caller's, as in eager mode.
+    exist before callers on other threads run them. Only that warm-up is guarded: later errors (out of memory, bad
+    input) are the caller's, as in eager mode.
     """
 
     def __init__(
@@ -93,8 +93,8 @@ class LatentEncoders:
 
     def __init__(self, compile_backend: str | Callable = "inductor") -> None:
         self.compile_backend = compile_backend
-        self._by_digest: dict[str, Encoder | None] = {}
-        self._lock = threading.Lock()  # one build per digest, even when two stages ask at once
+        self._built: dict[tuple[str, str, bool], Encoder | None] = {}  # by (weights digest, device, compiled)
+        self._lock = threading.Lock()  # one build per key, even when two stages ask at once
 
     def get(
         self, info: PriorInfo, mode: str, compile_mode: str, device: torch.device, job_id: str = ""
@@ -110,11 +110,12 @@ class LatentEncoders:
             if mode == "latents":
                 raise FailedPrecondition(f"prior {info.name!r} publishes no latent encoder", "guidance_input")
             return None
-        key = f"{published.digest}/{device}/{resolve_compile(compile_mode, device)}"
+        compile_ = resolve_compile(compile_mode, device)
+        key = (published.digest, str(device), compile_)
         with self._lock:
-            if key not in self._by_digest:
-                self._by_digest[key] = self._build(info, mode, resolve_compile(compile_mode, device), device, job_id)
-            return self._by_digest[key]
+            if key not in self._built:
+                self._built[key] = self._build(info, mode, compile_, device, job_id)
+            return self._built[key]
 
     def _build(self, info: PriorInfo, mode: str, compile_: bool, device: torch.device, job_id: str) -> Encoder | None:
         published = info.latent_encoder
