@@ -105,7 +105,7 @@ def watch(
             echoed_at = now
             print(f"[generate_e2e {now:7.1f} s] {kind}: {str(getattr(response.event, kind)).strip()[:200]!r}",
                   file=sys.stderr, flush=True)
-        if response.event.WhichOneof("event") in ("done", "failed"):
+        if kind in ("done", "failed"):
             break
         if max_seconds is not None and now > max_seconds and not cancelled:
             stub.CancelJob(orchestrator_pb2.CancelJobRequest(name=response.event.job_name), timeout=30)
