@@ -168,3 +168,41 @@ def test_a_gpu_scene_sends_latents_by_default_and_gets_the_images_gradient():
     assert sent[1].latents is None
     cosine = torch.nn.functional.cosine_similarity(grads["auto"].flatten(), grads["images"].flatten(), dim=0)
     assert cosine > 0.99, f"latents vs images gradient cosine {cosine:.4f}"
+
+
+def test_the_runner_computes_on_its_own_stream_in_order_with_an_in_process_caller():
+    """BatchRunner runs the denoiser on the device's guidance stream (services/guidance/streams.py), not on the
+    caller's: the images an in-process caller just made on its stream are waited for, and the gradient it gets back
+    equals the one computed on the default stream, even when the caller reads it at once and the next batch reuses
+    the allocator's memory."""
+    from services.guidance.batching import BatchRunner
+    from shared.logging import get_logger
+
+    prior = random_init.build_random_pixel_prior("tiny", device="cuda", seed=0, resolution=64)
+
+    class OnePriorPool:
+        def get(self, name, checkpoint_id=""):
+            return prior
+
+    streams_seen = []
+    predict = prior.predict_noise
+
+    def recording_predict(*args, **kwargs):
+        streams_seen.append(torch.cuda.current_stream().cuda_stream)
+        return predict(*args, **kwargs)
+
+    prior.predict_noise = recording_predict
+    runner = BatchRunner(OnePriorPool(), get_logger(__name__))
+    request = _request(prior)
+    (expected,) = sds.compute_sds(prior, [request])  # on the default stream
+    default_stream = torch.cuda.current_stream().cuda_stream
+    for _ in range(3):
+        # Made on the caller's stream by a long chain of kernels: the guidance stream must wait for the last one.
+        images = request.images.cuda()
+        for _ in range(200):
+            images = (images * 1.0001).clamp(0, 1)
+        images = request.images.cuda().copy_(images).mul_(0).add_(request.images.cuda())
+        on_device = SdsRequest(**{**request.__dict__, "images": images})
+        (result,) = list(runner.outcomes(prior.info.name, "", [on_device]))
+        torch.testing.assert_close(result.grad.clone(), expected.grad)
+    assert streams_seen[0] == default_stream and all(s != default_stream for s in streams_seen[1:])

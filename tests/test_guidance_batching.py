@@ -4,6 +4,8 @@ fails only itself; bugs are logged with their traceback, refusals are not; only 
 from __future__ import annotations
 
 import pytest
+from types import SimpleNamespace
+
 import torch
 
 from services.guidance import batching
@@ -18,7 +20,7 @@ class FakePool:
 
     def get(self, name: str, checkpoint_id: str = ""):
         self.asked.append((name, checkpoint_id))
-        return object()
+        return SimpleNamespace(device=torch.device("cpu"))  # a prior as the runner sees it: where it computes
 
 
 class RecordingLog:

@@ -1,6 +1,7 @@
 """What both guidance servers do with a batch once it is formed (the standalone engine's batcher, Serve's
-`@serve.batch`): one `sds.compute_sds` call for requests of one prior and checkpoint, counted, and a batch that fails
-retried one request at a time so that one bad request fails only itself."""
+`@serve.batch`): one `sds.compute_sds` call for requests of one prior and checkpoint, on the device's guidance stream
+(streams.py), counted, and a batch that fails retried one request at a time so that one bad request fails only
+itself."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Iterator
 
 from services.guidance import sds
 from services.guidance.pool import PriorPool
+from services.guidance.streams import GuidanceStreams
 from shared.errors import ServiceError
 from shared.guidance_api import SdsRequest, SdsResult
 
@@ -26,6 +28,7 @@ class BatchRunner:
 
     def __init__(self, pool: PriorPool, log) -> None:
         self.pool = pool
+        self.streams = GuidanceStreams()  # the denoisers' CUDA streams, beside their callers' (streams.py)
         self.stats = EngineStats()
         self._log = log
         self._lock = threading.Lock()
@@ -33,7 +36,10 @@ class BatchRunner:
     def outcomes(self, prior: str, checkpoint_id: str, requests: list[SdsRequest]) -> Iterator[SdsResult | Exception]:
         """Each request's result, or the exception that failed it alone, in request order and as soon as known."""
         try:
-            results = iter(sds.compute_sds(self.pool.get(prior, checkpoint_id), requests))
+            loaded = self.pool.get(prior, checkpoint_id)
+            with self.streams.running(loaded.device, requests) as computed:
+                computed.extend(sds.compute_sds(loaded, requests))
+            results = iter(computed)
         except Exception as error:  # noqa: BLE001 - one bad request must not fail its batch-mates
             results = self._isolate(prior, checkpoint_id, requests, error)
         else:
