@@ -40,9 +40,9 @@ def resolve_compile(mode: str, device: torch.device) -> bool:
 class CompiledEncoder:
     """A compiled encoder that falls back to the eager one if compiling it fails.
 
-    The first call for each input shape (and dtype, device, grad mode) compiles, under a lock, with a warm-up forward
-    (and backward where the caller's autograd will need one) on a detached copy of the input, so that both graphs
-    exist before callers on other threads run them. Only that warm-up is guarded: later errors (out of memory, bad
+    The first call for each input shape (and strides, dtype, device, grad mode) compiles, under a lock, with a
+    warm-up forward (and backward where the caller's autograd will need one) on a detached copy of the input, so that
+    both graphs exist before callers on other threads run them. Only that warm-up is guarded: later errors (out of memory, bad
     input) are the caller's, as in eager mode.
     """
 
@@ -70,9 +70,11 @@ class CompiledEncoder:
 
     @staticmethod
     def _guard_key(images: torch.Tensor) -> tuple:
-        """What torch.compile's guards tell calls apart by here: a new key would recompile (outside the lock)."""
+        """What torch.compile's guards tell calls apart by here: a new key would recompile (outside the lock). The
+        strides too: a fine stage's renders are (B, H, W, 3) images viewed as (B, 3, H, W), and a contiguous batch of
+        the same shape recompiles."""
         grad = torch.is_grad_enabled() and images.requires_grad
-        return tuple(images.shape), images.dtype, images.device.type, grad
+        return tuple(images.shape), images.stride(), images.dtype, images.device.type, grad
 
     def _compile_for(self, images: torch.Tensor, key: tuple) -> None:
         assert self._compiled is not None

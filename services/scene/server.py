@@ -10,6 +10,7 @@ through its caller. Answers grpc.health.v1; JSON logs carry the job id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
@@ -27,6 +28,7 @@ from services.scene import checkpoint as checkpoints
 from services.scene.checkpoint import Checkpoint
 from services.scene.coarse import CoarseStage, NonFiniteStepsExceeded
 from services.scene.config import CoarseConfig, FineConfig
+from services.scene.encoder_warm_up import EncoderWarmUpConfig, resolve_warm_up, warm_up_latent_encoder
 from services.scene.export import ExportSettings, export_textured_mesh
 from services.scene.field.encoding import ENCODINGS
 from services.scene.fine import FineStage
@@ -81,6 +83,11 @@ class SceneServiceConfig(BaseModel):
     coarse_defaults: dict = {"prompt": "unset"}
     # Partial FineConfig under every fine-stage CreateScene (the same rule).
     fine_defaults: dict = {"prompt": "unset"}
+    # Build and compile the fine stage's latent encoder at start-up, in a background thread, instead of inside the
+    # service's first fine-stage job (about 70 s on an H200 with a cold inductor cache). "auto": on CUDA only;
+    # "off": the first fine stage does it. Its batch_size / resolution (default: fine_defaults') must be what the
+    # jobs' presets send (`magic3d`: 4 x 512x512): another shape compiles again. services/scene/encoder_warm_up.py.
+    warm_latent_encoder: EncoderWarmUpConfig = EncoderWarmUpConfig()
     # Largest tetrahedral grid a fine scene may ask for (cells per side).
     max_grid_cells: int = Field(default=256, ge=4)
     # Largest sizes a scene may ask for (published by GetLimits with the two above; larger asks: INVALID_ARGUMENT).
@@ -224,6 +231,23 @@ class SceneServicer(scene_pb2_grpc.SceneServiceServicer):
         self.limits = config.limits()
         # The latent priors' encoders, shared by every scene here: built and compiled once per service, not per job.
         self.latent_encoders = LatentEncoders()
+        self.warm_up: threading.Thread | None = None  # start_encoder_warm_up's thread
+
+    def start_encoder_warm_up(self, stop: threading.Event | None = None) -> threading.Thread | None:
+        """Warms the fine defaults' latent encoder in `latent_encoders` on a daemon thread, where
+        `warm_latent_encoder.mode` resolves on here (services/scene/encoder_warm_up.py); `stop` ends its wait for the
+        guidance tier. A stage stepping meanwhile waits on the encoders' locks; nothing else waits for it."""
+        settings = self.config.warm_latent_encoder
+        warm_up = functools.partial(
+            warm_up_latent_encoder, self.latent_encoders, self.guidance, settings.fine_config(self.fine_defaults),
+            self.device, mode=settings.mode, wait_for_guidance_s=settings.wait_for_guidance_s, stop=stop,
+        )
+        if not resolve_warm_up(settings.mode, self.device):
+            warm_up()  # logs why it is skipped, at once
+            return None
+        self.warm_up = threading.Thread(target=warm_up, name="encoder-warm-up", daemon=True)
+        self.warm_up.start()
+        return self.warm_up
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 
@@ -552,9 +576,9 @@ def start(
     guidance = guidance or GuidanceClient(Registry.load(config.registry_path), token=config.auth.service_token())
     servicer = SceneServicer(config, guidance, store or open_store(config.store_uri))
     metrics = start_metrics(servicer.scenes, config.host, config.metrics_port) if config.metrics_port is not None else None
-    sweeping = threading.Event()
+    stopping = threading.Event()
     sweeper = threading.Thread(
-        target=_sweep_leases, args=(servicer.scenes, config.lease_sweep_s, sweeping), name="lease-sweeper", daemon=True
+        target=_sweep_leases, args=(servicer.scenes, config.lease_sweep_s, stopping), name="lease-sweeper", daemon=True
     )
     sweeper.start()
 
@@ -562,19 +586,21 @@ def start(
         if config.checkpoint_on_shutdown:
             servicer.drain(config.drain_timeout_s)
 
-    return start_server(
+    running = start_server(
         servicer,
         scene_pb2_grpc.add_SceneServiceServicer_to_server,
         SERVICE_NAME,
         f"{config.host}:{config.port}",
         max_workers=config.max_workers,
         max_message_bytes=config.max_message_bytes,
-        on_stop=sweeping.set,
+        on_stop=stopping.set,
         before_stop=before_stop,
         tokens=tokens,
         tls=config.tls,
         metrics=metrics,
     )
+    servicer.start_encoder_warm_up(stopping)  # after the server started: it never delays serving
+    return running
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import torch
 
 from services.scene.config import GuidedStageConfig, PriorTerm
 from services.scene.guidance import Guidance, PriorInfoCache
+from services.scene.latent_encoders import Encoder
 from shared.cameras import Camera
 from shared.devices import resolve_dtype, to_device
 from shared.errors import FailedPrecondition
@@ -106,9 +107,7 @@ def guidance_gradient(
         encoder = prior_infos.latent_encoder(info, config.guidance_input, images.device, job_id,
                                              config.latent_encoder_compile)
         if encoder is not None:
-            leaf = images.detach().float().requires_grad_(True)
-            with torch.enable_grad():
-                latents = encoder(leaf)
+            leaf, latents = encode_images(encoder, images)
             inputs = {"images": None, "latents": latents.detach().to(transfer_dtype),
                       "latent_encoder_digest": info.latent_encoder.digest}
         else:
@@ -142,6 +141,19 @@ def guidance_gradient(
             (grad,) = torch.autograd.grad(latents, leaf, grad.to(latents.dtype))
         total += term.weight * grad.float()
     return total, losses
+
+
+def encode_images(encoder: Encoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent prior's encoder on a step's `images` (B, 3, H, W): (the float32 leaf it ran on, its latents, with
+    autograd on so that the returned latent gradient can be carried back to the leaf).
+
+    The leaf's shape, dtype, device and grad mode are the compiled encoder's guard key (CompiledEncoder): the
+    scene service's start-up warm-up (services/scene/encoder_warm_up.py) calls this too, so that it compiles for
+    exactly the key the fine stage's steps will use."""
+    leaf = images.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        latents = encoder(leaf)
+    return leaf, latents
 
 
 def prior_input(term: PriorTerm, info: PriorInfo) -> str:
