@@ -7,8 +7,9 @@ a background thread (`SceneServicer.start_encoder_warm_up`): it asks the guidanc
 stage's priors' PriorInfo (retrying with backoff while the tier is not up yet, for at most `wait_for_guidance_s`),
 gets their encoders from the service's LatentEncoders as a fine step does, and runs each on image batches of the
 shape and memory layout the fine stage will render, forward and backward, through the same call as a step
-(`steps.encode_images`), so that the compiled encoder's guard keys are the first job's. A stage that steps meanwhile waits on LatentEncoders' and
-CompiledEncoder's locks, as it would for another stage's compile; serving is never blocked. The warm-up never
+(`steps.encode_images`), so that the compiled encoder's guard keys are the first job's. A stage that steps meanwhile
+waits on LatentEncoders' and CompiledEncoder's locks, as it would for another stage's compile; serving is never
+blocked. The warm-up never
 raises: where it cannot run it logs why (`encoder_warm_up_skipped`) and the first fine stage builds the encoder.
 
 Warm the shape production jobs use: a compiled encoder called later with another batch shape compiles again (and

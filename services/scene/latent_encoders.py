@@ -42,8 +42,8 @@ class CompiledEncoder:
 
     The first call for each input shape (and strides, dtype, device, grad mode) compiles, under a lock, with a
     warm-up forward (and backward where the caller's autograd will need one) on a detached copy of the input, so that
-    both graphs exist before callers on other threads run them. Only that warm-up is guarded: later errors (out of memory, bad
-    input) are the caller's, as in eager mode.
+    both graphs exist before callers on other threads run them. Only that warm-up is guarded: later errors (out of
+    memory, bad input) are the caller's, as in eager mode.
     """
 
     def __init__(
