@@ -65,6 +65,45 @@ def test_bad_preview_settings_are_invalid_argument_naming_the_field(tmp_path, ch
     assert caught.value.field == field, caught.value.message
 
 
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ({"samples_per_ray": 48, "samplesPerRay": 96}, "samples_per_ray"),
+        ({"samplesPerRay": 96, "samples_per_ray": 48}, "samples_per_ray"),
+        ({"hashGrid": {"n_levels": 8, "nLevels": 4}}, "hash_grid.n_levels"),
+        ({"lossWeights": {"sparsity": {"steps": [0], "values": [0.1], "value": [1]}}}, None),  # unknown, not doubled
+        ({"priors": [{"prior": "a"}, {"prior": "b", "input": "PRIOR_INPUT_TEXT"}]}, None),  # a list of messages is fine
+    ],
+)
+def test_a_stage_field_set_under_both_its_names_is_refused_naming_it(tmp_path, config, field):
+    # protobuf's ParseDict keeps whichever spelling comes last; a preset that says 48 and 96 at once is a mistake.
+    book = copy.deepcopy(PREVIEW_PRESETS)
+    book["presets"]["previews"]["stages"][0]["config"].update(config)
+    path = tmp_path / "presets.yaml"
+    path.write_text(yaml.safe_dump(book))
+    if field is None:
+        try:
+            PresetBook.load(path)
+        except InvalidArgument as error:
+            assert "set twice" not in error.message and error.field == "presets.previews.stages.0.config"
+        return
+    with pytest.raises(InvalidArgument) as caught:
+        PresetBook.load(path)
+    assert caught.value.field == f"presets.previews.stages.0.config.{field}", caught.value.message
+    assert "set twice" in caught.value.message
+
+
+def test_a_stage_config_that_is_not_proto_json_is_invalid_argument_naming_the_stage(tmp_path):
+    book = copy.deepcopy(PREVIEW_PRESETS)
+    book["presets"]["previews"]["stages"][1]["config"]["samplesPerRay"] = "many"
+    path = tmp_path / "presets.yaml"
+    path.write_text(yaml.safe_dump(book))
+    with pytest.raises(InvalidArgument) as caught:
+        PresetBook.load(path)
+    assert caught.value.field == "presets.previews.stages.1.config"
+    assert "samplesPerRay" in caught.value.message
+
+
 def test_the_shipped_presets_preview_early():
     book = PresetBook.load("deploy/config/presets.yaml")
     magic3d = book.get("magic3d").preview_schedule()

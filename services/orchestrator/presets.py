@@ -77,6 +77,38 @@ class ImagePreset(BaseModel):
         return self
 
 
+def doubly_spelled_fields(value: object, descriptor, path: str = "") -> str:
+    """The path of the first field that `value` (proto JSON) sets under both of its names, or "".
+
+    protobuf's ParseDict accepts `samples_per_ray` beside `samplesPerRay` and silently keeps the later one.
+    """
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = doubly_spelled_fields(item, descriptor, f"{path}[{index}]")
+            if found:
+                return found
+        return ""
+    if not isinstance(value, dict) or descriptor is None:
+        return ""
+    seen: dict[str, str] = {}
+    for key, item in value.items():
+        field = descriptor.fields_by_name.get(key) or descriptor.fields_by_camelcase_name.get(key)
+        if field is None:
+            continue  # ParseDict names unknown fields itself
+        where = f"{path}.{field.name}" if path else field.name
+        if field.name in seen:
+            return where
+        seen[field.name] = key
+        nested = field.message_type
+        if nested is not None and nested.GetOptions().map_entry:
+            nested = nested.fields_by_name["value"].message_type
+            item = list(item.values()) if isinstance(item, dict) else item
+        found = doubly_spelled_fields(item, nested, where)
+        if found:
+            return found
+    return ""
+
+
 class StagePreset(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,6 +116,17 @@ class StagePreset(BaseModel):
     steps: int = Field(gt=0)
     config: dict = {}
     reference: StageReference | None = None
+
+    @model_validator(mode="after")
+    def _config_parses(self) -> "StagePreset":
+        doubled = doubly_spelled_fields(self.config, scene_pb2.StageConfig.DESCRIPTOR)
+        if doubled:
+            raise FieldError("set twice, by its proto name and by its JSON name; keep one", f"config.{doubled}")
+        try:
+            self.stage_config()
+        except json_format.ParseError as error:  # not a ValueError: pydantic would let it escape as a traceback
+            raise FieldError(str(error).replace("\n", " "), "config") from None
+        return self
 
     def stage_config(self) -> scene_pb2.StageConfig:
         message = json_format.ParseDict(self.config, scene_pb2.StageConfig())
