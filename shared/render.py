@@ -104,8 +104,8 @@ def _albedo(mesh: Mesh, albedo, verts: torch.Tensor) -> torch.Tensor:
     if albedo is None:
         if mesh.vertex_colors is not None:
             return mesh.vertex_colors.to(verts)
-        return torch.ones(3, dtype=verts.dtype)
-    albedo = torch.as_tensor(albedo, dtype=verts.dtype)
+        return torch.ones(3, dtype=verts.dtype, device=verts.device)
+    albedo = torch.as_tensor(albedo, dtype=verts.dtype, device=verts.device)
     if albedo.shape == (3,) or albedo.shape == (mesh.num_vertices, 3):
         return albedo
     raise ValueError(f"albedo must be (3,) or (V, 3), got {list(albedo.shape)}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from bench import fidelity
 from shared.shape_set import BLUE, RED, shape_set
@@ -43,6 +44,25 @@ def test_the_scores_can_fail():
 
     iou = volumetric_iou(rings.mesh.vertices, rings.mesh.faces, two_tone.mesh.vertices, two_tone.mesh.faces, 48)
     assert iou < 0.5
+
+
+def test_the_gpu_schedule_is_magic3d_with_analytic_priors_and_cpu_demo_framing(tmp_path):
+    from services.guidance.config import GuidanceConfig
+    from services.orchestrator.presets import PresetBook
+    from shared.guidance_api import PriorKind
+
+    presets, guidance = fidelity.gpu_schedule_files(tmp_path)
+    book = PresetBook.load(presets)  # refused here if the derived preset were not a valid schedule
+    magic3d, derived, demo = book.get("magic3d"), book.get(fidelity.GPU_PRESET), book.get("cpu-demo")
+    assert [(s.stage, s.steps) for s in derived.stages] == [(s.stage, s.steps) for s in magic3d.stages]
+    config = GuidanceConfig.model_validate(yaml.safe_load(guidance.read_text()))
+    served = {prior.name: prior for prior in config.priors}
+    for ours, theirs, framing in zip(derived.stages, magic3d.stages, demo.stages):
+        mine = ours.stage_config()
+        assert mine.resolution == theirs.stage_config().resolution and mine.cameras == framing.stage_config().cameras
+        (term,) = mine.priors
+        assert served[term.prior].kind == PriorKind.ANALYTIC and served[term.prior].resolution == mine.resolution
+    assert fidelity.FidelityRow("cone", 0, 1.2, 0.95, 0.0, 1.0, fidelity.GPU_LIMITS).passed is False  # 1.2% > 1%
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@
 #   bash bench/gpu/run.sh schedule coarse       # the preset's coarse stage; repeat until it prints "done": true
 #   bash bench/gpu/run.sh schedule fine
 #   bash bench/gpu/run.sh tests                 # the GPU-marked tests
+#   bash bench/gpu/run.sh fidelity [--shapes cone]  # issue 16 at GPU settings (bench.fidelity --gpu-schedule)
 #   bash bench/gpu/run.sh priors                # where the priors' SDS time goes; layout variants (bench/prior_speed.py)
 #   bash bench/gpu/run.sh encoder               # the scene's VAE encoder forward + backward: eager vs compiled
 #   bash bench/gpu/run.sh fp8 [--prior pixel]   # the UNet+CFG with fp8 linears: time and SDS cosine to fp16
@@ -36,9 +37,10 @@ case "${1:-suite}" in
   priors) python3 -m bench.prior_speed --out "$out" "${@:2}" 2>&1 | tee "$out/prior_speed.log" ;;
   fp8) python3 -m bench.fp8_unet --out "$out" "${@:2}" 2>&1 | tee "$out/fp8_unet.log" ;;
   encoder) python3 -m bench.encoder_speed --out "$out" "${@:2}" 2>&1 | tee "$out/encoder_speed.log" ;;
+  fidelity) python3 -m bench.fidelity --gpu-schedule --json "$out/fidelity.json" "${@:2}" 2>&1 | tee "$out/fidelity.log" ;;
   generate) python3 -m bench.generate_e2e --out "$out" "${@:2}" 2>&1 | tee "$out/generate_e2e.log" ;;
   tests) # the GPU tests and the Triton kernel's CPU tests (this machine lacks the CPU-only suite's packages)
          python3 -m pytest -p no:cacheprovider -o addopts='' -q "${@:2}" tests/test_gpu_*.py tests/test_triton_encoding.py \
            2>&1 | tee "$out/tests.log" ;;
-  *) echo "usage: $0 [suite|schedule coarse|schedule fine|priors|encoder|fp8|generate|tests] [args]" >&2; exit 2 ;;
+  *) echo "usage: $0 [suite|schedule coarse|schedule fine|priors|encoder|fp8|fidelity|generate|tests] [args]" >&2; exit 2 ;;
 esac

@@ -34,7 +34,7 @@ def _tuning(spec: PriorSpec) -> dict:
 def build_analytic(spec: PriorSpec, checkpoint_id: str) -> DiffusionPrior:
     from services.guidance.priors.analytic import AnalyticPrior, load_mesh_object
 
-    prior = AnalyticPrior(name=spec.name, **_tuning(spec))
+    prior = AnalyticPrior(name=spec.name, device=spec.device, **_tuning(spec))
     for mesh in spec.analytic.meshes:
         prior.add_object(load_mesh_object(mesh.name, mesh.path, mesh.color, aliases=mesh.aliases, up=mesh.up))
     return prior

@@ -69,6 +69,7 @@ from services.guidance.cache import LruCache
 from services.guidance.priors.base import DiffusionPrior, ViewCondition
 from shared import meshes
 from shared.cameras import Camera, Shading
+from shared.devices import resolve_device
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.guidance_api import Conditioning, ImageCondition, PriorInfo, PriorKind, Weighting
 from shared.meshes import Mesh
@@ -290,6 +291,7 @@ class AnalyticPrior(DiffusionPrior):
         weighting: Weighting = Weighting.SDS,
         max_batch_size: int = 8,
         rasterizer: Rasterizer | None = None,
+        device: str = "cpu",
         num_train_timesteps: int = 1000,
         max_prompt_tokens: int = MAX_PROMPT_WORDS,
         render_cache_size: int = 256,
@@ -303,7 +305,9 @@ class AnalyticPrior(DiffusionPrior):
         if resolution < 8:
             raise ValueError("resolution must be >= 8")
         self.resolution = int(resolution)
-        self.rasterizer = rasterizer or make_rasterizer("torch")
+        self._device = resolve_device(device)
+        self.rasterizer = rasterizer or default_rasterizer(self._device)
+        self._device_meshes: dict[int, Mesh] = {}  # id(obj.mesh) -> its copy on the device (filled on first use)
         self._alphas_cumprod = scaled_linear_alphas_cumprod(num_train_timesteps)
         self.info = PriorInfo(
             name=name,
@@ -329,6 +333,23 @@ class AnalyticPrior(DiffusionPrior):
     @property
     def alphas_cumprod(self) -> torch.Tensor:
         return self._alphas_cumprod
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _mesh_on_device(self, mesh: Mesh) -> Mesh:
+        """`mesh` on this prior's device (a copy made once per mesh; the mesh itself on the CPU)."""
+        if self._device.type == "cpu":
+            return mesh
+        with self._lock:
+            copy = self._device_meshes.get(id(mesh))
+        if copy is None:
+            colors = None if mesh.vertex_colors is None else mesh.vertex_colors.to(self._device)
+            copy = Mesh(mesh.vertices.to(self._device), mesh.faces.to(self._device), colors)
+            with self._lock:
+                self._device_meshes[id(mesh)] = copy
+        return copy
 
     @property
     def object_names(self) -> list[str]:
@@ -384,7 +405,7 @@ class AnalyticPrior(DiffusionPrior):
         objects = self.objects if objects is None else objects
         keys = [_camera_key(camera) for camera in cameras]
         size = self.resolution
-        out = torch.empty(len(cameras), len(objects), 3, size, size, dtype=torch.float64)
+        out = torch.empty(len(cameras), len(objects), 3, size, size, dtype=torch.float64, device=self._device)
         for column, obj in enumerate(objects):
             missing: dict[tuple, list[int]] = {}
             for b, key in enumerate(keys):
@@ -397,8 +418,8 @@ class AnalyticPrior(DiffusionPrior):
                 continue
             with torch.no_grad():
                 images = render_mesh(
-                    obj.mesh, [cameras[rows[0]] for rows in missing.values()], self.rasterizer,
-                    albedo=obj.color, resolution=size,
+                    self._mesh_on_device(obj.mesh), [cameras[rows[0]] for rows in missing.values()],
+                    self.rasterizer, albedo=obj.color, resolution=size,
                 )
             for image, (key, rows) in zip(images, missing.items()):
                 self._cache_put((obj.name, id(obj.mesh), size, key), image)
@@ -420,7 +441,7 @@ class AnalyticPrior(DiffusionPrior):
             objects = list(self.objects)
         cond = torch.zeros(batch, len(objects), dtype=torch.bool)
         uncond = torch.zeros(batch, len(objects), dtype=torch.bool)
-        log_prior = torch.zeros(batch, len(objects), dtype=torch.float64)
+        log_prior = torch.zeros(batch, len(objects), dtype=torch.float64)  # built on the CPU, moved once below
         for b, condition in enumerate(conditions):
             if condition.image is not None:  # the image weighs the objects; a prompt naming some restricts them
                 log_prior[b] = self.image_posterior(condition.image, objects).log()
@@ -431,8 +452,9 @@ class AnalyticPrior(DiffusionPrior):
             negative = match_objects(condition.negative_prompt, objects) if condition.negative_prompt else []
             uncond[b, negative or list(range(len(objects)))] = True
         renders = self.render_set([condition.camera for condition in conditions], objects)
-        alpha_bar = self.alphas_cumprod.double()[timesteps.detach().cpu().long()]
-        x_t = noisy.detach().cpu()
+        alpha_bar = self.alphas_cumprod.double()[timesteps.detach().cpu().long()].to(self._device)
+        x_t = noisy.detach().to(self._device)
+        cond, uncond, log_prior = (t.to(self._device) for t in (cond, uncond, log_prior))
         eps_cond = posterior_eps(x_t, renders, alpha_bar, cond, log_prior)
         eps_uncond = posterior_eps(x_t, renders, alpha_bar, uncond)
         return eps_cond.to(noisy), eps_uncond.to(noisy)
@@ -441,8 +463,8 @@ class AnalyticPrior(DiffusionPrior):
         self, noisy: torch.Tensor, timesteps: torch.Tensor, renders: torch.Tensor, member: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, K) float64 posterior over objects for x_t at integer timesteps (see `posterior_weights`)."""
-        alpha_bar = self.alphas_cumprod.double()[timesteps.detach().cpu().long()]
-        return posterior_weights(noisy, renders, alpha_bar, member)
+        alpha_bar = self.alphas_cumprod.double()[timesteps.detach().cpu().long()].to(renders.device)
+        return posterior_weights(noisy.to(renders.device), renders, alpha_bar, member)
 
     # ------------------------------------------------------------------ image conditioning
     def image_posterior(self, condition: ImageCondition, objects: list[ReferenceObject] | None = None) -> torch.Tensor:
@@ -472,11 +494,12 @@ class AnalyticPrior(DiffusionPrior):
         """`obj` at `camera` (its shading), (4, R, R) float64: colour over black (premultiplied) and coverage."""
         black = dataclasses.replace(camera, background_color=(0.0, 0.0, 0.0), background_image=None)
         mask_camera = dataclasses.replace(black, shading=Shading.ALBEDO)
+        mesh = self._mesh_on_device(obj.mesh)
         with torch.no_grad():
-            color = render_mesh(obj.mesh, [black], self.rasterizer, albedo=obj.color, resolution=self.resolution)
-            mask = render_mesh(obj.mesh, [mask_camera], self.rasterizer, albedo=(1.0, 1.0, 1.0),
+            color = render_mesh(mesh, [black], self.rasterizer, albedo=obj.color, resolution=self.resolution)
+            mask = render_mesh(mesh, [mask_camera], self.rasterizer, albedo=(1.0, 1.0, 1.0),
                                resolution=self.resolution)
-        return torch.cat([color[0], mask[0, :1]]).double()
+        return torch.cat([color[0], mask[0, :1]]).double().cpu()  # the image posterior is small: CPU work
 
     # ------------------------------------------------------------------ render cache
     def _cache_get(self, key: tuple) -> torch.Tensor | None:
@@ -486,6 +509,16 @@ class AnalyticPrior(DiffusionPrior):
     def _cache_put(self, key: tuple, value: torch.Tensor) -> None:
         with self._lock:
             self._renders.put(key, value)
+
+
+def default_rasterizer(device: torch.device) -> Rasterizer:
+    """nvdiffrast on CUDA (the PyTorch rasteriser is slow at 512 pixels), falling back to PyTorch without it."""
+    if device.type == "cuda":
+        try:
+            return make_rasterizer("nvdiffrast")
+        except ImportError:
+            pass
+    return make_rasterizer("torch")
 
 
 def _recentred(rgba: torch.Tensor, size: int, fraction: float = IMAGE_FOREGROUND_FRACTION) -> torch.Tensor:
