@@ -186,7 +186,8 @@ def generate(address: str, token: str, prompt: str, preset: str, seed: int, out:
 
 def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, presets: Path | None = None,
         workdir: Path | None = None, progress=None, guidance: Path | None = None, scene_device: str = "cpu",
-        limits: tuple[float, float] = (DISTANCE_LIMIT_PERCENT, IOU_LIMIT)) -> list[FidelityRow]:
+        limits: tuple[float, float] = (DISTANCE_LIMIT_PERCENT, IOU_LIMIT),
+        scene_config: Path | None = None) -> list[FidelityRow]:
     """Every shape at every seed through one local stack; one row each."""
     from services.local_stack import LocalStackSettings, start_local_stack
 
@@ -196,6 +197,8 @@ def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, pre
                                   guidance_config=guidance_config, scene_device=scene_device)
     if presets is not None:
         settings = LocalStackSettings(**{**settings.__dict__, "presets": Path(presets)})
+    if scene_config is not None:
+        settings = LocalStackSettings(**{**settings.__dict__, "scene_config": Path(scene_config)})
     stack = start_local_stack(settings)
     rows = []
     try:
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", type=Path, help="presets YAML (default: deploy/config/presets.yaml)")
     parser.add_argument("--guidance", type=Path, help="guidance YAML the shapes are added to "
                                                       "(default: deploy/config/guidance.yaml)")
+    parser.add_argument("--scene-config", type=Path, help="scene service YAML (default: deploy/config/scene.yaml)")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--gpu-schedule", action="store_true",
@@ -254,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         preset, device, limits = GPU_PRESET, "auto", GPU_LIMITS
     print(HEADER, flush=True)
     rows = run(shapes, seeds, preset, presets, workdir, progress=lambda r: print(format_row(r), flush=True),
-               guidance=guidance, scene_device=device, limits=limits or (DISTANCE_LIMIT_PERCENT, IOU_LIMIT))
+               guidance=guidance, scene_device=device, limits=limits or (DISTANCE_LIMIT_PERCENT, IOU_LIMIT),
+               scene_config=args.scene_config)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0 if all(r.passed for r in rows) else 1
