@@ -108,22 +108,24 @@ def crease_normals(
     cross = face_normals(verts, faces)
     unit = torch.nn.functional.normalize(cross, dim=1)
     corner_vertex = faces.reshape(-1)  # (3F,)
-    corner_face = torch.arange(num_faces).repeat_interleave(3)
+    device = faces.device  # every index below lives beside the mesh (CPU or CUDA)
+    corner_face = torch.arange(num_faces, device=device).repeat_interleave(3)
     order = torch.argsort(corner_vertex, stable=True)
     sorted_vertex = corner_vertex[order]
     counts = torch.bincount(sorted_vertex, minlength=mesh.num_vertices)
     starts = counts.cumsum(0) - counts
     # Every ordered pair of corners sharing a vertex: (corner i, neighbour corner j).
     deg = counts[sorted_vertex]
-    left = torch.repeat_interleave(torch.arange(order.numel()), deg)
+    left = torch.repeat_interleave(torch.arange(order.numel(), device=device), deg)
     first = torch.repeat_interleave(starts[sorted_vertex], deg)
-    offset = torch.arange(left.numel()) - torch.repeat_interleave(deg.cumsum(0) - deg, deg)
+    offset = torch.arange(left.numel(), device=device) - torch.repeat_interleave(deg.cumsum(0) - deg, deg)
     right = first + offset
     face_i, face_j = corner_face[order[left]], corner_face[order[right]]
     keep = (unit[face_i] * unit[face_j]).sum(1) >= math.cos(math.radians(crease_angle_deg)) - 1e-6
-    normals = torch.zeros(3 * num_faces, 3, dtype=cross.dtype).index_add(0, order[left[keep]], cross[face_j[keep]])
+    normals = torch.zeros(3 * num_faces, 3, dtype=cross.dtype, device=cross.device)
+    normals = normals.index_add(0, order[left[keep]], cross[face_j[keep]])
     normals = torch.nn.functional.normalize(normals, dim=1)
-    return normals, torch.arange(3 * num_faces).reshape(num_faces, 3)
+    return normals, torch.arange(3 * num_faces, device=device).reshape(num_faces, 3)
 
 
 # ------------------------------------------------------------------ builders
