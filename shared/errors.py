@@ -130,6 +130,12 @@ _ERRORS: dict[grpc.StatusCode, type[ServiceError]] = {
 }
 
 
+def with_code_name(code: grpc.StatusCode, message: str) -> str:
+    """"<CODE>: message", once: an error passed on through several services keeps a single prefix."""
+    prefix = f"{code.name}: "
+    return message if message.startswith(prefix) else prefix + message
+
+
 def error_from_rpc(error: grpc.RpcError) -> ServiceError:
     """An RpcError as the matching shared.errors exception, with the field and retry delay the server sent.
 
@@ -158,7 +164,7 @@ def error_from_rpc(error: grpc.RpcError) -> ServiceError:
                 retry_after_s = info.retry_delay.ToNanoseconds() / 1e9
     cls = _ERRORS.get(code)
     if cls is None:
-        return ServiceError(f"{code.name}: {message}", field, retry_after_s)
+        return ServiceError(with_code_name(code, message), field, retry_after_s)
     # The server formats its message as "<field>: <description>"; keep the description only.
     if field is not None and message.startswith(f"{field}: "):
         message = message[len(field) + 2 :]

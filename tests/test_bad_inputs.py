@@ -541,3 +541,32 @@ def test_limits_fall_back_to_the_declared_defaults_when_no_replica_answers():
     assert replicas.limits() == SceneLimits(max_mesh_faces=123)  # cooling down: not asked again
     assert time.monotonic() - started < 2.0
     replicas.close()
+
+
+class _RelayedError(grpc.RpcError):
+    """What a client sees of a failed call: a code, details and no status details."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+
+def test_an_internal_error_relayed_through_the_services_names_its_code_once():
+    # The guidance tier's INTERNAL reached a job's failure reason as "INTERNAL: INTERNAL: INTERNAL: ..." (GPU run of
+    # 2026-12-07): the scene and the orchestrator each added the code's name again.
+    from shared.errors import error_from_rpc, with_code_name
+    from shared.grpcio import INTERNAL_ERROR_MESSAGE
+
+    heard_by_scene = error_from_rpc(_RelayedError(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE))
+    heard_by_orchestrator = error_from_rpc(_RelayedError(heard_by_scene.code, heard_by_scene.message))
+    reason = with_code_name(heard_by_orchestrator.code, heard_by_orchestrator.message)
+    assert reason == f"INTERNAL: {INTERNAL_ERROR_MESSAGE}"
+    assert with_code_name(grpc.StatusCode.UNKNOWN, "boom") == "UNKNOWN: boom"

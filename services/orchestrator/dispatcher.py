@@ -28,7 +28,7 @@ from services.orchestrator.execution import (
 )
 from services.orchestrator.jobs import JobNotFound, JobRecord, JobState
 from shared import logging as project_logging
-from shared.errors import ServiceError
+from shared.errors import ServiceError, with_code_name
 
 log = project_logging.get_logger(__name__)
 
@@ -178,7 +178,7 @@ class Dispatcher:
                 self.replicas.mark_down(entry.replica)
                 self._requeue_or_fail(job_id, str(lost), counted=entry.reached_replica)
             except ServiceError as error:
-                self._fail(job_id, f"{error.code.name}: {error.message}")
+                self._fail(job_id, with_code_name(error.code, error.message))
             except Exception as error:  # noqa: BLE001 - a job never takes the orchestrator down
                 log.exception("job_crashed")
                 self._fail(job_id, f"internal error: {type(error).__name__}: {error}")
