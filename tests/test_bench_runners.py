@@ -5,6 +5,7 @@ in its own process, and a schedule resumed from its checkpoint, and one stopped 
 from __future__ import annotations
 
 import json
+import os
 
 from bench import gpu_suite, prior_speed, schedule
 
@@ -83,3 +84,26 @@ def test_encoder_speed_smoke_times_both_layouts(tmp_path):
     assert [r["variant"] for r in rows] == ["eager, contiguous", "eager, channels_last"]
     assert all(r["median_ms"] > 0 and r["grad_cosine"] > 0.999 for r in rows)
     assert json.loads((tmp_path / "encoder_speed.json").read_text()) == json.loads(json.dumps(rows))
+
+
+def test_detached_runs_outlive_their_command_and_a_failed_one_ends_the_wait(tmp_path):
+    """bench/gpu/detached.sh: a run keeps going after `start` returns; `wait` returns once every run has ended
+    (a failed one at once, not at the time limit) and copies each run's folder to $OUT."""
+    import subprocess
+    import time
+
+    env = {**os.environ, "MAGIC3D_DETACHED_DIR": str(tmp_path / "runs"), "OUT": str(tmp_path / "back")}
+
+    def detached(*args: str) -> str:
+        return subprocess.run(["bash", "bench/gpu/detached.sh", *args], env=env, capture_output=True, text=True,
+                              check=True, timeout=60).stdout
+
+    started = detached("start", "slow", "--wait", "0", "--", "bash", "-c", 'sleep 3; echo ok > "$OUT/result.txt"')
+    assert "slow: running" in started
+    detached("start", "broken", "--wait", "0", "--", "bash", "-c", "echo no GPU; exit 3")
+    began = time.monotonic()
+    report = detached("wait", "--wait", "50", "slow", "broken")
+    assert time.monotonic() - began < 30  # both ended long before the limit
+    assert "slow: exited 0" in report and "broken: exited 3" in report and "no GPU" in report
+    assert (tmp_path / "back/slow/out/result.txt").read_text() == "ok\n"
+    assert (tmp_path / "back/broken/rc").read_text() == "3\n"

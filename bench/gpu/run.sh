@@ -10,6 +10,7 @@
 #   bash bench/gpu/run.sh fp8 [--prior pixel]   # the UNet+CFG with fp8 linears: time and SDS cosine to fp16
 #   bash bench/gpu/run.sh generate --max-seconds 420 [--steps coarse=1000] [--guidance serve]
 #                                               # a `magic3d` job through Generate on the local stack, client-timed
+# Runs longer than one device command (10 min): bench/gpu/detached.sh starts them detached and waits across commands.
 # That machine has torch with CUDA but not this project's other packages: they come as wheels from the ignored
 # folders $MAGIC3D_WHEELS (default .whl/) and, for the suite's serve section, $MAGIC3D_SERVE_WHEELS (default
 # .whl-ray/, Ray Serve), both filled here by bench/gpu/wheels.sh, installed into a private site directory, never
