@@ -29,7 +29,15 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import grpc
 from magic3d.v1 import guidance_pb2, guidance_pb2_grpc
 
-from shared.errors import OUTAGE_CODES, Cancelled, FailedPrecondition, NotFound, Unavailable, error_from_rpc
+from shared.errors import (
+    OUTAGE_CODES,
+    Cancelled,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+    error_from_rpc,
+    with_code_name,
+)
 from shared.grpcio import insecure_channel
 from shared.guidance_types import PromptCheck, prompt_check_from_proto
 from shared.logging import get_logger
@@ -285,7 +293,7 @@ class GuidanceClient:
             details = (rpc_error.details() if callable(getattr(rpc_error, "details", None)) else None) or ""
             if not is_outage(code, details):
                 raise error from None
-            raise Outage(error, f"{code.name}: {details}") from None
+            raise Outage(error, with_code_name(code, details)) from None
 
     def _handle(self, endpoint: Endpoint) -> "HandleInvoker":
         """The DeploymentHandle of a serve-handle route (Ray joined on first use), one per endpoint."""

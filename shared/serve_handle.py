@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from shared.errors import OUTAGE_CODES, ServiceError, Unavailable
+from shared.errors import OUTAGE_CODES, ServiceError, Unavailable, with_code_name
 from shared.registry import Endpoint
 
 # Ray's names for a replica that died or cannot be reached mid-call, and for Serve refusing work it cannot queue.
@@ -71,7 +71,7 @@ def _translate(raised: BaseException) -> BaseException:
     cause = getattr(raised, "cause", raised)  # RayTaskError carries the replica's exception as `cause`
     if isinstance(cause, ServiceError):
         clean = type(cause)(cause.message, cause.field, cause.retry_after_s)
-        return Outage(clean, f"{clean.code.name}: {clean}") if clean.code in OUTAGE_CODES else clean
+        return Outage(clean, with_code_name(clean.code, str(clean))) if clean.code in OUTAGE_CODES else clean
     names = {kind.__name__ for kind in type(raised).__mro__} | {kind.__name__ for kind in type(cause).__mro__}
     if isinstance(raised, TimeoutError) or names & set(_OUTAGE_ERRORS):
         text = f"{type(cause).__name__}: {str(cause)[:200]}"
