@@ -187,18 +187,24 @@ def generate(address: str, token: str, prompt: str, preset: str, seed: int, out:
 def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, presets: Path | None = None,
         workdir: Path | None = None, progress=None, guidance: Path | None = None, scene_device: str = "cpu",
         limits: tuple[float, float] = (DISTANCE_LIMIT_PERCENT, IOU_LIMIT),
-        scene_config: Path | None = None) -> list[FidelityRow]:
-    """Every shape at every seed through one local stack; one row each."""
+        scene_config: Path | None = None, threads: int | None = None) -> list[FidelityRow]:
+    """Every shape at every seed through one local stack; one row each.
+
+    `threads`: torch's CPU threads while the jobs run (the stack runs in this process). At one thread a job is
+    reproducible to the digit; at two the order of parallel float reductions varies between runs, which moves a
+    thin part's 64^3-voxel IoU by about 0.005 to 0.02 (BENCHMARKS.md, issue 16).
+    """
     from services.local_stack import LocalStackSettings, start_local_stack
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="fidelity-"))
-    guidance_config = write_guidance_config(shapes, workdir / "meshes", guidance)
+    optional = {"presets": presets, "scene_config": scene_config}
     settings = LocalStackSettings(guidance="standalone", state_dir=workdir / "state", orchestrator_port=0,
-                                  guidance_config=guidance_config, scene_device=scene_device)
-    if presets is not None:
-        settings = LocalStackSettings(**{**settings.__dict__, "presets": Path(presets)})
-    if scene_config is not None:
-        settings = LocalStackSettings(**{**settings.__dict__, "scene_config": Path(scene_config)})
+                                  guidance_config=write_guidance_config(shapes, workdir / "meshes", guidance),
+                                  scene_device=scene_device,
+                                  **{key: Path(value) for key, value in optional.items() if value is not None})
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     stack = start_local_stack(settings)
     rows = []
     try:
@@ -214,6 +220,7 @@ def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, pre
                     progress(row)
     finally:
         stack.stop()
+        torch.set_num_threads(threads_before)
     return rows
 
 
@@ -238,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(default: deploy/config/guidance.yaml)")
     parser.add_argument("--scene-config", type=Path, help="scene service YAML (default: deploy/config/scene.yaml)")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--threads", type=int, help="torch CPU threads for the jobs (1: reproducible to the digit)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--gpu-schedule", action="store_true",
                         help=f"the {GPU_PRESET} preset on CUDA (see above), judged by issue 16's GPU limits")
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = run(shapes, seeds, preset, presets, workdir, progress=lambda r: print(format_row(r), flush=True),
                guidance=guidance, scene_device=device, limits=limits or (DISTANCE_LIMIT_PERCENT, IOU_LIMIT),
-               scene_config=args.scene_config)
+               scene_config=args.scene_config, threads=args.threads)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0 if all(r.passed for r in rows) else 1

@@ -65,9 +65,44 @@ def test_the_gpu_schedule_is_magic3d_with_analytic_priors_and_cpu_demo_framing(t
     assert fidelity.FidelityRow("cone", 0, 1.2, 0.95, 0.0, 1.0, fidelity.GPU_LIMITS).passed is False  # 1.2% > 1%
 
 
+def test_run_builds_one_stack_with_the_given_files_and_threads_and_restores_them(tmp_path, monkeypatch):
+    """The stack's settings carry the optional files; the jobs run at the given thread count, restored after."""
+    import services.local_stack as local_stack
+
+    seen = {}
+
+    class FakeStack:
+        orchestrator_address, client_token = "127.0.0.1:1", "token"
+
+        def stop(self):
+            seen["stopped_threads"] = torch.get_num_threads()
+
+    def fake_start(settings):
+        seen["settings"] = settings
+        return FakeStack()
+
+    def fake_generate(address, token, prompt, preset, seed, out):
+        seen.setdefault("job_threads", []).append(torch.get_num_threads())
+        return out / "model.glb"
+
+    monkeypatch.setattr(local_stack, "start_local_stack", fake_start)
+    monkeypatch.setattr(fidelity, "generate", fake_generate)
+    monkeypatch.setattr(fidelity, "score", lambda shape, glb: (1.0, 0.9, 0.01))
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    rows = fidelity.run([SHAPES["cone"], SHAPES["mug"]], seeds=[0], workdir=tmp_path, threads=want,
+                        scene_config=tmp_path / "scene.yaml")
+    assert [row.shape for row in rows] == ["cone", "mug"] and all(row.passed for row in rows)
+    assert seen["job_threads"] == [want, want] and torch.get_num_threads() == before
+    settings = seen["settings"]
+    assert settings.scene_config == tmp_path / "scene.yaml" and settings.guidance == "standalone"
+    assert settings.presets == local_stack.LocalStackSettings().presets  # not given: the default file
+    assert all(fidelity.object_name(SHAPES[name]) in settings.guidance_config.read_text() for name in ("cone", "mug"))
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    rows = fidelity.run(list(SHAPES.values()), seeds=[0], workdir=tmp_path_factory.mktemp("fidelity"))
+    rows = fidelity.run(list(SHAPES.values()), seeds=[0], workdir=tmp_path_factory.mktemp("fidelity"), threads=1)
     print("\n" + fidelity.HEADER + "\n" + "\n".join(fidelity.format_row(row) for row in rows))
     return {row.shape: row for row in rows}
 
