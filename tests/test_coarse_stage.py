@@ -138,3 +138,13 @@ def test_coarse_stage_reconstructs_the_named_torus(coarse_torus):
     # At QUALITY_STEPS = 300 (tests/scenes.py), seed 0: 0.0079, IoU 0.933.
     assert distance <= 0.012 and iou >= 0.90
     assert distance < 0.5 * initial_distance and iou > initial_iou + 0.3
+
+
+def test_distortion_is_off_by_default_and_a_loss_term_of_the_step_when_weighted(tiny_guidance):
+    from services.scene.config import Schedule
+
+    plain = CoarseStage(tiny_config(), tiny_guidance, "job")
+    assert "distortion" not in plain.step().losses
+    weighted = CoarseStage(tiny_config(loss_weights={"distortion": Schedule.constant(5.0)}), tiny_guidance, "job")
+    losses = weighted.step().losses
+    assert "distortion" in losses and losses["distortion"] > 0

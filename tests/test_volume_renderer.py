@@ -18,6 +18,7 @@ from services.scene.field import (
     RendererConfig,
     VolumeRenderer,
     camera_rays,
+    distortion_loss,
     opacity_entropy,
     orientation_loss,
     ray_sphere,
@@ -299,3 +300,32 @@ def test_regularisers():
     assert sparsity_loss(torch.ones(4)).item() == pytest.approx(math.sqrt(1.01))
     assert opacity_entropy(torch.full((3,), 0.5)).item() == pytest.approx(math.log(2))
     assert opacity_entropy(torch.tensor([0.0, 1.0])).item() < 0.01
+
+
+def test_distortion_loss_matches_the_pairwise_sum_and_prefers_a_thin_surface():
+    """The O(M) prefix-sum form equals the O(S^2) definition ray by ray, with rays of different sample counts
+    (and an empty one) packed ray-major; a ray's weight gathered in one bin costs less than the same opacity spread."""
+    generator = torch.Generator().manual_seed(0)
+    counts = [5, 0, 9, 1, 7]
+    weights, t, delta, ray_indices, expected = [], [], [], [], 0.0
+    for ray, count in enumerate(counts):
+        w = torch.rand(count, generator=generator, dtype=torch.float64) / max(count, 1)
+        tt = torch.sort(torch.rand(count, generator=generator, dtype=torch.float64) * 2.0).values
+        d = torch.rand(count, generator=generator, dtype=torch.float64) * 0.05
+        pairs = (w[:, None] * w[None, :] * (tt[:, None] - tt[None, :]).abs()).sum()
+        expected += float(pairs + (w * w * d).sum() / 3)
+        weights.append(w), t.append(tt), delta.append(d), ray_indices.append(torch.full((count,), ray))
+    weights = torch.cat(weights).requires_grad_()
+    loss = distortion_loss(weights, torch.cat(t), torch.cat(delta), torch.cat(ray_indices), len(counts))
+    assert loss.item() == pytest.approx(expected / len(counts), rel=1e-10)
+    loss.backward()
+    assert torch.isfinite(weights.grad).all() and weights.grad.abs().sum() > 0
+
+    t_bins = torch.linspace(0.0, 1.0, 20)
+    delta = torch.full((20,), 0.05)
+    rays = torch.zeros(20, dtype=torch.long)
+    surface = torch.zeros(20).index_fill(0, torch.tensor([10]), 0.9)
+    slab = torch.zeros(20).index_fill(0, torch.arange(6, 15), 0.1)
+    assert distortion_loss(surface, t_bins, delta, rays, 1) < 0.2 * distortion_loss(slab, t_bins, delta, rays, 1)
+    assert distortion_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long), 3) == 0
+

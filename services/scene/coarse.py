@@ -1,7 +1,7 @@
 """The coarse stage (a `Stage`): a neural field volume-rendered, `extract_mesh()` by marching cubes.
 
 Its step (`Stage.step`): draw cameras -> volume-render B images (keeping the autograd graph) -> the priors' SDS
-gradients -> back-propagate them plus the orientation, sparsity and opacity-entropy regularisers -> optimiser step
+gradients -> back-propagate them plus the orientation, sparsity, opacity-entropy and distortion regularisers -> optimiser step
 -> refresh the occupancy grid when due.
 """
 
@@ -15,6 +15,7 @@ from services.scene.config import CoarseConfig
 from services.scene.field import (
     BackgroundMLP,
     NeuralField,
+    distortion_loss,
     OccupancyGrid,
     VolumeRenderer,
     opacity_entropy,
@@ -83,6 +84,10 @@ class CoarseStage(Stage):
             terms["orientation"] = orientation_loss(out["weights"], out["normals"], out["view_dirs"], out["opacity"])
         terms["sparsity"] = sparsity_loss(out["opacity"])
         terms["opacity_entropy"] = opacity_entropy(out["opacity"])
+        if self.config.weight("distortion", step) > 0:
+            terms["distortion"] = distortion_loss(
+                out["weights"], out["t"], out["delta"], out["ray_indices"], out["opacity"].numel()
+            )
         return terms
 
     def _after_update(self, completed: int) -> None:

@@ -107,6 +107,7 @@ def _default_loss_weights() -> dict[str, Schedule]:
         "orientation": Schedule.linear(0, 10.0, 5000, 1000.0),
         "sparsity": Schedule.constant(1.0),
         "opacity_entropy": Schedule.constant(0.0),
+        "distortion": Schedule.constant(0.0),  # Mip-NeRF 360's; not in threestudio's Magic3D configs
     } | _reference_loss_weights()
 
 
