@@ -1,8 +1,8 @@
 """The coarse stage (a `Stage`): a neural field volume-rendered, `extract_mesh()` by marching cubes.
 
 Its step (`Stage.step`): draw cameras -> volume-render B images (keeping the autograd graph) -> the priors' SDS
-gradients -> back-propagate them plus the orientation, sparsity, opacity-entropy and distortion regularisers -> optimiser step
--> refresh the occupancy grid when due.
+gradients -> back-propagate them plus the orientation, sparsity, opacity-entropy and distortion regularisers
+-> optimiser step -> refresh the occupancy grid when due.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from services.scene.config import CoarseConfig
 from services.scene.field import (
     BackgroundMLP,
     NeuralField,
-    distortion_loss,
     OccupancyGrid,
     VolumeRenderer,
+    distortion_loss,
     opacity_entropy,
     orientation_loss,
     param_groups,
