@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.cuda.synchronize()
         first_s = time.perf_counter() - start
         if reference_latents is None:
-            reference_latents, reference_grad = latents.float(), grad.float()
+            reference_latents, reference_grad = latents.detach().float(), grad.float()
         cosine = torch.nn.functional.cosine_similarity(grad.float().flatten(), reference_grad.flatten(), dim=0)
         latent_diff = float((latents.detach().float() - reference_latents).abs().max() / reference_latents.abs().max())
         rows[name] = {"variant": name, "first_call_s": first_s, "grad_cosine": float(cosine),
