@@ -198,8 +198,11 @@ def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, pre
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="fidelity-"))
     optional = {"presets": presets, "scene_config": scene_config}
+    # The prior's object set is the whole test set whichever shapes run: the analytic prior's posterior spans its
+    # set, so a shape's job registered alone guides differently from the same job in the tier.
+    registered = list({shape.name: shape for shape in [*shape_set(), *shapes]}.values())
     settings = LocalStackSettings(guidance="standalone", state_dir=workdir / "state", orchestrator_port=0,
-                                  guidance_config=write_guidance_config(shapes, workdir / "meshes", guidance),
+                                  guidance_config=write_guidance_config(registered, workdir / "meshes", guidance),
                                   scene_device=scene_device,
                                   **{key: Path(value) for key, value in optional.items() if value is not None})
     threads_before = torch.get_num_threads()

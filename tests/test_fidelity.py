@@ -66,7 +66,7 @@ def test_the_gpu_schedule_is_magic3d_with_analytic_priors_and_cpu_demo_framing(t
 
 
 def test_run_builds_one_stack_with_the_given_files_and_threads_and_restores_them(tmp_path, monkeypatch):
-    """The stack's settings carry the optional files; the jobs run at the given thread count, restored after."""
+    """The stack's settings carry the optional files and the whole shape set; the jobs run at the given thread count, restored after."""
     import services.local_stack as local_stack
 
     seen = {}
@@ -97,7 +97,9 @@ def test_run_builds_one_stack_with_the_given_files_and_threads_and_restores_them
     settings = seen["settings"]
     assert settings.scene_config == tmp_path / "scene.yaml" and settings.guidance == "standalone"
     assert settings.presets == local_stack.LocalStackSettings().presets  # not given: the default file
-    assert all(fidelity.object_name(SHAPES[name]) in settings.guidance_config.read_text() for name in ("cone", "mug"))
+    # Every shape of the set is registered, in the set's order, whichever run: a job guides as it does in the tier.
+    registered = [mesh["name"] for mesh in yaml.safe_load(settings.guidance_config.read_text())["analytic"]["meshes"]]
+    assert registered[-len(SHAPES):] == [fidelity.object_name(shape) for shape in SHAPES.values()]
 
 
 @pytest.fixture(scope="module")
