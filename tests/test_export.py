@@ -171,6 +171,25 @@ def test_unwrap_in_chunks_keeps_faces_and_order():
     assert float(atlas.uvs.min()) >= 0.0 and float(atlas.uvs.max()) <= 1.0
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1e-2])
+def test_a_small_mesh_is_charted_like_a_large_one(scale):
+    """xatlas leaves out faces under a fixed area, and a mesh 1e-3 across used to give no atlas at all."""
+    atlas = unwrap(VERTICES * scale, FACES, resolution=128, padding_px=2)
+    assert torch.equal(atlas.vertex_index[atlas.faces], FACES)
+    corners = atlas.uvs[atlas.faces]  # (F, 3, 2)
+    edges = corners[:, 1:] - corners[:, :1]
+    uv_areas = 0.5 * (edges[:, 0, 0] * edges[:, 1, 1] - edges[:, 0, 1] * edges[:, 1, 0]).abs()
+    assert bool((uv_areas > 0).all()) and atlas.charts >= 1  # every face charted, none left at zero area
+
+
+def test_a_mesh_of_degenerate_faces_is_a_value_error_naming_them():
+    flat = torch.tensor([[0.0, 0, 0], [1, 0, 0], [2, 0, 0]])
+    with pytest.raises(ValueError, match="all 2 faces are degenerate"):
+        unwrap(flat, torch.tensor([[0, 1, 2], [2, 1, 0]]), resolution=64)
+    with pytest.raises(ValueError, match="degenerate"):
+        export_textured_mesh(flat, torch.tensor([[0, 1, 2]]), albedo, ExportSettings(texture_size=32))
+
+
 def test_dilation_takes_the_mean_of_filled_neighbours():
     colors = torch.zeros(9, 9, 3)
     filled = torch.zeros(9, 9, dtype=torch.bool)

@@ -149,8 +149,8 @@ def warm_up_latent_encoder(
                 leaf, latents = encode_images(encoder, images)
                 torch.autograd.grad(latents.float().sum(), leaf)  # the step's backward through the encoder
             warmed.append(name)
-        if target.type == "cuda":
-            torch.cuda.synchronize(target)
+        if target.type == "cuda":  # this thread's stream: a device-wide wait would break another thread's capture
+            torch.cuda.current_stream(target).synchronize()
     except _GiveUp as gave_up:
         log.warning("encoder_warm_up_skipped", reason=str(gave_up), seconds=round(time.monotonic() - began, 1))
         return WarmUpResult("skipped", str(gave_up), time.monotonic() - began)

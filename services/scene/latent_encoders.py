@@ -21,6 +21,7 @@ import torch
 
 from services.guidance.priors.vae_encoder import VaeImageEncoder, build_encoder
 from shared import logging as project_logging
+from shared.cuda_capture import exclusive_capture_window
 from shared.devices import resolve_dtype
 from shared.errors import FailedPrecondition
 from shared.guidance_api import PriorInfo
@@ -79,10 +80,12 @@ class CompiledEncoder:
     def _compile_for(self, images: torch.Tensor, key: tuple) -> None:
         assert self._compiled is not None
         try:
-            probe = images.detach().clone().requires_grad_(images.requires_grad)
-            latents = self._compiled(probe)
-            if key[-1]:  # the caller's autograd will run the backward graph: compile it here too
-                latents.float().sum().backward()
+            # Not beside a CUDA-graph capture in another thread: compiling synchronises the device, which breaks both.
+            with exclusive_capture_window():
+                probe = images.detach().clone().requires_grad_(images.requires_grad)
+                latents = self._compiled(probe)
+                if key[-1]:  # the caller's autograd will run the backward graph: compile it here too
+                    latents.float().sum().backward()
         except Exception as error:  # noqa: BLE001 - any compiler failure: the eager encoder gives the same latents
             self._compiled = None
             self._on_fallback(error)

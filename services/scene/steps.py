@@ -49,13 +49,17 @@ def step_seed(seed: int, step: int, term: int) -> int:
 class PhaseTimer:
     """Accumulates wall time per named phase: `lap(name)` charges the time since the previous lap to `name`.
 
-    On a CUDA device each lap first waits for the queued kernels (`synchronize`), so that a phase is charged for
-    its own GPU work rather than for whatever the next phase happens to wait on; a few microseconds per phase.
+    On a CUDA device each lap first waits for the kernels this thread queued on its stream, so that a phase is
+    charged for its own GPU work rather than for whatever the next phase happens to wait on; a few microseconds per
+    phase. The stream's, not the device's: a device-wide wait would also wait for an in-process guidance's work, and
+    fails outright while another thread captures a CUDA graph (shared/cuda_capture.py).
     """
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.seconds: dict[str, float] = {}
-        self._sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else None
+        self._sync = None
+        if device is not None and device.type == "cuda":
+            self._sync = lambda: torch.cuda.current_stream(device).synchronize()
         self._clock = time.perf_counter()
 
     def lap(self, name: str) -> None:

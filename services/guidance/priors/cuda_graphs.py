@@ -6,7 +6,9 @@ could not always launch them as fast as the GPU ran them (bench/prior_speed.py, 
 graph records the launches once per input shape and replays them with one call, so the time is the GPU's.
 
 Each distinct input shape (the number of rows varies with dynamic batching) is captured on its first call; all
-graphs share one memory pool. A shape whose capture fails runs eagerly from then on, with one warning.
+graphs share one memory pool. A shape whose capture fails runs eagerly from then on, with one warning. While
+another thread of the process holds the capture window (shared/cuda_capture.py: a compilation, another capture) a
+new shape runs eagerly and is captured on a later call.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Callable
 
 import structlog
 import torch
+
+from shared.cuda_capture import exclusive_capture_window
 
 log = structlog.get_logger(__name__)
 
@@ -58,9 +62,11 @@ class GraphedForward:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         with self._lock:
             if key not in self._graphs:
-                self._graphs[key] = self._capture(forward, inputs)
-            captured = self._graphs[key]
-            if captured is None:
+                with exclusive_capture_window(blocking=False) as free:
+                    if free:
+                        self._graphs[key] = self._capture(forward, inputs)
+            captured = self._graphs.get(key)
+            if captured is None:  # capture failed, or another thread compiles or captures now: eager this time
                 with torch.no_grad():
                     return forward(*inputs)
             for static, value in zip(captured.inputs, inputs):

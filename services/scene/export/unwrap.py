@@ -19,6 +19,12 @@ import torch
 import xatlas
 
 
+# xatlas leaves out faces under a fixed, absolute area: a mesh under about 1e-3 across loses every face and gives no
+# atlas (a valid torus scaled so did; 2026-12-07). A mesh under this diagonal is charted at unit scale instead; larger
+# ones are charted as given, so their atlases do not change.
+SMALL_MESH_DIAGONAL = 0.1
+
+
 @dataclass(frozen=True)
 class UVAtlas:
     """A mesh split at chart seams: uv vertex i sits at original vertex `vertex_index[i]` with uv `uvs[i]`."""
@@ -44,12 +50,18 @@ def unwrap(
     """Charts and packs (vertices (V, 3), faces (F, 3)) into one [0, 1]^2 atlas laid out for `resolution` texels.
 
     `padding_px` is xatlas' gap around charts in texels (at `resolution`); faces keep their order and winding.
-    Degenerate faces get zero-area uvs (they cover no texel).
+    Degenerate faces get zero-area uvs (they cover no texel). Raises ValueError where no face can be charted (every
+    face degenerate).
     """
     if max_chunk_faces < 64:
         raise ValueError("max_chunk_faces must be >= 64")
     verts = np.ascontiguousarray(vertices.detach().cpu().numpy(), dtype=np.float32)
     tris = faces.detach().cpu().numpy().astype(np.int64)
+    corners = verts[np.unique(tris)] if tris.size else np.zeros((1, 3), np.float32)
+    low = corners.min(axis=0)
+    diagonal = float(np.linalg.norm(corners.max(axis=0) - low))
+    if 0.0 < diagonal < SMALL_MESH_DIAGONAL:
+        verts = np.ascontiguousarray((verts - low) / diagonal, dtype=np.float32)
     chunks = _partition(verts[tris].mean(axis=1), max_chunk_faces)
 
     atlas = xatlas.Atlas()
@@ -66,6 +78,9 @@ def unwrap(
     pack_options.padding = int(padding_px)
     pack_options.bilinear = True
     atlas.generate(chart_options, pack_options)
+    if atlas.atlas_count == 0:
+        raise ValueError(f"no face can be charted: all {len(tris)} faces are degenerate "
+                         f"(bounding-box diagonal {diagonal:.3g})")
     if atlas.atlas_count != 1:
         raise RuntimeError(f"xatlas produced {atlas.atlas_count} atlases; expected exactly one")
 
