@@ -191,8 +191,9 @@ def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, pre
     """Every shape at every seed through one local stack; one row each.
 
     `threads`: torch's CPU threads while the jobs run (the stack runs in this process). At one thread a job is
-    reproducible to the digit, alone or beside the other shapes (the priors know the whole set either way); at two the order of parallel float reductions varies between runs, which moves a
-    thin part's 64^3-voxel IoU by about 0.005 to 0.02 (BENCHMARKS.md, issue 16).
+    reproducible to the digit, alone or beside the other shapes (the priors know the whole set either way); at two
+    the order of parallel float reductions varies between runs, which moves a thin part's 64^3-voxel IoU by about
+    0.005 to 0.02 (BENCHMARKS.md, issue 16).
     """
     from services.local_stack import LocalStackSettings, start_local_stack
 

@@ -4,7 +4,7 @@ While a stream captures a CUDA graph, work in another thread of the same process
 compiles kernels (torch.compile's first call and its warm-up backward) fails with "operation not permitted when
 stream is capturing" and invalidates the capture. Seen on an H100 (2026-12-07, BENCHMARKS.md): in the local stack
 the scene service compiled its VAE encoder at start-up while the in-process guidance captured the pixel prior's
-graph; both fell back to eager, and the fine steps ran 25% slower than compiled. In a deployment the two tiers are
+graph; both fell back to eager, and the fine step took 120.7 ms (96.6 ms compiled in an earlier H200 run). In a deployment the two tiers are
 separate processes, but two priors of one guidance process, or a scene and its in-process guidance, still share one.
 
 Captures and compilations happen once per shape, so serialising them costs nothing in steady state. A capture does

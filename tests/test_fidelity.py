@@ -66,7 +66,8 @@ def test_the_gpu_schedule_is_magic3d_with_analytic_priors_and_cpu_demo_framing(t
 
 
 def test_run_builds_one_stack_with_the_given_files_and_threads_and_restores_them(tmp_path, monkeypatch):
-    """The stack's settings carry the optional files and the whole shape set; the jobs run at the given thread count, restored after."""
+    """The stack's settings carry the optional files and the whole shape set; the jobs run at the given thread
+    count, restored after."""
     import services.local_stack as local_stack
 
     seen = {}
