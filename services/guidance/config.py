@@ -51,6 +51,27 @@ class AnalyticOptions(BaseModel):
 KIND_ALIASES = {"zero123": PriorKind.VIEW_CONDITIONED}
 
 
+class WarmUpSpec(BaseModel):
+    """The shapes a prior's start-up warm-up runs: each batch size once (each is a CUDA graph of its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # "auto": on CUDA only, where the first call's costs are (graph capture, kernel choices); "on" anywhere.
+    mode: Literal["auto", "on", "off"] = "auto"
+    # A job's step sends batch 4 (the presets' batch_size); two jobs' requests batched together make 8.
+    batch_sizes: list[int] = Field(default_factory=lambda: [4])
+    # What callers send: "auto" is latents where the prior publishes a latent encoder (the scene encodes them,
+    # services/scene/latent_encoders.py), images otherwise.
+    input: Literal["auto", "images", "latents"] = "auto"
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, sizes: list[int]) -> list[int]:
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"warm_up.batch_sizes must be >= 1, got {sizes}")
+        return sizes
+
+
 class PriorSpec(BaseModel):
     """One logical prior. `source` is a local diffusers directory or a hub id (ignored by the analytic prior);
     `random:<size>` builds the published architecture on random weights (benchmarks)."""
@@ -80,6 +101,10 @@ class PriorSpec(BaseModel):
     # Textual-inversion embeddings a request may name (ComputeSdsRequest.learned_embeddings), name -> diffusers
     # learned-embeddings file ({token: tensor}, safetensors only); text-conditioned priors (latent, pixel) only.
     learned_embeddings: dict[str, Path] = {}
+    # Start-up warm-up (services/guidance/warm_up.py): one synthetic SDS request per batch size before the server
+    # answers, so that the first job does not pay for CUDA-graph capture, cuDNN/cuBLAS choices and lazy kernel loads
+    # (33.8 s of a cold job's first coarse step on an H100). Text-conditioned priors (pixel, latent) only; [] = off.
+    warm_up: WarmUpSpec = WarmUpSpec()
 
     @field_validator("kind", mode="before")
     @classmethod
@@ -97,6 +122,10 @@ class PriorSpec(BaseModel):
                 raise ValueError(f"prior {self.name!r}: learned embeddings {name!r} must be a .safetensors file")
         if self.time_range is not None and not 0 < self.time_range[0] <= self.time_range[1] < 1:
             raise ValueError(f"prior {self.name!r}: time_range must satisfy 0 < min <= max < 1")
+        too_large = [size for size in self.warm_up.batch_sizes if size > self.max_batch_size]
+        if too_large and "warm_up" in self.model_fields_set:  # the default adapts (warm_up.py clamps it)
+            raise ValueError(f"prior {self.name!r}: warm_up.batch_sizes {self.warm_up.batch_sizes} exceed "
+                             f"max_batch_size {self.max_batch_size}")
         if "default" in self.checkpoints:
             raise ValueError(f"prior {self.name!r}: checkpoint id 'default' is reserved for `source`")
         return self

@@ -20,6 +20,7 @@ from services.guidance.config import GuidanceConfig
 from services.guidance.image_cache import ReferenceImageCache
 from services.guidance.pool import PriorPool
 from services.guidance.priors.base import DiffusionPrior
+from services.guidance.warm_up import warm_up_priors
 from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
 from shared.guidance_api import PriorInfo, PromptCheck, SdsRequest, SdsResult
 from shared.logging import get_logger
@@ -76,6 +77,11 @@ class GuidanceEngine:
             worker.start()
 
     # -- public API -------------------------------------------------------------------------------------------
+
+    def warm_up(self) -> dict[str, float]:
+        """Loads every prior's default checkpoint and runs the configured warm-up requests (warm_up.py)."""
+        self.pool.warm()
+        return warm_up_priors(self.config.priors, self._runner)
 
     def list_priors(self) -> list[PriorInfo]:
         return [self.pool.get(spec.name).info for spec in self.config.priors]

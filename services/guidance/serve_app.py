@@ -55,6 +55,7 @@ from services.guidance import sds, serve_loopback
 from services.guidance.batching import BatchRunner
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig
 from services.guidance.engine import check_prompt
+from services.guidance.warm_up import warm_up_priors
 from services.guidance.image_cache import ReferenceImageCache
 from services.guidance.pool import PRIORS, PriorPool
 from services.guidance.priors.base import DiffusionPrior
@@ -276,6 +277,7 @@ class GuidanceDeployment:
         self._load = serve.multiplexed(max_num_models_per_replica=self.settings.max_models_per_replica)(load)
         if self.settings.warm:
             self.pool.warm()
+            warm_up_priors(self.config.priors, self._runner)
 
     # -- RPCs -------------------------------------------------------------------------------------------------
 

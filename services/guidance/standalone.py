@@ -31,7 +31,7 @@ def start(
     tokens = server_tokens(config.auth.service_tokens(), host, config.auth.allow_unauthenticated, "guidance")
     engine = GuidanceEngine(config, pool)
     if warm:
-        engine.pool.warm()
+        engine.warm_up()
     metrics = start_metrics(engine, config.host, config.metrics_port) if config.metrics_port is not None else None
 
     return start_server(
