@@ -206,3 +206,21 @@ def test_the_runner_computes_on_its_own_stream_in_order_with_an_in_process_calle
         (result,) = list(runner.outcomes(prior.info.name, "", [on_device]))
         torch.testing.assert_close(result.grad.clone(), expected.grad)
     assert streams_seen[0] == default_stream and all(s != default_stream for s in streams_seen[1:])
+
+
+def test_the_start_up_warm_up_captures_each_text_priors_graph_before_the_first_request():
+    """On CUDA (warm_up mode auto) a server's warm-up leaves the UNet graph of each configured batch shape captured,
+    for a pixel prior (images) and a latent prior (latents, its published encoder's shape)."""
+    from services.guidance.config import GuidanceConfig, PriorSpec
+    from services.guidance.engine import GuidanceEngine
+    from shared.guidance_api import PriorKind
+
+    specs = [PriorSpec(name=kind.value, kind=kind, source="random:tiny", device="cuda", resolution=64,
+                       warm_up={"batch_sizes": [2, 4]}) for kind in (PriorKind.PIXEL, PriorKind.LATENT)]
+    engine = GuidanceEngine(GuidanceConfig(priors=specs, batching={"wait_s": 0}))
+    try:
+        assert set(engine.warm_up()) == {"pixel", "latent"}
+        for spec in specs:
+            assert engine.prior(spec.name).denoiser_graph.captured_shapes == 2
+    finally:
+        engine.close()
