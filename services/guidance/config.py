@@ -102,8 +102,8 @@ class PriorSpec(BaseModel):
     # learned-embeddings file ({token: tensor}, safetensors only); text-conditioned priors (latent, pixel) only.
     learned_embeddings: dict[str, Path] = {}
     # Start-up warm-up (services/guidance/warm_up.py): one synthetic SDS request per batch size before the server
-    # answers, so that the first job does not pay for CUDA-graph capture, cuDNN/cuBLAS choices and lazy kernel loads
-    # (33.8 s of a cold job's first coarse step on an H100). Text-conditioned priors (pixel, latent) only; [] = off.
+    # answers, so that the first job does not pay for CUDA-graph capture, cuDNN/cuBLAS choices and lazy kernel loads.
+    # Text-conditioned priors (pixel, latent) only; batch_sizes [] = off.
     warm_up: WarmUpSpec = WarmUpSpec()
 
     @field_validator("kind", mode="before")

@@ -80,7 +80,6 @@ class GuidanceEngine:
 
     def warm_up(self) -> dict[str, float]:
         """Loads every prior's default checkpoint and runs the configured warm-up requests (warm_up.py)."""
-        self.pool.warm()
         return warm_up_priors(self.config.priors, self._runner)
 
     def list_priors(self) -> list[PriorInfo]:

@@ -156,7 +156,3 @@ class PriorPool:
         with self._lock:
             return self._loaded[name].get_or_compute(checkpoint_id, lambda: build(spec, checkpoint_id))
 
-    def warm(self) -> None:
-        """Loads every prior's default checkpoint, so the first request does not pay for it."""
-        for spec in self.config.priors:
-            self.get(spec.name)

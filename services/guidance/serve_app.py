@@ -55,10 +55,10 @@ from services.guidance import sds, serve_loopback
 from services.guidance.batching import BatchRunner
 from services.guidance.config import DEFAULT_CONFIG, GuidanceConfig
 from services.guidance.engine import check_prompt
-from services.guidance.warm_up import warm_up_priors
 from services.guidance.image_cache import ReferenceImageCache
 from services.guidance.pool import PRIORS, PriorPool
 from services.guidance.priors.base import DiffusionPrior
+from services.guidance.warm_up import warm_up_priors
 from services.guidance.rpc_errors import internal_error, log_rejected
 from shared import guidance_api
 from shared.auth import bearer_token
@@ -276,7 +276,6 @@ class GuidanceDeployment:
         )(compute_batch)
         self._load = serve.multiplexed(max_num_models_per_replica=self.settings.max_models_per_replica)(load)
         if self.settings.warm:
-            self.pool.warm()
             warm_up_priors(self.config.priors, self._runner)
 
     # -- RPCs -------------------------------------------------------------------------------------------------

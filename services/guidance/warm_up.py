@@ -1,11 +1,11 @@
 """Start-up warm-up of a guidance server's priors: one synthetic SDS request per configured batch size.
 
 A cold prior's first call pays for what no later call does: CUDA-graph capture of the denoiser per batch shape
-(priors/cuda_graphs.py), cuDNN/cuBLAS algorithm choices, lazily loaded kernels. On an H100 a cold service's first
-coarse step took 33.8 s against 0.2 s warm, and the first preview of a job came 39.5 s after submit
-(BENCHMARKS.md, "Issue 17, eighth session"). The warm-up moves that cost before the server reports ready, through
-the same path a request takes (BatchRunner: the guidance stream, `sds.compute_sds`), so a job's first step finds
-the graphs captured.
+(priors/cuda_graphs.py), cuDNN/cuBLAS algorithm choices, lazily loaded kernels. The warm-up moves that cost before
+the server reports ready, through the same path a request takes (BatchRunner: the guidance stream,
+`sds.compute_sds`), so a job's first step finds the graphs captured. Measured on an H100 (BENCHMARKS.md, "Issue 17,
+ninth session"): IF-I-XL and SD 2.1-base at batch 4 add 4.7 s to start-up and take 4.5 s off a cold job's first
+coarse step (33.8 -> 29.3 s); most of the rest is the scene's kernel compilation, which its cache volume keeps.
 
 Only text-conditioned priors (pixel, latent) are warmed: the analytic prior has nothing to capture, and a
 view-conditioned prior needs a reference image that only a job brings. A warm-up that fails is logged and the server
@@ -62,7 +62,9 @@ def warm_up_request(spec: PriorSpec, prior: DiffusionPrior, batch_size: int, see
 
 
 def warm_up_priors(specs: list[PriorSpec], runner: BatchRunner) -> dict[str, float]:
-    """Loads each prior's default checkpoint and runs its warm-up; seconds per warmed prior (failed ones absent)."""
+    """Loads each prior's default checkpoint (so no request pays for it) and runs its warm-up.
+
+    Returns the seconds each warmed prior took; priors not warmed, or whose warm-up failed, are absent."""
     seconds: dict[str, float] = {}
     for spec in specs:
         prior = runner.pool.get(spec.name)
