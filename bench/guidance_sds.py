@@ -4,6 +4,10 @@ CPU (tiny random-weight models, the analytic prior):
     python -m bench.guidance_sds --size tiny --priors analytic,pixel,latent --modes inproc,standalone,serve
 GPU (full-size random-weight models of SD 2.1-base's and IF-I-XL's architectures, fp16):
     python -m bench.guidance_sds --size full --priors pixel,latent --modes inproc,standalone --device cuda
+The analytic prior as issue 16's GPU fidelity run's fine stage calls it (512 pixels, the fidelity shapes in its set,
+each camera carrying its background image as a scene sends it), e.g. on the device machine:
+    bash bench/gpu/run.sh sds --priors analytic --modes inproc,standalone --batches 4 \
+        --analytic-resolution 512 --analytic-shapes --backgrounds --device cuda
 
 Prints a markdown table and writes JSON (--json). Times are medians over --repeats calls after one warm-up;
 a "call" is one ComputeSds of B images (encode, noise, UNet with CFG, gradient back to the images), end to end as
@@ -13,6 +17,8 @@ the caller sees it. Not a test: no assertions on speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -48,13 +54,23 @@ class Row:
     device: str
 
 
-def build_prior(kind: str, size: str, device: str, workdir: Path) -> tuple[DiffusionPrior, PriorSpec]:
-    """The prior object for in-process/standalone runs, and a spec a Serve replica can rebuild it from."""
-    if kind == "analytic":
-        spec = PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, device=device)
-        from services.guidance.pool import PRIORS
+def build_prior(kind: str, size: str, device: str, workdir: Path, analytic_resolution: int = 64,
+                analytic_shapes: bool = False) -> tuple[DiffusionPrior, PriorSpec]:
+    """The prior object for in-process/standalone runs, and a spec a Serve replica can rebuild it from.
 
-        return PRIORS.build(spec, "default"), spec
+    `analytic_shapes` adds the fidelity shapes (shared.shape_set, vertex colours) to the analytic prior's set, as
+    bench.fidelity does: each SDS call then renders those objects too (a Serve replica rebuilt from the spec lacks
+    them)."""
+    if kind == "analytic":
+        spec = PriorSpec(name="analytic", kind=PriorKind.ANALYTIC, device=device, resolution=analytic_resolution)
+        from services.guidance.pool import PRIORS
+        from services.guidance.priors.analytic import ReferenceObject
+        from shared.shape_set import shape_set
+
+        prior = PRIORS.build(spec, "default")
+        for shape in shape_set() if analytic_shapes else ():
+            prior.add_object(ReferenceObject(shape.name, shape.mesh, None))
+        return prior, spec
     from services.guidance.priors import random_init
 
     model = size if size == "tiny" else FULL_SIZES[kind]
@@ -70,9 +86,18 @@ def build_prior(kind: str, size: str, device: str, workdir: Path) -> tuple[Diffu
     return prior, PriorSpec(name=kind, kind=KINDS[kind], source="random-weights", device=device)
 
 
-def make_request(prior: DiffusionPrior, batch: int, seed: int) -> SdsRequest:
+def make_request(prior: DiffusionPrior, batch: int, seed: int, backgrounds: bool = False) -> SdsRequest:
+    """B random images at the prior's resolution from an orbit; `backgrounds`: each camera carries a random
+    background image (H, W, 3), as a scene's step sends one to a prior that re-renders views."""
     resolution = prior.info.native_resolution
-    cameras = [orbit_camera(360.0 * i / batch, 15.0, 2.0, size=resolution) for i in range(batch)]
+    offset = 360.0 * ((seed * 0.618) % 1.0) / batch  # each seed its own azimuths (golden-ratio steps)
+    cameras = [orbit_camera(360.0 * i / batch + (offset if backgrounds else 0.0), 15.0, 2.0, size=resolution)
+               for i in range(batch)]
+    if backgrounds:
+        generator = torch.Generator().manual_seed(seed + 1)
+        cameras = [dataclasses.replace(camera, background_image=torch.rand(resolution, resolution, 3,
+                                                                           generator=generator))
+                   for camera in cameras]
     prompt = "a red torus" if prior.info.kind == PriorKind.ANALYTIC else "a DSLR photo of a red torus"
     return SdsRequest(
         job_id="bench",
@@ -91,17 +116,28 @@ def time_calls(call, repeats: int) -> tuple[float, float]:
     return statistics.median(samples), min(samples)
 
 
-def bench_inproc(prior, batch, repeats):
-    request = make_request(prior, batch, seed=1)
-    return time_calls(lambda: sds.compute_sds(prior, [request]), repeats)
+def requests_for(prior, batch, repeats, backgrounds):
+    """The calls' requests, built before timing. With `backgrounds` (a scene's training steps) each call has its own
+    cameras and backgrounds, as every training step does, so that the analytic prior's render cache cannot serve
+    a repeated view; otherwise one request is repeated."""
+    if not backgrounds:
+        return itertools.repeat(make_request(prior, batch, seed=1))
+    return iter([make_request(prior, batch, seed=1 + call, backgrounds=True) for call in range(repeats + 1)])
 
 
-def bench_grpc(stub, prior, batch, repeats, metadata=()):
-    message = guidance_api.sds_request_to_proto(make_request(prior, batch, seed=1))
-    return time_calls(lambda: stub.ComputeSds(message, timeout=600, metadata=metadata), repeats)
+def bench_inproc(prior, batch, repeats, backgrounds=False):
+    requests = requests_for(prior, batch, repeats, backgrounds)
+    return time_calls(lambda: sds.compute_sds(prior, [next(requests)]), repeats)
 
 
-def run_standalone(prior, spec, batches, repeats):
+def bench_grpc(stub, prior, batch, repeats, metadata=(), backgrounds=False):
+    # Serialising is the client's work in a real step: timed, not done beforehand.
+    requests = requests_for(prior, batch, repeats, backgrounds)
+    return time_calls(lambda: stub.ComputeSds(guidance_api.sds_request_to_proto(next(requests)), timeout=600,
+                                              metadata=metadata), repeats)
+
+
+def run_standalone(prior, spec, batches, repeats, backgrounds=False):
     from magic3d.v1 import guidance_pb2_grpc
 
     from services.guidance import standalone
@@ -114,7 +150,7 @@ def run_standalone(prior, spec, batches, repeats):
     channel = insecure_channel(running.address)
     try:
         stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
-        return {b: bench_grpc(stub, prior, b, repeats) for b in batches}
+        return {b: bench_grpc(stub, prior, b, repeats, backgrounds=backgrounds) for b in batches}
     finally:
         channel.close()
         running.stop(grace=None)
@@ -156,6 +192,9 @@ def main() -> None:
     # (measured); one thread gives stable per-core figures. 0 keeps torch's default.
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--analytic-resolution", type=int, default=64, help="the analytic prior's render size")
+    parser.add_argument("--analytic-shapes", action="store_true", help="the fidelity shapes join its object set")
+    parser.add_argument("--backgrounds", action="store_true", help="cameras carry background images")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,13 +204,15 @@ def main() -> None:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as workdir:
         for kind in args.priors.split(","):
-            prior, spec = build_prior(kind, args.size, args.device, Path(workdir))
+            prior, spec = build_prior(kind, args.size, args.device, Path(workdir), args.analytic_resolution,
+                                      args.analytic_shapes)
             model = "analytic" if kind == "analytic" else (args.size if args.size == "tiny" else FULL_SIZES[kind])
             results: dict[str, dict[int, tuple[float, float]]] = {}
             if "inproc" in modes:
-                results["in-process"] = {b: bench_inproc(prior, b, args.repeats) for b in args.batches}
+                results["in-process"] = {b: bench_inproc(prior, b, args.repeats, args.backgrounds)
+                                         for b in args.batches}
             if "standalone" in modes:
-                results["standalone gRPC"] = run_standalone(prior, spec, args.batches, args.repeats)
+                results["standalone gRPC"] = run_standalone(prior, spec, args.batches, args.repeats, args.backgrounds)
             if "serve" in modes:
                 results["Ray Serve gRPC"] = run_serve(prior, spec, args.batches, args.repeats)
             for mode, by_batch in results.items():

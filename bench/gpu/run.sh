@@ -8,6 +8,7 @@
 #   bash bench/gpu/run.sh priors                # where the priors' SDS time goes; layout variants (bench/prior_speed.py)
 #   bash bench/gpu/run.sh encoder               # the scene's VAE encoder forward + backward: eager vs compiled
 #   bash bench/gpu/run.sh fp8 [--prior pixel]   # the UNet+CFG with fp8 linears: time and SDS cosine to fp16
+#   bash bench/gpu/run.sh sds --priors analytic ...  # one SDS call's time, in-process and through gRPC (bench/guidance_sds.py)
 #   bash bench/gpu/run.sh generate --max-seconds 420 [--steps coarse=1000] [--guidance serve]
 #                                               # a `magic3d` job through Generate on the local stack, client-timed
 # Runs longer than one device command (10 min): bench/gpu/detached.sh starts them detached and waits across commands.
@@ -39,6 +40,7 @@ case "${1:-suite}" in
   fp8) python3 -m bench.fp8_unet --out "$out" "${@:2}" 2>&1 | tee "$out/fp8_unet.log" ;;
   encoder) python3 -m bench.encoder_speed --out "$out" "${@:2}" 2>&1 | tee "$out/encoder_speed.log" ;;
   fidelity) python3 -m bench.fidelity --gpu-schedule --json "$out/fidelity.json" "${@:2}" 2>&1 | tee "$out/fidelity.log" ;;
+  sds) python3 -m bench.guidance_sds --json "$out/guidance_sds.json" "${@:2}" 2>&1 | tee "$out/guidance_sds.log" ;;
   generate) python3 -m bench.generate_e2e --out "$out" "${@:2}" 2>&1 | tee "$out/generate_e2e.log" ;;
   tests) # the GPU tests and the Triton kernel's CPU tests (this machine lacks the CPU-only suite's packages)
          python3 -m pytest -p no:cacheprovider -o addopts='' -q "${@:2}" tests/test_gpu_*.py tests/test_triton_encoding.py \
