@@ -184,7 +184,10 @@ def to_proto(camera: Camera) -> common_pb2.Camera:
     r, g, b = camera.background_color
     message.background.color.CopyFrom(common_pb2.Vec3(x=r, y=g, z=b))
     if camera.background_image is not None:
-        message.background.image.CopyFrom(tensors.to_proto(camera.background_image.float()))
+        image = camera.background_image
+        if image.dtype not in (torch.float16, torch.float32):  # half travels as half: a scene's float16 traffic
+            image = image.float()
+        message.background.image.CopyFrom(tensors.to_proto(image))
     return message
 
 

@@ -58,9 +58,9 @@ def test_transfer_dtype_and_backgrounds_only_where_used():
         torch.testing.assert_close(request.images.float(), images, atol=1e-3, rtol=0)
     assert all(c.background_image is None for c in latent.cameras)
     expected = torch.nn.functional.interpolate(backgrounds, size=(32, 32), mode="bilinear", align_corners=False)
-    for i, camera in enumerate(analytic.cameras):
-        assert camera.background_image.shape == (32, 32, 3)
-        torch.testing.assert_close(camera.background(32, 32), expected[i].permute(1, 2, 0))
+    for i, camera in enumerate(analytic.cameras):  # backgrounds travel in the traffic's dtype too
+        assert camera.background_image.shape == (32, 32, 3) and camera.background_image.dtype == torch.float16
+        torch.testing.assert_close(camera.background(32, 32), expected[i].permute(1, 2, 0), atol=1e-3, rtol=0)
 
 
 def test_auto_transfer_dtype_is_half_on_gpus_only():

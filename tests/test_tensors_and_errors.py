@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import grpc
 import pytest
 import torch
@@ -62,6 +64,18 @@ def test_camera_round_trip_and_geometry():
     # The origin projects to the image centre.
     clip = camera.world_to_clip() @ torch.tensor([0.0, 0.0, 0.0, 1.0])
     assert torch.allclose(clip[:2] / clip[3], torch.zeros(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_a_background_image_travels_in_half_or_single_and_arrives_in_single(dtype):
+    image = torch.rand(8, 8, 3, dtype=dtype)
+    camera = dataclasses.replace(cameras.orbit_camera(0.0, 20.0, 2.0, size=8), background_image=image)
+    message = cameras.to_proto(camera)
+    sent = torch.float16 if dtype == torch.float16 else torch.float32  # half stays half (half the bytes)
+    assert len(message.background.image.data) == image.numel() * torch.empty((), dtype=sent).element_size()
+    back = cameras.from_proto(message)
+    assert back.background_image.dtype == torch.float32
+    torch.testing.assert_close(back.background_image, image.to(sent).float(), atol=0, rtol=0)
 
 
 def test_camera_with_bad_pose_names_the_field():
