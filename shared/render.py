@@ -33,6 +33,7 @@ def render_mesh(
     albedo: torch.Tensor | tuple[float, float, float] | None = None,
     resolution: int | tuple[int, int] | None = None,
     vertices: torch.Tensor | None = None,
+    backgrounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Renders `mesh` from each camera -> (B, 3, H, W) in [0, 1], top-row-first.
 
@@ -40,6 +41,9 @@ def render_mesh(
     resolution: int (square) or (H, W); None uses the cameras' own size (which must then agree). The
     projection always uses each camera's own aspect (width / height).
     vertices: optional (V, 3) replacement for mesh.vertices (e.g. a tensor being optimised), same topology.
+    backgrounds: optional (B, H, W, 3) `background_images(cameras, ...)`, made once by a caller that renders several
+    meshes from the same cameras (otherwise each call converts, resizes and copies every camera's background image to
+    the device again).
     """
     if not cameras:
         raise ValueError("render_mesh needs at least one camera")
@@ -92,12 +96,21 @@ def render_mesh(
         point = None if world is None else world[index]
         shaded.append(shade_view(camera, base, normal, point))
     color = torch.stack(shaded)  # (B, H, W, 3), bottom-row-first
-    background = torch.stack(
-        [to_top_row_first(camera.background(height, width)[None])[0] for camera in cameras]
-    ).to(verts)
+    if backgrounds is None:
+        backgrounds = background_images(cameras, height, width, verts.device)
+    elif tuple(backgrounds.shape) != (len(cameras), height, width, 3):
+        raise ValueError(f"backgrounds must be ({len(cameras)}, {height}, {width}, 3), got {list(backgrounds.shape)}")
+    background = backgrounds.to(verts)
     image = mask * color + (1 - mask) * background
     image = rasterizer.antialias(image, rast, pos_clip, faces)
     return to_top_row_first(image).permute(0, 3, 1, 2).clamp(0.0, 1.0).contiguous()
+
+
+def background_images(cameras: list[Camera], height: int, width: int, device: torch.device | str) -> torch.Tensor:
+    """Each camera's background at (height, width) in the rasteriser's row order: (B, H, W, 3) float32 on `device`."""
+    return torch.stack(
+        [to_top_row_first(camera.background(height, width)[None])[0] for camera in cameras]
+    ).to(device)
 
 
 def _albedo(mesh: Mesh, albedo, verts: torch.Tensor) -> torch.Tensor:

@@ -224,6 +224,29 @@ def test_renders_are_cached_per_camera_and_object(cameras):
     assert rasterizer.calls == 2 * len(prior.objects)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_background_images_are_made_once_per_call_and_render_as_per_object(cameras, dtype):
+    """render_set makes each camera's background once for all objects; every object's render is the one
+    render_mesh makes from the camera alone, and a different background is a different cache entry."""
+    import dataclasses
+
+    generator = torch.Generator().manual_seed(3)
+    with_backgrounds = [
+        dataclasses.replace(camera, background_image=torch.rand(SIZE + 8, SIZE + 8, 3, generator=generator).to(dtype))
+        for camera in cameras
+    ]  # not at the prior's size: resized on the way, as a scene's 64-pixel background reaching a 32-pixel prior
+    prior = AnalyticPrior(resolution=SIZE)
+    renders = prior.render_set(with_backgrounds)
+    for column, obj in enumerate(prior.objects):
+        alone = render_mesh(obj.mesh, with_backgrounds, prior.rasterizer, albedo=obj.color, resolution=SIZE)
+        assert torch.equal(renders[:, column], alone.double() * 2.0 - 1.0)
+    plain = prior.render_set(cameras)
+    assert not torch.equal(plain, renders)  # the background shows around every object
+    with pytest.raises(ValueError, match="backgrounds must be"):
+        render_mesh(prior.objects[0].mesh, cameras, prior.rasterizer, resolution=SIZE,
+                    backgrounds=torch.zeros(1, SIZE, SIZE, 3))
+
+
 def test_uploaded_mesh_objects_join_the_set(tmp_path, cameras):
     import trimesh
 

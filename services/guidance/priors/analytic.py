@@ -74,7 +74,7 @@ from shared.errors import FailedPrecondition, InvalidArgument
 from shared.guidance_api import Conditioning, ImageCondition, PriorInfo, PriorKind, Weighting
 from shared.meshes import Mesh
 from shared.rasterize import Rasterizer, make_rasterizer
-from shared.render import render_mesh
+from shared.render import background_images, render_mesh
 
 MAX_PROMPT_WORDS = 77
 # Softmax temperature of the image posterior, in units of the mean squared RGBA difference (values in [0, 1]).
@@ -406,6 +406,7 @@ class AnalyticPrior(DiffusionPrior):
         keys = [_camera_key(camera) for camera in cameras]
         size = self.resolution
         out = torch.empty(len(cameras), len(objects), 3, size, size, dtype=torch.float64, device=self._device)
+        backgrounds: dict[tuple, torch.Tensor] = {}  # per camera, made once for all objects (see render_mesh)
         for column, obj in enumerate(objects):
             missing: dict[tuple, list[int]] = {}
             for b, key in enumerate(keys):
@@ -416,10 +417,14 @@ class AnalyticPrior(DiffusionPrior):
                     out[b, column] = cached.double() * 2.0 - 1.0
             if not missing:
                 continue
+            views = [cameras[rows[0]] for rows in missing.values()]
+            for key, view in zip(missing, views):
+                if key not in backgrounds:
+                    backgrounds[key] = background_images([view], size, size, self._device)[0]
             with torch.no_grad():
                 images = render_mesh(
-                    self._mesh_on_device(obj.mesh), [cameras[rows[0]] for rows in missing.values()],
-                    self.rasterizer, albedo=obj.color, resolution=size,
+                    self._mesh_on_device(obj.mesh), views, self.rasterizer, albedo=obj.color, resolution=size,
+                    backgrounds=torch.stack([backgrounds[key] for key in missing]),
                 )
             for image, (key, rows) in zip(images, missing.items()):
                 self._cache_put((obj.name, id(obj.mesh), size, key), image)
@@ -543,8 +548,8 @@ def _camera_key(camera: Camera) -> tuple:
     """Everything about a camera that changes a render, as a hashable tuple."""
     background = None
     if camera.background_image is not None:
-        data = camera.background_image.detach().float().cpu().contiguous()
-        background = (tuple(data.shape), hashlib.sha1(data.numpy().tobytes()).hexdigest())
+        data = camera.background_image.detach().cpu().contiguous()  # hashed as sent (float16 from a GPU scene)
+        background = (tuple(data.shape), str(data.dtype), hashlib.sha1(data.view(torch.uint8).numpy()).hexdigest())
     return (
         tuple(round(v, 6) for v in camera.camera_to_world.detach().reshape(-1).tolist()),
         round(float(camera.fovy_deg), 6),
