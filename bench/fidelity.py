@@ -157,9 +157,12 @@ def score(shape: Shape, glb: Path) -> tuple[float, float, float]:
 
 
 def generate(address: str, token: str, prompt: str, preset: str, seed: int, out: Path,
-             timeout_s: float = 3600.0) -> Path:
-    """Runs one job to the end through the orchestrator; returns its downloaded model.glb."""
-    from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+             timeout_s: float = 3600.0, report_every_s: float = 0.0) -> Path:
+    """Runs one job to the end through the orchestrator; returns its downloaded model.glb.
+
+    `report_every_s` > 0: a line on stderr at most that often with the job's stage and step (long GPU runs are
+    watched from their logs, and a run cut short still tells how far it got)."""
+    from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
 
     from services import cli
     from shared.grpcio import insecure_channel
@@ -170,9 +173,15 @@ def generate(address: str, token: str, prompt: str, preset: str, seed: int, out:
     channel = insecure_channel(address, token=token)
     try:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        started = last_report = time.monotonic()
         for response in stub.Generate(request, timeout=timeout_s):
             event = response.event
             kind = event.WhichOneof("event")
+            if kind == "progress" and report_every_s > 0 and time.monotonic() - last_report >= report_every_s:
+                last_report = time.monotonic()
+                stage = scene_pb2.Stage.Name(event.progress.stage)
+                print(f"# {prompt!r} seed {seed}: {stage} step {event.progress.step}/{event.progress.total_steps} "
+                      f"after {last_report - started:.0f} s", file=sys.stderr, flush=True)
             if kind == "done":
                 folder = out / event.job_name.removeprefix("jobs/")
                 written = dict(cli.download(event.done.artifacts, folder))
@@ -187,7 +196,8 @@ def generate(address: str, token: str, prompt: str, preset: str, seed: int, out:
 def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, presets: Path | None = None,
         workdir: Path | None = None, progress=None, guidance: Path | None = None, scene_device: str = "cpu",
         limits: tuple[float, float] = (DISTANCE_LIMIT_PERCENT, IOU_LIMIT),
-        scene_config: Path | None = None, threads: int | None = None) -> list[FidelityRow]:
+        scene_config: Path | None = None, threads: int | None = None,
+        report_every_s: float = 0.0) -> list[FidelityRow]:
     """Every shape at every seed through one local stack; one row each.
 
     `threads`: torch's CPU threads while the jobs run (the stack runs in this process). At one thread a job is
@@ -216,7 +226,7 @@ def run(shapes: list[Shape], seeds: list[int], preset: str = DEFAULT_PRESET, pre
             for seed in seeds:
                 started = time.monotonic()
                 glb = generate(stack.orchestrator_address, stack.client_token, f"a {object_name(shape)}", preset,
-                               seed, workdir / "out")
+                               seed, workdir / "out", report_every_s=report_every_s)
                 seconds = time.monotonic() - started
                 row = FidelityRow(shape.name, seed, *score(shape, glb), seconds, limits)
                 rows.append(row)
@@ -251,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--threads", type=int, help="torch CPU threads for the jobs (1: reproducible to the digit)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--report-every", type=float, default=0.0, metavar="S",
+                        help="print each job's stage and step to stderr at most every S seconds (0: never)")
     parser.add_argument("--gpu-schedule", action="store_true",
                         help=f"the {GPU_PRESET} preset on CUDA (see above), judged by issue 16's GPU limits")
     args = parser.parse_args(argv)
@@ -271,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER, flush=True)
     rows = run(shapes, seeds, preset, presets, workdir, progress=lambda r: print(format_row(r), flush=True),
                guidance=guidance, scene_device=device, limits=limits or (DISTANCE_LIMIT_PERCENT, IOU_LIMIT),
-               scene_config=args.scene_config, threads=args.threads)
+               scene_config=args.scene_config, threads=args.threads, report_every_s=args.report_every)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0 if all(r.passed for r in rows) else 1

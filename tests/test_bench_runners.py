@@ -88,8 +88,9 @@ def test_encoder_speed_smoke_times_both_layouts(tmp_path):
 
 def test_detached_runs_outlive_their_command_and_a_failed_one_ends_the_wait(tmp_path):
     """bench/gpu/detached.sh: a run keeps going after `start` returns; `wait` returns once every run has ended
-    (a failed one at once, not at the time limit) and copies each run's folder to $OUT."""
+    (a failed one at once, not at the time limit) and packs each run's folder into $OUT/NAME.tgz."""
     import subprocess
+    import tarfile
     import time
 
     env = {**os.environ, "MAGIC3D_DETACHED_DIR": str(tmp_path / "runs"), "OUT": str(tmp_path / "back")}
@@ -105,5 +106,7 @@ def test_detached_runs_outlive_their_command_and_a_failed_one_ends_the_wait(tmp_
     report = detached("wait", "--wait", "50", "slow", "broken")
     assert time.monotonic() - began < 30  # both ended long before the limit
     assert "slow: exited 0" in report and "broken: exited 3" in report and "no GPU" in report
-    assert (tmp_path / "back/slow/out/result.txt").read_text() == "ok\n"
-    assert (tmp_path / "back/broken/rc").read_text() == "3\n"
+    with tarfile.open(tmp_path / "back/slow.tgz") as packed:
+        assert packed.extractfile("./out/result.txt").read() == b"ok\n"
+    with tarfile.open(tmp_path / "back/broken.tgz") as packed:
+        assert packed.extractfile("./rc").read() == b"3\n"

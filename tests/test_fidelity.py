@@ -65,6 +65,36 @@ def test_the_gpu_schedule_is_magic3d_with_analytic_priors_and_cpu_demo_framing(t
     assert fidelity.FidelityRow("cone", 0, 1.2, 0.95, 0.0, 1.0, fidelity.GPU_LIMITS).passed is False  # 1.2% > 1%
 
 
+def test_generate_reports_stage_and_step_when_asked_and_names_a_failure(tmp_path, monkeypatch, capsys):
+    """A long run's log tells how far each job got: progress lines on stderr, throttled; a failed job's reason."""
+    from magic3d.v1 import orchestrator_pb2, orchestrator_pb2_grpc, scene_pb2
+
+    def events():
+        for step in (10, 20):
+            response = orchestrator_pb2.GenerateResponse()
+            response.event.progress.stage = scene_pb2.STAGE_FINE
+            response.event.progress.step, response.event.progress.total_steps = step, 3000
+            yield response
+        response = orchestrator_pb2.GenerateResponse()
+        response.event.failed.reason = "guidance unavailable"
+        yield response
+
+    class FakeStub:
+        def __init__(self, channel):
+            pass
+
+        def Generate(self, request, timeout):  # noqa: N802 - the RPC's name
+            return events()
+
+    monkeypatch.setattr(orchestrator_pb2_grpc, "OrchestratorServiceStub", FakeStub)
+    for every, lines in ((1e-9, 2), (0.0, 0), (3600.0, 0)):
+        with pytest.raises(RuntimeError, match="guidance unavailable"):
+            fidelity.generate("127.0.0.1:1", "token", "a cone", "cpu-demo", 0, tmp_path, report_every_s=every)
+        reported = [line for line in capsys.readouterr().err.splitlines() if line.startswith("#")]
+        assert len(reported) == lines
+    # (3600 s: the first report waits a whole period from the start, so a short job prints none)
+
+
 def test_run_builds_one_stack_with_the_given_files_and_threads_and_restores_them(tmp_path, monkeypatch):
     """The stack's settings carry the optional files and the whole shape set; the jobs run at the given thread
     count, restored after."""
@@ -82,8 +112,9 @@ def test_run_builds_one_stack_with_the_given_files_and_threads_and_restores_them
         seen["settings"] = settings
         return FakeStack()
 
-    def fake_generate(address, token, prompt, preset, seed, out):
+    def fake_generate(address, token, prompt, preset, seed, out, report_every_s=0.0):
         seen.setdefault("job_threads", []).append(torch.get_num_threads())
+        seen["report_every_s"] = report_every_s
         return out / "model.glb"
 
     monkeypatch.setattr(local_stack, "start_local_stack", fake_start)
@@ -92,8 +123,9 @@ def test_run_builds_one_stack_with_the_given_files_and_threads_and_restores_them
     before = torch.get_num_threads()
     want = 1 if before != 1 else 2
     rows = fidelity.run([SHAPES["cone"], SHAPES["mug"]], seeds=[0], workdir=tmp_path, threads=want,
-                        scene_config=tmp_path / "scene.yaml")
+                        scene_config=tmp_path / "scene.yaml", report_every_s=30.0)
     assert [row.shape for row in rows] == ["cone", "mug"] and all(row.passed for row in rows)
+    assert seen["report_every_s"] == 30.0
     assert seen["job_threads"] == [want, want] and torch.get_num_threads() == before
     settings = seen["settings"]
     assert settings.scene_config == tmp_path / "scene.yaml" and settings.guidance == "standalone"

@@ -5,7 +5,8 @@
 #   bash bench/gpu/detached.sh start NAME [--wait S] -- CMD...   # e.g. -- bash bench/gpu/run.sh fidelity --shapes cone
 #   bash bench/gpu/detached.sh wait [--wait S] NAME...           # until every named run has ended, or S seconds
 # Both return as soon as every named run has ended (a failed run ends early too: nothing waits on a dead job), print
-# each run's status and log tail, and copy its folder to $OUT/NAME (the files that come back). Default S: 540.
+# each run's status and log tail, and pack its folder into $OUT/NAME.tgz (one file a run: the device returns only a
+# few files per call). Default S: 540.
 set -euo pipefail
 root=${MAGIC3D_DETACHED_DIR:-/tmp/magic3d-detached}
 wait_s=540
@@ -30,7 +31,11 @@ wait_for() {  # NAME... ; waits up to $wait_s seconds, then reports and copies
   for name in "$@"; do
     echo "== $name: $(status "$name") after $((SECONDS - began)) s of waiting"
     tail -n 5 "$root/$name/run.log" 2>/dev/null | cut -c1-400 || true
-    if [ -n "${OUT:-}" ]; then mkdir -p "$OUT/$name" && cp -r "$root/$name/." "$OUT/$name/"; fi
+    # A running job's log grows while it is packed: tar says so (exit 1), and the other runs must still be packed.
+    if [ -n "${OUT:-}" ]; then
+      mkdir -p "$OUT"
+      tar czf "$OUT/$name.tgz" --warning=no-file-changed -C "$root/$name" . || echo "(packing $name: tar exit $?)"
+    fi
   done
 }
 

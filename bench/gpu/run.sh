@@ -39,7 +39,7 @@ case "${1:-suite}" in
   priors) python3 -m bench.prior_speed --out "$out" "${@:2}" 2>&1 | tee "$out/prior_speed.log" ;;
   fp8) python3 -m bench.fp8_unet --out "$out" "${@:2}" 2>&1 | tee "$out/fp8_unet.log" ;;
   encoder) python3 -m bench.encoder_speed --out "$out" "${@:2}" 2>&1 | tee "$out/encoder_speed.log" ;;
-  fidelity) python3 -m bench.fidelity --gpu-schedule --json "$out/fidelity.json" "${@:2}" 2>&1 | tee "$out/fidelity.log" ;;
+  fidelity) python3 -m bench.fidelity --gpu-schedule --report-every 60 --json "$out/fidelity.json" "${@:2}" 2>&1 | tee "$out/fidelity.log" ;;
   sds) python3 -m bench.guidance_sds --json "$out/guidance_sds.json" "${@:2}" 2>&1 | tee "$out/guidance_sds.log" ;;
   generate) python3 -m bench.generate_e2e --out "$out" "${@:2}" 2>&1 | tee "$out/generate_e2e.log" ;;
   tests) # the GPU tests and the Triton kernel's CPU tests (this machine lacks the CPU-only suite's packages)
