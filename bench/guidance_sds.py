@@ -9,6 +9,7 @@ each camera carrying its background image as a scene sends it), e.g. on the devi
     bash bench/gpu/run.sh sds --priors analytic --modes inproc,standalone --batches 4 \
         --analytic-resolution 512 --analytic-shapes --backgrounds --device cuda
 
+`--profile DIR` also writes torch.profiler's ops table of the in-process calls per prior and batch.
 Prints a markdown table and writes JSON (--json). Times are medians over --repeats calls after one warm-up;
 a "call" is one ComputeSds of B images (encode, noise, UNet with CFG, gradient back to the images), end to end as
 the caller sees it. Not a test: no assertions on speed.
@@ -116,18 +117,37 @@ def time_calls(call, repeats: int) -> tuple[float, float]:
     return statistics.median(samples), min(samples)
 
 
-def requests_for(prior, batch, repeats, backgrounds):
+def requests_for(prior, batch, repeats, backgrounds, first_seed=1):
     """The calls' requests, built before timing. With `backgrounds` (a scene's training steps) each call has its own
     cameras and backgrounds, as every training step does, so that the analytic prior's render cache cannot serve
     a repeated view; otherwise one request is repeated."""
     if not backgrounds:
-        return itertools.repeat(make_request(prior, batch, seed=1))
-    return iter([make_request(prior, batch, seed=1 + call, backgrounds=True) for call in range(repeats + 1)])
+        return itertools.repeat(make_request(prior, batch, seed=first_seed))
+    return iter([make_request(prior, batch, seed=first_seed + call, backgrounds=True) for call in range(repeats + 1)])
 
 
 def bench_inproc(prior, batch, repeats, backgrounds=False):
     requests = requests_for(prior, batch, repeats, backgrounds)
     return time_calls(lambda: sds.compute_sds(prior, [next(requests)]), repeats)
+
+
+def profile_inproc(prior, batch, repeats, backgrounds, device: str, out: Path) -> Path:
+    """torch.profiler over `repeats` in-process calls (after one warm-up), the ops' table by self time (CUDA time
+    on a GPU) written to `out`: where a call's time goes (renders, copies to the device, the posterior), which
+    the timings alone do not say."""
+    requests = requests_for(prior, batch, repeats, backgrounds, first_seed=1000)  # views the timed calls had not
+    sds.compute_sds(prior, [next(requests)])
+    cuda = device.startswith("cuda")
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(repeats):
+            sds.compute_sds(prior, [next(requests)])
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"{repeats} calls, batch {batch}\n" + profiler.key_averages().table(sort_by=sort, row_limit=30))
+    return out
 
 
 def bench_grpc(stub, prior, batch, repeats, metadata=(), backgrounds=False):
@@ -195,6 +215,8 @@ def main() -> None:
     parser.add_argument("--analytic-resolution", type=int, default=64, help="the analytic prior's render size")
     parser.add_argument("--analytic-shapes", action="store_true", help="the fidelity shapes join its object set")
     parser.add_argument("--backgrounds", action="store_true", help="cameras carry background images")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="also profile the in-process calls: one ops table per prior and batch in DIR")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -211,6 +233,9 @@ def main() -> None:
             if "inproc" in modes:
                 results["in-process"] = {b: bench_inproc(prior, b, args.repeats, args.backgrounds)
                                          for b in args.batches}
+                for batch in args.batches if args.profile else ():
+                    profile_inproc(prior, batch, args.repeats, args.backgrounds, args.device,
+                                   args.profile / f"profile-{kind}-b{batch}.txt")
             if "standalone" in modes:
                 results["standalone gRPC"] = run_standalone(prior, spec, args.batches, args.repeats, args.backgrounds)
             if "serve" in modes:

@@ -110,3 +110,17 @@ def test_detached_runs_outlive_their_command_and_a_failed_one_ends_the_wait(tmp_
         assert packed.extractfile("./out/result.txt").read() == b"ok\n"
     with tarfile.open(tmp_path / "back/broken.tgz") as packed:
         assert packed.extractfile("./rc").read() == b"3\n"
+
+
+def test_guidance_sds_profile_covers_renders_of_views_the_timed_calls_had_not_seen(tmp_path):
+    """bench.guidance_sds --profile: the ops table of in-process calls whose cameras are new to the render cache
+    (a profile of cache hits would show no rendering at all)."""
+    from bench import guidance_sds
+    from services.guidance.priors.analytic import AnalyticPrior
+
+    prior = AnalyticPrior(resolution=32)
+    guidance_sds.bench_inproc(prior, batch=1, repeats=1, backgrounds=True)
+    cached = len(prior._renders)
+    table = guidance_sds.profile_inproc(prior, 1, 1, True, "cpu", tmp_path / "p.txt").read_text()
+    assert table.startswith("1 calls, batch 1") and "aten::" in table and "Self CPU time total" in table
+    assert len(prior._renders) == cached + 2 * len(prior.objects)  # warm-up and profiled call: new views each
