@@ -10,6 +10,9 @@ each camera carrying its background image as a scene sends it), e.g. on the devi
         --analytic-resolution 512 --analytic-shapes --backgrounds --device cuda
 
 `--profile DIR` also writes torch.profiler's ops table of the in-process calls per prior and batch.
+`--dtype float16` sends images, backgrounds and gradients as a GPU scene does (`guidance_transfer_dtype: auto`).
+gRPC rows also give the server's own time (the response's `server_time_s`: queue and compute), so a call's hop is
+its median minus that; `--codec` adds a table of the hop's serialisation steps, timed alone on this process.
 Prints a markdown table and writes JSON (--json). Times are medians over --repeats calls after one warm-up;
 a "call" is one ComputeSds of B images (encode, noise, UNet with CFG, gradient back to the images), end to end as
 the caller sees it. Not a test: no assertions on speed.
@@ -53,6 +56,19 @@ class Row:
     median_ms: float
     min_ms: float
     device: str
+    server_ms: float | None = None  # gRPC paths: median of the responses' server_time_s
+
+
+@dataclass
+class CodecRow:
+    """One serialisation step of a ComputeSds call, timed alone (median ms), and the bytes it handles."""
+
+    prior: str
+    batch: int
+    dtype: str
+    step: str
+    median_ms: float
+    mib: float
 
 
 def build_prior(kind: str, size: str, device: str, workdir: Path, analytic_resolution: int = 64,
@@ -87,9 +103,11 @@ def build_prior(kind: str, size: str, device: str, workdir: Path, analytic_resol
     return prior, PriorSpec(name=kind, kind=KINDS[kind], source="random-weights", device=device)
 
 
-def make_request(prior: DiffusionPrior, batch: int, seed: int, backgrounds: bool = False) -> SdsRequest:
+def make_request(prior: DiffusionPrior, batch: int, seed: int, backgrounds: bool = False,
+                 dtype: torch.dtype = torch.float32) -> SdsRequest:
     """B random images at the prior's resolution from an orbit; `backgrounds`: each camera carries a random
-    background image (H, W, 3), as a scene's step sends one to a prior that re-renders views."""
+    background image (H, W, 3), as a scene's step sends one to a prior that re-renders views. Images, backgrounds
+    and the requested gradient are in `dtype` (a GPU scene's guidance traffic is float16)."""
     resolution = prior.info.native_resolution
     offset = 360.0 * ((seed * 0.618) % 1.0) / batch  # each seed its own azimuths (golden-ratio steps)
     cameras = [orbit_camera(360.0 * i / batch + (offset if backgrounds else 0.0), 15.0, 2.0, size=resolution)
@@ -97,17 +115,18 @@ def make_request(prior: DiffusionPrior, batch: int, seed: int, backgrounds: bool
     if backgrounds:
         generator = torch.Generator().manual_seed(seed + 1)
         cameras = [dataclasses.replace(camera, background_image=torch.rand(resolution, resolution, 3,
-                                                                           generator=generator))
+                                                                           generator=generator).to(dtype))
                    for camera in cameras]
     prompt = "a red torus" if prior.info.kind == PriorKind.ANALYTIC else "a DSLR photo of a red torus"
     return SdsRequest(
         job_id="bench",
         prior=prior.info.name,
-        images=torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed)),
+        images=torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed)).to(dtype),
         cameras=cameras,
         prompt=prompt,
         seed=seed,
         view_dependent_prompt=True,
+        grad_dtype=dtype,
     )
 
 
@@ -117,25 +136,26 @@ def time_calls(call, repeats: int) -> tuple[float, float]:
     return statistics.median(samples), min(samples)
 
 
-def requests_for(prior, batch, repeats, backgrounds, first_seed=1):
+def requests_for(prior, batch, repeats, backgrounds, first_seed=1, dtype=torch.float32):
     """The calls' requests, built before timing. With `backgrounds` (a scene's training steps) each call has its own
     cameras and backgrounds, as every training step does, so that the analytic prior's render cache cannot serve
     a repeated view; otherwise one request is repeated."""
     if not backgrounds:
-        return itertools.repeat(make_request(prior, batch, seed=first_seed))
-    return iter([make_request(prior, batch, seed=first_seed + call, backgrounds=True) for call in range(repeats + 1)])
+        return itertools.repeat(make_request(prior, batch, seed=first_seed, dtype=dtype))
+    return iter([make_request(prior, batch, seed=first_seed + call, backgrounds=True, dtype=dtype)
+                 for call in range(repeats + 1)])
 
 
-def bench_inproc(prior, batch, repeats, backgrounds=False):
-    requests = requests_for(prior, batch, repeats, backgrounds)
+def bench_inproc(prior, batch, repeats, backgrounds=False, dtype=torch.float32):
+    requests = requests_for(prior, batch, repeats, backgrounds, dtype=dtype)
     return time_calls(lambda: sds.compute_sds(prior, [next(requests)]), repeats)
 
 
-def profile_inproc(prior, batch, repeats, backgrounds, device: str, out: Path) -> Path:
+def profile_inproc(prior, batch, repeats, backgrounds, device: str, out: Path, dtype=torch.float32) -> Path:
     """torch.profiler over `repeats` in-process calls (after one warm-up), the ops' table by self time (CUDA time
     on a GPU) written to `out`: where a call's time goes (renders, copies to the device, the posterior), which
     the timings alone do not say."""
-    requests = requests_for(prior, batch, repeats, backgrounds, first_seed=1000)  # views the timed calls had not
+    requests = requests_for(prior, batch, repeats, backgrounds, first_seed=1000, dtype=dtype)  # views new to the cache
     sds.compute_sds(prior, [next(requests)])
     cuda = device.startswith("cuda")
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
@@ -150,14 +170,50 @@ def profile_inproc(prior, batch, repeats, backgrounds, device: str, out: Path) -
     return out
 
 
-def bench_grpc(stub, prior, batch, repeats, metadata=(), backgrounds=False):
-    # Serialised before timing, as this bench always did: a call is the transport and the server's work.
-    requests = requests_for(prior, batch, repeats, backgrounds)
+def bench_grpc(stub, prior, batch, repeats, metadata=(), backgrounds=False, dtype=torch.float32):
+    """(median ms, min ms, median server ms). The proto messages are built before timing, as this bench always did:
+    a call is the request's serialisation, the transport both ways, the server's decoding, work and encoding, and
+    the response's parsing (not its decoding to tensors). The server ms are the responses' `server_time_s` (queue
+    and compute in the engine), so median - server is the hop."""
+    requests = requests_for(prior, batch, repeats, backgrounds, dtype=dtype)
     messages = iter([guidance_api.sds_request_to_proto(next(requests)) for _ in range(repeats + 1)])
-    return time_calls(lambda: stub.ComputeSds(next(messages), timeout=600, metadata=metadata), repeats)
+    server_s: list[float] = []
+
+    def call() -> None:
+        server_s.append(stub.ComputeSds(next(messages), timeout=600, metadata=metadata).server_time_s)
+
+    median, best = time_calls(call, repeats)
+    return median, best, statistics.median(server_s[1:]) * 1e3  # the warm-up call's left out, as in the timings
 
 
-def run_standalone(prior, spec, batches, repeats, backgrounds=False):
+def codec_rows(prior, kind: str, batch: int, repeats: int, backgrounds: bool, dtype: torch.dtype) -> list[CodecRow]:
+    """The hop's serialisation steps on one request and its response, each timed alone (median of `repeats` after
+    one warm-up): what a ComputeSds call spends outside the transport and the prior on this machine. On a GPU the
+    response's encoding includes the gradient's copy to the host."""
+    from magic3d.v1 import guidance_pb2
+
+    request = make_request(prior, batch, seed=1, backgrounds=backgrounds, dtype=dtype)
+    result = sds.compute_sds(prior, [request])[0]
+    message = guidance_api.sds_request_to_proto(request)
+    response = guidance_api.sds_response_to_proto(result, prior.info.name, "")
+    wire, response_wire = message.SerializeToString(), response.SerializeToString()
+    steps = [
+        ("request: tensors to proto (client)", wire, lambda: guidance_api.sds_request_to_proto(request)),
+        ("request: serialise (client)", wire, message.SerializeToString),
+        ("request: parse (server)", wire, lambda: guidance_pb2.ComputeSdsRequest.FromString(wire)),
+        ("request: proto to tensors (server)", wire, lambda: guidance_api.sds_request_from_proto(message)),
+        ("response: tensors to proto (server)", response_wire,
+         lambda: guidance_api.sds_response_to_proto(result, prior.info.name, "")),
+        ("response: serialise (server)", response_wire, response.SerializeToString),
+        ("response: parse (client)", response_wire, lambda: guidance_pb2.ComputeSdsResponse.FromString(response_wire)),
+        ("response: proto to tensors (client)", response_wire, lambda: guidance_api.sds_result_from_proto(response)),
+    ]
+    name = str(dtype).removeprefix("torch.")
+    return [CodecRow(kind, batch, name, step, statistics.median(wall_ms(fn, repeats, warmup=1)), len(data) / 2**20)
+            for step, data, fn in steps]
+
+
+def run_standalone(prior, spec, batches, repeats, backgrounds=False, dtype=torch.float32):
     from magic3d.v1 import guidance_pb2_grpc
 
     from services.guidance import standalone
@@ -170,13 +226,13 @@ def run_standalone(prior, spec, batches, repeats, backgrounds=False):
     channel = insecure_channel(running.address)
     try:
         stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
-        return {b: bench_grpc(stub, prior, b, repeats, backgrounds=backgrounds) for b in batches}
+        return {b: bench_grpc(stub, prior, b, repeats, backgrounds=backgrounds, dtype=dtype) for b in batches}
     finally:
         channel.close()
         running.stop(grace=None)
 
 
-def run_serve(prior, spec, batches, repeats):
+def run_serve(prior, spec, batches, repeats, dtype=torch.float32):
     from magic3d.v1 import guidance_pb2_grpc
 
     from services.guidance import serve_app
@@ -188,7 +244,7 @@ def run_serve(prior, spec, batches, repeats):
     try:
         stub = guidance_pb2_grpc.GuidanceServiceStub(channel)
         metadata = (("application", app.name),)
-        return {b: bench_grpc(stub, prior, b, repeats, metadata) for b in batches}
+        return {b: bench_grpc(stub, prior, b, repeats, metadata, dtype=dtype) for b in batches}
     finally:
         channel.close()
         handle.shutdown()
@@ -217,13 +273,18 @@ def main() -> None:
     parser.add_argument("--backgrounds", action="store_true", help="cameras carry background images")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="also profile the in-process calls: one ops table per prior and batch in DIR")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                        help="images, backgrounds and gradients on the wire (a GPU scene sends float16)")
+    parser.add_argument("--codec", action="store_true", help="also time the hop's serialisation steps alone")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     project_logging.configure("WARNING")  # per-request server logs would drown the table
 
     modes = args.modes.split(",")
     rows: list[Row] = []
+    codec: list[CodecRow] = []
     with tempfile.TemporaryDirectory() as workdir:
         for kind in args.priors.split(","):
             prior, spec = build_prior(kind, args.size, args.device, Path(workdir), args.analytic_resolution,
@@ -231,34 +292,46 @@ def main() -> None:
             model = "analytic" if kind == "analytic" else (args.size if args.size == "tiny" else FULL_SIZES[kind])
             results: dict[str, dict[int, tuple[float, float]]] = {}
             if "inproc" in modes:
-                results["in-process"] = {b: bench_inproc(prior, b, args.repeats, args.backgrounds)
+                results["in-process"] = {b: bench_inproc(prior, b, args.repeats, args.backgrounds, dtype)
                                          for b in args.batches}
                 for batch in args.batches if args.profile else ():
                     profile_inproc(prior, batch, args.repeats, args.backgrounds, args.device,
-                                   args.profile / f"profile-{kind}-b{batch}.txt")
+                                   args.profile / f"profile-{kind}-b{batch}.txt", dtype)
             if "standalone" in modes:
-                results["standalone gRPC"] = run_standalone(prior, spec, args.batches, args.repeats, args.backgrounds)
+                results["standalone gRPC"] = run_standalone(prior, spec, args.batches, args.repeats, args.backgrounds,
+                                                            dtype)
             if "serve" in modes:
-                results["Ray Serve gRPC"] = run_serve(prior, spec, args.batches, args.repeats)
+                results["Ray Serve gRPC"] = run_serve(prior, spec, args.batches, args.repeats, dtype)
             for mode, by_batch in results.items():
-                for batch, (median, best) in by_batch.items():
-                    rows.append(
-                        Row(kind, model, mode, batch, prior.info.native_resolution, median, best, args.device)
-                    )
+                for batch, (median, best, *server) in by_batch.items():
+                    rows.append(Row(kind, model, mode, batch, prior.info.native_resolution, median, best, args.device,
+                                    server[0] if server else None))
                     print(json.dumps(asdict(rows[-1])), flush=True)
+            for batch in args.batches if args.codec else ():
+                codec += codec_rows(prior, kind, batch, args.repeats, args.backgrounds, dtype)
             del prior
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\nmachine: {machine_description(args.device)}; torch {torch.__version__}; commit {commit or 'unknown'}")
-    print("| prior | model | path | batch | resolution | median ms | min ms |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"wire dtype {args.dtype}; backgrounds {'on' if args.backgrounds else 'off'}")
+    print("| prior | model | path | batch | resolution | median ms | min ms | server ms | hop ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r.prior} | {r.model} | {r.mode} | {r.batch} | {r.resolution} | {r.median_ms:.1f} | {r.min_ms:.1f} |")
+        server = "" if r.server_ms is None else f"{r.server_ms:.1f}"
+        hop = "" if r.server_ms is None else f"{r.median_ms - r.server_ms:.1f}"
+        print(f"| {r.prior} | {r.model} | {r.mode} | {r.batch} | {r.resolution} | {r.median_ms:.1f} | {r.min_ms:.1f} "
+              f"| {server} | {hop} |")
+    if codec:
+        print("\n| prior | batch | dtype | step | median ms | MiB |\n|---|---|---|---|---|---|")
+        for c in codec:
+            print(f"| {c.prior} | {c.batch} | {c.dtype} | {c.step} | {c.median_ms:.1f} | {c.mib:.1f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        if codec:
+            args.json.with_suffix(".codec.json").write_text(json.dumps([asdict(c) for c in codec], indent=1))
 
 
 if __name__ == "__main__":

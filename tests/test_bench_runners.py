@@ -124,3 +124,27 @@ def test_guidance_sds_profile_covers_renders_of_views_the_timed_calls_had_not_se
     table = guidance_sds.profile_inproc(prior, 1, 1, True, "cpu", tmp_path / "p.txt").read_text()
     assert table.startswith("1 calls, batch 1") and "aten::" in table and "Self CPU time total" in table
     assert len(prior._renders) == cached + 2 * len(prior.objects)  # warm-up and profiled call: new views each
+
+
+def test_guidance_sds_splits_a_grpc_call_into_server_time_and_hop_and_times_the_codec_steps():
+    """bench.guidance_sds: a gRPC row carries the responses' server time (at most the call's own), requests travel in
+    the chosen wire dtype (float16 halves the request and the response), and the codec table has every step."""
+    import torch
+
+    from bench import guidance_sds
+    prior, spec = guidance_sds.build_prior("analytic", "tiny", "cpu", None, analytic_resolution=32)
+    request = guidance_sds.make_request(prior, 2, seed=3, backgrounds=True, dtype=torch.float16)
+    assert request.images.dtype == torch.float16 and request.grad_dtype == torch.float16
+    assert all(camera.background_image.dtype == torch.float16 for camera in request.cameras)
+    (median, best, server), = guidance_sds.run_standalone(prior, spec, [2], 2, True, torch.float16).values()
+    assert 0 < server <= median and best <= median
+
+    sizes = {}
+    for dtype in (torch.float32, torch.float16):
+        rows = guidance_sds.codec_rows(prior, "analytic", 2, 1, True, dtype)
+        assert [r.step.split(":")[0] for r in rows] == ["request"] * 4 + ["response"] * 4
+        assert all(r.median_ms > 0 for r in rows)
+        sizes[dtype] = (rows[0].mib, rows[-1].mib)
+    (request32, response32), (request16, response16) = sizes[torch.float32], sizes[torch.float16]
+    # Images and backgrounds (2 x 3 x 32 x 32 each) dominate the request, the gradient the response.
+    assert abs(request32 / request16 - 2) < 0.05 and abs(response32 / response16 - 2) < 0.05
