@@ -21,6 +21,9 @@ job then finds what a long-running service keeps between jobs (the compiled late
 caches), i.e. a job after the service's first rather than the first after a deploy. --vanish-recoveries N lets the
 fine stage recover from N vanished meshes (`dmtet.vanish_recoveries`, scene service default 2): random-weight priors
 give noise for gradients, which can empty the mesh long before the schedule ends, and the bench is about time.
+--log-level INFO keeps the services' own events on stderr (default WARNING): the scene's creation, the warm-ups'
+start and end, each SDS call with its server time, each progress report, all timestamped, so that a cold run's
+set-up can be split (what ran between submit and the first step) from its log.
 """
 
 from __future__ import annotations
@@ -190,8 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warm-up", default="", help="first an untimed short job on the same stack, e.g. coarse=20,fine=20")
     parser.add_argument("--vanish-recoveries", type=int, default=None, help="the scene's dmtet.vanish_recoveries (<= 32)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny random priors, a CPU-sized preset")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="WARNING",
+                        help="the services' log level on stderr (INFO: where a cold set-up's time goes)")
     args = parser.parse_args(argv)
-    project_logging.configure("WARNING")
+    project_logging.configure(args.log_level)
     preset = args.preset or (SMOKE_PRESET if args.smoke else "magic3d")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="magic3d-generate-") as state:  # checkpoints stay out of --out

@@ -75,3 +75,25 @@ def test_cli_places_the_local_stacks_scene_and_guidance_on_the_gpu_when_asked():
         assert (default.scene_device, default.guidance_gpus) == ("cpu", 0)
         gpu = cli.local_stack_settings(cli.parse_args([*command, "--scene-device", "auto", "--guidance-gpus", "1"]))
         assert (gpu.scene_device, gpu.guidance_gpus) == ("auto", 1)
+
+
+def test_log_level_info_keeps_the_services_events_that_split_a_cold_set_up(tmp_path):
+    """--log-level INFO (a fresh process: logging is configured once per process): the scene's creation, the SDS
+    calls with their server time and the progress reports reach stderr, timestamped; the default keeps them out."""
+    import os
+    import subprocess
+    import sys
+
+    def run(*extra, seconds="8"):
+        command = [sys.executable, "-m", "bench.generate_e2e", "--smoke", "--max-seconds", seconds, "--steps", "coarse=2",
+                   "--out", str(tmp_path / (extra[-1] if extra else "default")), *extra]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ | {"PYTHONPATH":
+                              os.pathsep.join(sys.path)}).stderr
+
+    events = [json.loads(line) for line in run("--log-level", "INFO").splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert "scene_created" in names and "sds_done" in names and "progress" in names
+    assert all("timestamp" in e for e in events)
+    assert next(e for e in events if e["event"] == "sds_done")["server_time_s"] >= 0
+    assert '"event": "scene_created"' not in run(seconds="3")
+    assert json.loads((tmp_path / "default" / "generate_e2e.json").read_text())["first_progress_s"] < 3  # it ran

@@ -11,6 +11,7 @@
 #   bash bench/gpu/run.sh sds --priors analytic ...  # one SDS call's time, in-process and through gRPC (bench/guidance_sds.py)
 #   bash bench/gpu/run.sh generate --max-seconds 420 [--steps coarse=1000] [--guidance serve]
 #                                               # a `magic3d` job through Generate on the local stack, client-timed
+#                                               # (--log-level INFO: the services' timestamped events, to split a cold set-up)
 # Runs longer than one device command (10 min): bench/gpu/detached.sh starts them detached and waits across commands.
 # That machine has torch with CUDA but not this project's other packages: they come as wheels from the ignored
 # folders $MAGIC3D_WHEELS (default .whl/) and, for the suite's serve section, $MAGIC3D_SERVE_WHEELS (default
