@@ -290,7 +290,7 @@ def main() -> None:
             prior, spec = build_prior(kind, args.size, args.device, Path(workdir), args.analytic_resolution,
                                       args.analytic_shapes)
             model = "analytic" if kind == "analytic" else (args.size if args.size == "tiny" else FULL_SIZES[kind])
-            results: dict[str, dict[int, tuple[float, float]]] = {}
+            results: dict[str, dict[int, tuple[float, ...]]] = {}  # (median, min[, server]) ms per batch
             if "inproc" in modes:
                 results["in-process"] = {b: bench_inproc(prior, b, args.repeats, args.backgrounds, dtype)
                                          for b in args.batches}
