@@ -132,6 +132,7 @@ def test_guidance_sds_splits_a_grpc_call_into_server_time_and_hop_and_times_the_
     import torch
 
     from bench import guidance_sds
+
     prior, spec = guidance_sds.build_prior("analytic", "tiny", "cpu", None, analytic_resolution=32)
     request = guidance_sds.make_request(prior, 2, seed=3, backgrounds=True, dtype=torch.float16)
     assert request.images.dtype == torch.float16 and request.grad_dtype == torch.float16
